@@ -1,0 +1,225 @@
+"""A training run end to end: config -> mesh, model, data -> steps, logs, metrics file.
+
+experiments/train.py only turns flags into a RunConfig and calls `train(config)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxmp import analysis
+from jaxmp.data import TokenBatches, load_tokens, make_global
+from jaxmp.mesh import format_mesh, make_mesh
+from jaxmp.models import gpt, mlp
+from jaxmp.pipeline import PipelineSpec, bubble_fraction
+from jaxmp.sharding import DEFAULT_RULES, Rules, parse_rule_overrides
+from jaxmp.train import OptConfig, Trainer, TrainState
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: str = "gpt"
+    preset: str = "tiny"
+    num_layers: int | None = None
+    d_model: int | None = None
+    num_heads: int | None = None
+    seq_len: int | None = None
+    vocab_size: int | None = None  # default: 256 for byte data, 50257 for token files
+    mesh: str = "data:2,pipe:2,tensor:2"
+    microbatches: int = 4
+    pipeline_repeats: int = 1
+    batch_size: int = 16
+    steps: int = 200
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    grad_accum_steps: int = 1
+    seed: int = 0
+    dtype: str = "float32"
+    remat: str = "none"
+    data: str = "builtin"
+    rules: str = ""  # overrides, e.g. "embed=;mlp=tensor" (params) -- see parse_rule_overrides
+    activation_rules: str = ""
+    metrics_file: str | None = None
+    log_every: int = 10
+    profile_dir: str | None = None
+
+    def model_config(self) -> gpt.GPTConfig | mlp.MLPConfig:
+        if self.model == "gpt":
+            vocab = self.vocab_size or (256 if _is_bytes(self.data) else 50257)
+            return gpt.preset(self.preset, num_layers=self.num_layers, d_model=self.d_model,
+                              num_heads=self.num_heads, seq_len=self.seq_len, vocab_size=vocab,
+                              dtype=self.dtype, remat=self.remat)
+        if self.model == "mlp":
+            over = {k: v for k, v in (("num_layers", self.num_layers),
+                                      ("hidden_dim", self.d_model)) if v is not None}
+            cfg = mlp.MLPConfig(dtype=self.dtype, remat=self.remat, **over)
+            cfg.validate()
+            return cfg
+        raise ValueError(f"--model={self.model!r}: choose gpt or mlp")
+
+
+def _is_bytes(source: str) -> bool:
+    return source == "builtin" or not source.endswith((".bin", ".npy"))
+
+
+def build_rules(cfg: RunConfig) -> Rules:
+    return DEFAULT_RULES.override(params=parse_rule_overrides(cfg.rules),
+                                  activations=parse_rule_overrides(cfg.activation_rules))
+
+
+def build_model_factory(model_cfg: Any, pipeline: PipelineSpec, seed: int) -> Callable:
+    if isinstance(model_cfg, gpt.GPTConfig):
+        return lambda: gpt.GPT(model_cfg, rngs=nnx.Rngs(seed), pipeline=pipeline)
+    return lambda: mlp.LayerwiseMLP(model_cfg, rngs=nnx.Rngs(seed), pipeline=pipeline)
+
+
+def log(msg: str) -> None:
+    """Progress lines come from process 0 only."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+class Batches:
+    """Global batches for a run: token windows for GPT, the synthetic task for the MLP."""
+
+    def __init__(self, cfg: RunConfig, model_cfg: Any):
+        self.model_cfg = model_cfg
+        self.batch_size, self.seed = cfg.batch_size, cfg.seed
+        if isinstance(model_cfg, gpt.GPTConfig):
+            src = "the built-in corpus" if cfg.data == "builtin" else f"--data={cfg.data}"
+            tokens = load_tokens(cfg.data, model_cfg.vocab_size)
+            self.tokens = TokenBatches(tokens, cfg.batch_size, model_cfg.seq_len, cfg.seed, src)
+            self.tokens_per_step = cfg.batch_size * model_cfg.seq_len
+        else:
+            self.tokens = None
+            self.tokens_per_step = cfg.batch_size
+
+    def example(self) -> dict[str, np.ndarray]:
+        """Host arrays with the batch's shapes and dtypes (for compiling)."""
+        if self.tokens is not None:
+            return {"tokens": np.zeros((self.batch_size, self.tokens.seq_len + 1), np.int32)}
+        c = self.model_cfg
+        return {"x": np.zeros((self.batch_size, c.input_dim), np.float32),
+                "y": np.zeros((self.batch_size,), np.int32)}
+
+    def host(self, step: int) -> dict[str, np.ndarray]:
+        if self.tokens is not None:
+            return self.tokens.host_batch(step)
+        return mlp.synthetic_batch(self.model_cfg, self.seed, step, np.arange(self.batch_size))
+
+    def device(self, step: int, shardings: dict) -> dict[str, jax.Array]:
+        if self.tokens is not None:
+            return self.tokens.global_batch(step, shardings["tokens"])
+        rows = lambda key: (lambda r: mlp.synthetic_batch(self.model_cfg, self.seed, step,
+                                                          np.asarray(r))[key])
+        ex = self.example()
+        return {k: make_global(ex[k].shape, shardings[k], rows(k)) for k in ex}
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    trainer: Trainer
+    losses: list[float]
+    first_loss: float
+    last_loss: float
+
+
+def train(cfg: RunConfig) -> RunResult:
+    model_cfg = cfg.model_config()
+    mesh = make_mesh(cfg.mesh)
+    pipe = PipelineSpec(mesh.shape["pipe"], cfg.microbatches, cfg.pipeline_repeats)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size < 1 or cfg.steps < 1:
+        raise ValueError(f"--batch_size={cfg.batch_size} and --steps={cfg.steps} must be >= 1")
+    if pipe.enabled:
+        per_shard = cfg.batch_size // max(1, cfg.grad_accum_steps) // shards
+        pipe.validate(model_cfg.num_layers, per_shard,
+                      "decoder layers" if cfg.model == "gpt" else "hidden layers")
+    rules = build_rules(cfg)
+    opt = OptConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                    total_steps=cfg.steps, grad_accum_steps=cfg.grad_accum_steps)
+    loss_fn = gpt.lm_loss if cfg.model == "gpt" else mlp.classification_loss
+    trainer = Trainer(build_model_factory(model_cfg, pipe, cfg.seed), loss_fn, mesh,
+                      rules=rules, optimizer=opt, seed=cfg.seed)
+    batches = Batches(cfg, model_cfg)
+
+    log(f"jaxmp: {cfg.model} {json.dumps(model_cfg.to_json())}")
+    log(f"mesh {format_mesh(mesh)} over {mesh.size} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es)")
+    if pipe.enabled:
+        log(f"pipeline: {pipe.stages} stages, {pipe.microbatches} micro-batches, "
+            f"{pipe.repeats} repeat(s); bubble fraction "
+            f"{bubble_fraction(pipe.stages, pipe.microbatches, pipe.repeats):.3f}")
+    log(trainer.plan().format())
+    fpt = gpt.flops_per_token(model_cfg) if cfg.model == "gpt" else None
+
+    state = trainer.init_state()
+    shardings = trainer.batch_sharding(batches.example())
+    step_fn = trainer.compiled_step(batches.example())
+    metrics_out = open(cfg.metrics_file, "a") if cfg.metrics_file and jax.process_index() == 0 \
+        else None
+    losses: list[float] = []
+    pending: list[tuple[int, dict]] = []
+    start = int(jax.device_get(state.step))
+    t_last, step_last = time.perf_counter(), start
+    t_begin = t_last
+    try:
+        for step in range(start, cfg.steps):
+            if cfg.profile_dir and step == start + 2:
+                jax.profiler.start_trace(cfg.profile_dir)
+            state, metrics = step_fn(state, batches.device(step, shardings))
+            done = step + 1
+            pending.append((done, metrics))
+            if cfg.profile_dir and step == start + 4:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            if done % cfg.log_every and done != cfg.steps and done != start + 1:
+                continue
+            fetched = jax.device_get([m for _, m in pending])
+            for (s, _), m in zip(pending, fetched):
+                if not bool(m["finite"]):
+                    raise NonFiniteLoss(
+                        f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
+                        f"grad_norm={float(m['grad_norm'])}); the update was not applied. "
+                        "Lower --learning_rate, or use --dtype=float32")
+                losses.append(float(m["loss"]))
+            now = time.perf_counter()
+            dt = (now - t_last) / max(1, done - step_last)
+            t_last, step_last = now, done
+            pending.clear()
+            m = fetched[-1]
+            tps = batches.tokens_per_step / dt
+            util = analysis.mfu(tps, fpt, mesh.size) if fpt else None
+            eta = dt * (cfg.steps - done)
+            log(f"step {done:6d}/{cfg.steps}  loss {float(m['loss']):.4f}  "
+                f"grad_norm {float(m['grad_norm']):.3f}  lr {float(m['learning_rate']):.2e}  "
+                f"{tps:,.0f} tok/s  {dt * 1e3:.1f} ms/step  ETA {eta:.0f}s"
+                + (f"  MFU {util:.1%}" if util is not None else "")
+                + ("  (includes compile)" if done == start + 1 else ""))
+            if metrics_out:
+                metrics_out.write(json.dumps({
+                    "step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                    "learning_rate": float(m["learning_rate"]), "step_time_s": dt,
+                    "tokens_per_s": tps, "mfu": util}) + "\n")
+                metrics_out.flush()
+    finally:
+        if metrics_out:
+            metrics_out.close()
+    log(f"trained {cfg.steps - start} steps in {time.perf_counter() - t_begin:.1f}s; "
+        f"loss {losses[0] if losses else math.nan:.4f} -> {losses[-1] if losses else math.nan:.4f}")
+    return RunResult(state, trainer, losses, losses[0] if losses else math.nan,
+                     losses[-1] if losses else math.nan)

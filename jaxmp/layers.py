@@ -1,0 +1,207 @@
+"""Sharded Flax NNX building blocks. Every parameter carries logical axis names.
+
+Tensor parallelism follows Megatron-LM: the QKV projection and the MLP's first projection
+are column-parallel (heads / mlp split over `tensor`), the attention output and the MLP's
+second projection row-parallel, so each block needs one all-reduce after attention and one
+after the MLP in the forward pass. Norms are replicated; the embedding is vocab-parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmp.sharding import constrain
+
+Names = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Names, std: float | None,
+          value: float = 0.0) -> nnx.Param:
+    """A parameter with logical names: normal(0, std) if std is given, else constant `value`."""
+    if std is None:
+        init = jnp.full(tuple(shape), value, jnp.float32)
+    else:
+        init = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+    return nnx.Param(init, logical_axes=tuple(names))
+
+
+class Dense(nnx.Module):
+    """y = x @ W + b over several input and output dimensions (einsum-style)."""
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], in_names: Names,
+                 out_names: Names, *, rngs: nnx.Rngs, std: float = 0.02, use_bias: bool = True,
+                 dtype: Any = jnp.float32):
+        self.n_in = len(in_shape)
+        self.kernel = param(rngs, (*in_shape, *out_shape), (*in_names, *out_names), std)
+        self.bias = param(None, out_shape, out_names, None) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.kernel[...].astype(self.dtype)
+        axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), w, (axes, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last dimension, computed in float32, parameters replicated."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype: Any = jnp.float32):
+        self.scale = param(None, (dim,), ("embed",), None, 1.0)
+        self.bias = param(None, (dim,), ("embed",), None, 0.0)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Vocab-parallel token embedding; `attend` is the tied output projection."""
+
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float = 0.02,
+                 dtype: Any = jnp.float32):
+        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), std)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # Gather from the table split over vocab only (under FSDP this all-gathers the
+        # embed dimension first, as every FSDP weight use does).
+        table = constrain(self.embedding[...], ("vocab", None), kind="params")
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype),
+                          self.embedding[...].astype(self.dtype))
+
+
+KVCache = tuple[jax.Array, jax.Array]  # (B, S, N, H) keys and values
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention: column-parallel QKV, row-parallel output."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, out_std: float = 0.02,
+                 dtype: Any = jnp.float32):
+        if dim % heads:
+            raise ValueError(f"d_model={dim} is not divisible by num_heads={heads}")
+        hd = dim // heads
+        self.qkv = Dense((dim,), (3, heads, hd), ("embed",), (None, "heads", "kv"), rngs=rngs,
+                         dtype=dtype)
+        self.out = Dense((heads, hd), (dim,), ("heads", "kv"), ("embed",), rngs=rngs,
+                         std=out_std, dtype=dtype)
+
+    def __call__(self, x: jax.Array, cache: KVCache | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """x: (B, T, D). With a cache (B, S, N, H) the T new positions start at `index` (B,)."""
+        qkv = self.qkv(x)  # (B, T, 3, N, H)
+        q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k_all, v_all = cache
+            t = x.shape[1]
+            put = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
+            k_all = constrain(put(k_all, k.astype(k_all.dtype), index),
+                              ("batch", "length", "heads", "kv"))
+            v_all = constrain(put(v_all, v.astype(v_all.dtype), index),
+                              ("batch", "length", "heads", "kv"))
+            q_pos = index[:, None] + jnp.arange(t)[None, :]  # (B, T)
+            mask = jnp.arange(k_all.shape[1])[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
+            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                             mask=mask[:, None])
+            cache = (k_all, v_all)
+        y = constrain(y, ("batch", "length", "heads", "kv"))
+        return self.out(y), cache
+
+
+class MLP(nnx.Module):
+    """Column-parallel expansion, tanh-GELU, row-parallel projection."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, out_std: float = 0.02,
+                 dtype: Any = jnp.float32):
+        self.fc = Dense((dim,), (hidden,), ("embed",), ("mlp",), rngs=rngs, dtype=dtype)
+        self.proj = Dense((hidden,), (dim,), ("mlp",), ("embed",), rngs=rngs, std=out_std,
+                          dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = constrain(self.fc(x), ("batch", "length", "mlp"))
+        return self.proj(jax.nn.gelu(h, approximate=True))
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-LayerNorm GPT-2 block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
+                 out_std: float = 0.02, dtype: Any = jnp.float32):
+        self.ln1 = LayerNorm(dim, dtype=dtype)
+        self.attn = Attention(dim, heads, rngs=rngs, out_std=out_std, dtype=dtype)
+        self.ln2 = LayerNorm(dim, dtype=dtype)
+        self.mlp = MLP(dim, mlp_dim, rngs=rngs, out_std=out_std, dtype=dtype)
+
+    def __call__(self, x: jax.Array, cache: KVCache | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        x = constrain(x, ("batch", "length", "embed"))
+        a, cache = self.attn(self.ln1(x), cache, index)
+        x = constrain(x + a, ("batch", "length", "embed"))
+        x = x + self.mlp(self.ln2(x))
+        return constrain(x, ("batch", "length", "embed")), cache
+
+
+# ---------------------------------------------------------------- stacks of equal layers
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """Wrap a per-layer function in jax.checkpoint according to --remat."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"--remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, num: int,
+                 order: Sequence[int] | None = None) -> nnx.Module:
+    """`num` copies of a layer with parameters stacked on a leading `layers` axis.
+
+    Layer i is initialised from fold_in(key, i), whatever the storage order, so a model
+    stored in pipeline order holds exactly the weights of the unpipelined model.
+    `order[q]` is the layer stored at position q (default: identity).
+    """
+    order = list(range(num)) if order is None else list(order)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(order))
+    values = jax.vmap(lambda k: nnx.to_pure_dict(nnx.state(make(nnx.Rngs(k)), nnx.Param)))(keys)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    stacked = nnx.merge(graphdef, values)
+    for _, var in nnx.iter_graph(stacked):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
+    return stacked
+
+
+def layer_slices(stacked: nnx.Module) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef of one layer, pure dict of stacked parameters) for scanning over layers."""
+    graphdef, state = nnx.split(stacked)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def scale_std(num_layers: int) -> float:
+    """GPT-2's residual-projection init: 0.02 / sqrt(2 * layers)."""
+    return 0.02 / math.sqrt(2 * num_layers)

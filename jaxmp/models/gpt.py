@@ -1,0 +1,187 @@
+"""GPT-2 family (pre-LayerNorm, tanh-GELU, learned positions, tied embedding, biases).
+
+Decoder blocks are stacked on a leading `layers` axis and applied with a scan, or with
+the pipeline when the mesh has a `pipe` axis, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmp.layers import (
+    DecoderBlock, Embed, LayerNorm, layer_slices, param, remat, scale_std, stack_layers,
+)
+from jaxmp.pipeline import PipelineSpec, pipeline_apply, storage_order
+from jaxmp.sharding import constrain, logical_axes
+
+NEG_INF = -1e30
+X_NAMES = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 8
+    seq_len: int = 128
+    vocab_size: int = 256
+    mlp_ratio: int = 4
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: str = "none"
+
+    @property
+    def padded_vocab(self) -> int:
+        """Vocabulary rounded up to a multiple of 128 so it splits over `tensor`."""
+        return -(-self.vocab_size // 128) * 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def validate(self) -> None:
+        for name in ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"--d_model={self.d_model} is not divisible by "
+                             f"--num_heads={self.num_heads}; pick a head count that divides it")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype={self.dtype!r}: choose float32 or bfloat16")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# GPT-2 shapes (Radford et al. 2019); `tiny` is for tests and the CPU default run.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=4, d_model=128, num_heads=8, seq_len=128),
+    "small": dict(num_layers=12, d_model=768, num_heads=12, seq_len=1024),
+    "medium": dict(num_layers=24, d_model=1024, num_heads=16, seq_len=1024),
+    "large": dict(num_layers=36, d_model=1280, num_heads=20, seq_len=1024),
+    "xl": dict(num_layers=48, d_model=1600, num_heads=25, seq_len=1024),
+}
+
+
+def preset(name: str, **overrides: Any) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"--preset={name!r}: choose one of {', '.join(PRESETS)}")
+    cfg = GPTConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+    cfg.validate()
+    return cfg
+
+
+def num_params(cfg: GPTConfig, *, real: bool = True, embeddings: bool = True) -> int:
+    """Parameter count; real=True leaves out the vocabulary padding rows,
+    embeddings=False leaves out the position embedding (the 6N of MFU)."""
+    d, L = cfg.d_model, cfg.num_layers
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * (cfg.mlp_ratio * d * d) \
+        + cfg.mlp_ratio * d + d
+    vocab = cfg.vocab_size if real else cfg.padded_vocab
+    pos = cfg.seq_len * d if embeddings else 0
+    return vocab * d + pos + L * block + 2 * d
+
+
+class GPT(nnx.Module):
+    """GPT-2. `pipeline` says how the stacked layers are laid out and applied."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs,
+                 pipeline: PipelineSpec = PipelineSpec()):
+        cfg.validate()
+        pipeline.validate(cfg.num_layers)
+        self.cfg, self.pipeline = cfg, pipeline
+        dtype = jnp.dtype(cfg.dtype)
+        self.wte = Embed(cfg.padded_vocab, cfg.d_model, rngs=rngs, dtype=dtype)
+        real = jnp.arange(cfg.padded_vocab)[:, None] < cfg.vocab_size
+        self.wte.embedding[...] = jnp.where(real, self.wte.embedding[...], 0.0)
+        self.wpe = param(rngs, (cfg.seq_len, cfg.d_model), ("length", "embed"), 0.01)
+        out_std = scale_std(cfg.num_layers)
+        make = lambda r: DecoderBlock(cfg.d_model, cfg.num_heads, cfg.mlp_ratio * cfg.d_model,
+                                      rngs=r, out_std=out_std, dtype=dtype)
+        order = storage_order(cfg.num_layers, pipeline.stages, pipeline.repeats)
+        self.blocks = stack_layers(make, rngs.params(), cfg.num_layers, order)
+        self.ln_f = LayerNorm(cfg.d_model, dtype=dtype)
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        x = self.wte(tokens) + jnp.take(self.wpe[...], positions, axis=0).astype(self.wte.dtype)
+        return constrain(x, X_NAMES)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final norm and tied LM head; padded vocabulary entries get -inf-like logits."""
+        logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        real = jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size
+        return jnp.where(real, logits, NEG_INF)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens (B, T) int -> logits (B, T, padded_vocab) float32."""
+        T = tokens.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.seq_len}")
+        x = self.embed(tokens, jnp.arange(T))
+        graphdef, stacked = layer_slices(self.blocks)
+        layer = remat(lambda w, h: nnx.merge(graphdef, w)(h)[0], self.cfg.remat)
+        if self.pipeline.enabled:
+            x = pipeline_apply(layer, stacked, x, self.pipeline, logical_axes(self.blocks),
+                               X_NAMES)
+        else:
+            x = jax.lax.scan(lambda h, w: (layer(w, h), None), x, stacked)[0]
+        return self.head(x)
+
+    def decode(self, tokens: jax.Array, cache: tuple[jax.Array, jax.Array],
+               index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """KV-cached forward. tokens (B, t) at positions index[b] + [0, t); cache
+        (L, B, S, N, H) keys and values in storage order. Returns logits (B, t, V)."""
+        positions = jnp.minimum(index[:, None] + jnp.arange(tokens.shape[1]), self.cfg.seq_len - 1)
+        x = self.wte(tokens) + jnp.take(self.wpe[...], positions, axis=0).astype(self.wte.dtype)
+        x = constrain(x, X_NAMES)
+        graphdef, stacked = layer_slices(self.blocks)
+
+        def body(h, xs):
+            w, k, v = xs
+            h, (k, v) = nnx.merge(graphdef, w)(h, (k, v), index)
+            return h, (k, v)
+
+        x, cache = jax.lax.scan(body, x, (stacked, *cache))
+        return self.head(x), cache
+
+    def init_cache(self, batch: int, length: int | None = None,
+                   dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+        c = self.cfg
+        shape = (c.num_layers, batch, length or c.seq_len, c.num_heads, c.head_dim)
+        z = jnp.zeros(shape, dtype or jnp.dtype(c.dtype))
+        names = ("layers", "batch", "length", "heads", "kv")
+        return constrain(z, names), constrain(z, names)
+
+
+def lm_loss(model: GPT, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean next-token cross-entropy. batch['tokens']: (B, T+1)."""
+    tokens = batch["tokens"]
+    logits = model(tokens[:, :-1])  # (B, T, V) float32, vocab-sharded
+    targets = tokens[:, 1:]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+    target_logit = jnp.sum(logits * onehot, axis=-1)
+    return jnp.mean(lse - target_logit)
+
+
+def flops_per_token(cfg: GPTConfig) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N + 12 L d T (N without positions)."""
+    n = num_params(cfg, real=True, embeddings=False)
+    return 6 * n + 12 * cfg.num_layers * cfg.d_model * cfg.seq_len
+
+
+def canonical_layers(params: dict, cfg: GPTConfig, pipeline: PipelineSpec) -> dict:
+    """Parameters with the stacked layers put back in canonical (layer 0 first) order."""
+    order = storage_order(cfg.num_layers, pipeline.stages, pipeline.repeats)
+    inverse = [0] * len(order)
+    for q, layer in enumerate(order):
+        inverse[layer] = q
+    idx = jnp.asarray(inverse)
+    blocks = jax.tree_util.tree_map(lambda a: a[idx], params["blocks"])
+    return {**params, "blocks": blocks}
+

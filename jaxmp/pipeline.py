@@ -1,0 +1,197 @@
+"""Layer-wise pipeline parallelism inside one jit step (GSPMD style).
+
+p stages (the `pipe` mesh axis), m micro-batches, r repeats (circular schedule); the L
+stacked layers form p*r groups of k = L/(p*r) consecutive layers. Group g = j*p + s runs
+on stage s in round j, so with r > 1 each stage holds r non-adjacent groups.
+
+    tick:      0     1     2     3     4            (p=3, m=2, r=1: ticks = r*m + p - 1)
+    stage 0:  m0g0  m1g0   .     .     .
+    stage 1:   .    m0g1  m1g1   .     .
+    stage 2:   .     .    m0g2  m1g2   .    -> outputs leave stage 2 at ticks 2 and 3
+
+At each tick every stage applies its current group to its input (a vmap over the stage
+axis, which is sharded over `pipe`, so every device runs only its own stage), then the
+outputs shift one stage down (a collective-permute). Stage 0 reads fresh micro-batches
+from, and stage p-1 returns finished ones to, a per-stage buffer of m slots; with r > 1
+an item leaving stage p-1 re-enters stage 0 for its next round, which needs m >= p.
+
+The schedule is written as pure integer functions below; `pipeline_apply` uses the same
+functions with traced tick numbers, so the tests of the schedule test the real indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmp.sharding import constrain
+
+
+class PipelineError(ValueError):
+    """A pipeline configuration that cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    stages: int = 1        # p: size of the `pipe` mesh axis
+    microbatches: int = 1  # m
+    repeats: int = 1       # r: rounds of the circular schedule
+
+    @property
+    def enabled(self) -> bool:
+        return self.stages > 1
+
+    def validate(self, num_layers: int, batch_per_shard: int | None = None,
+                 what: str = "decoder layers") -> None:
+        p, m, r = self.stages, self.microbatches, self.repeats
+        if p < 1 or m < 1 or r < 1:
+            raise PipelineError(f"pipe={p}, --microbatches={m}, --pipeline_repeats={r}: all must be >= 1")
+        if num_layers % (p * r):
+            raise PipelineError(
+                f"{num_layers} {what} cannot be split into pipe({p}) x --pipeline_repeats({r}) = "
+                f"{p * r} equal groups; use a layer count divisible by {p * r}")
+        if r > 1 and m < p:
+            raise PipelineError(
+                f"the circular schedule (--pipeline_repeats={r}) needs --microbatches >= pipe size "
+                f"({m} < {p}): an item leaving the last stage must find stage 0 free; "
+                f"use --microbatches={p} or more, or --pipeline_repeats=1")
+        if batch_per_shard is not None and batch_per_shard % m:
+            raise PipelineError(
+                f"the batch per data shard ({batch_per_shard}) is not divisible by "
+                f"--microbatches={m}; choose a batch size so that batch/(data*fsdp) divides by {m}")
+
+
+# ---------------------------------------------------------------- the schedule (pure)
+def num_ticks(p: int, m: int, r: int) -> int:
+    """Compute ticks per step: r*m + p - 1."""
+    return r * m + p - 1
+
+
+def bubble_fraction(p: int, m: int, r: int = 1) -> float:
+    """Share of stage-ticks that are idle: (p - 1) / (r*m + p - 1)."""
+    return (p - 1) / num_ticks(p, m, r)
+
+
+def bubble_factor(p: int, m: int, r: int = 1) -> float:
+    """Work per device relative to a bubble-free pipeline: (r*m + p - 1) / (r*m)."""
+    return num_ticks(p, m, r) / (r * m)
+
+
+def item(t: Any, s: Any) -> Any:
+    """Index of the work item (round * m + micro-batch) stage s holds at tick t."""
+    return t - s
+
+
+def is_active(t: Any, s: Any, p: int, m: int, r: int) -> Any:
+    i = item(t, s)
+    return (i >= 0) & (i < r * m)
+
+
+def microbatch(t: Any, s: Any, m: int) -> Any:
+    return item(t, s) % m
+
+
+def round_index(t: Any, s: Any, m: int, r: int) -> Any:
+    """Round j (which of the stage's r layer groups) at tick t, clamped in the bubble."""
+    return _clip(item(t, s) // m, 0, r - 1)
+
+
+def _clip(x: Any, lo: int, hi: int) -> Any:
+    if isinstance(x, int):
+        return max(lo, min(hi, x))
+    return jnp.clip(x, lo, hi)
+
+
+def layer_group(t: int, s: int, p: int, m: int) -> int:
+    """Canonical index of the layer group (j*p + s) stage s applies at tick t."""
+    return (item(t, s) // m) * p + s
+
+
+def read_slot(t: Any, m: int) -> Any:
+    """Buffer slot stage 0 reads its input from at tick t (item t)."""
+    return t % m
+
+
+def arrival(t: Any, p: int, m: int, r: int) -> tuple[Any, Any]:
+    """(valid, slot): at tick t stage 0 receives item t-p from stage p-1 into slot (t-p) % m."""
+    i = t - p
+    return (i >= 0) & (i < r * m), i % m
+
+
+def schedule(p: int, m: int, r: int) -> list[list[tuple[int, int] | None]]:
+    """grid[t][s] = (micro-batch, layer group) or None (bubble), for every compute tick."""
+    return [[(microbatch(t, s, m), layer_group(t, s, p, m)) if is_active(t, s, p, m, r) else None
+             for s in range(p)] for t in range(num_ticks(p, m, r))]
+
+
+def storage_order(num_layers: int, p: int, r: int) -> list[int]:
+    """order[q] = canonical layer stored at position q of the stacked `layers` axis.
+
+    Storage is stage-major, so splitting the `layers` axis into p contiguous blocks over
+    `pipe` gives every stage exactly its r groups. Identity when r == 1 or p == 1.
+    """
+    k = num_layers // (p * r)
+    return [j * p * k + s * k + i for s in range(p) for j in range(r) for i in range(k)]
+
+
+# ---------------------------------------------------------------- the pipelined apply
+def pipeline_apply(layer_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any,
+                   x: jax.Array, spec: PipelineSpec, param_names: Any,
+                   x_names: tuple[str | None, ...]) -> jax.Array:
+    """Apply L stacked layers to x (B, ...) through the pipeline; returns (B, ...).
+
+    layer_fn(one_layer_params, h) -> h. `stacked` holds the layers in `storage_order`;
+    `param_names` the logical names of its leaves (leading 'layers'); x_names those of x.
+    """
+    p, m, r = spec.stages, spec.microbatches, spec.repeats
+    L = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    k = L // (p * r)
+    b = x.shape[0]
+
+    def to_stages(a: jax.Array, names: tuple) -> jax.Array:  # (L, ...) -> (p, r, k, ...)
+        a = a.reshape(p, r, k, *a.shape[1:])
+        return constrain(a, ("stage", None, None, *names[1:]), kind="params")
+
+    weights = jax.tree_util.tree_map(to_stages, stacked, param_names)
+
+    # (B, ...) -> (m, B/m, ...): micro-batch i takes rows i, m+i, 2m+i, ... so that every
+    # micro-batch keeps the batch's data sharding (no data moves).
+    mb = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
+    buf_names = ("stage", None, *x_names)
+    buf = constrain(jnp.broadcast_to(mb[None], (p, *mb.shape)), buf_names)
+    out = constrain(jnp.zeros((p, *mb.shape[1:]), x.dtype), ("stage", *x_names))
+    stage = jnp.arange(p)
+
+    def stage_fn(w: Any, h: jax.Array) -> jax.Array:  # one stage: its k layers in order
+        return jax.lax.scan(lambda c, wl: (layer_fn(wl, c), None), h, w)[0]
+
+    run_stages = jax.vmap(stage_fn, spmd_axis_name="pipe")
+    pick = jax.vmap(lambda w, j: jax.tree_util.tree_map(lambda a: a[j], w))
+
+    def receive(buf: jax.Array, out: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        shifted = constrain(jnp.roll(out, 1, axis=0), ("stage", *x_names))  # s-1 -> s
+        valid, slot = arrival(t, p, m, r)
+        keep = (stage == 0) & valid
+        keep = keep.reshape(p, *([1] * (shifted.ndim - 1)))
+        cur = jax.lax.dynamic_index_in_dim(buf, slot, 1, keepdims=False)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, shifted, cur), slot, 1)
+        return constrain(buf, buf_names), shifted
+
+    def tick(carry: tuple[jax.Array, jax.Array], t: jax.Array):
+        buf, out = carry
+        buf, shifted = receive(buf, out, t)
+        fresh = jax.lax.dynamic_index_in_dim(buf, read_slot(t, m), 1, keepdims=False)
+        first = (stage == 0).reshape(p, *([1] * (shifted.ndim - 1)))
+        inp = constrain(jnp.where(first, fresh, shifted), ("stage", *x_names))
+        w = pick(weights, round_index(t, stage, m, r))
+        return (buf, constrain(run_stages(w, inp), ("stage", *x_names))), None
+
+    ticks = num_ticks(p, m, r)
+    (buf, out), _ = jax.lax.scan(tick, (buf, out), jnp.arange(ticks))
+    buf, _ = receive(buf, out, jnp.asarray(ticks))
+    y = buf[0]  # (m, B/m, ...): stage 0 holds every finished micro-batch
+    return constrain(y.swapaxes(0, 1).reshape(b, *x.shape[1:]), x_names)

@@ -1,0 +1,277 @@
+"""Logical axis names, the rules that map them onto mesh axes, and the parameter plan.
+
+Layers name every dimension of every parameter with a small fixed vocabulary; a `Rules`
+table (data, overridable per experiment) maps names to mesh axes, separately for
+parameters and for activations, so FSDP is a change of the parameter rules alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LOGICAL_NAMES: tuple[str, ...] = (
+    "batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers", "stage",
+)
+
+Names = tuple[str | None, ...]
+RuleTable = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+class ShardingError(ValueError):
+    """A rule or a parameter that cannot be laid out on the mesh."""
+
+
+def _table(pairs: Mapping[str, Any] | Iterable[tuple[str, Any]], kind: str) -> RuleTable:
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    seen: dict[str, tuple[str, ...]] = {}
+    for name, axes in items:
+        if name not in LOGICAL_NAMES:
+            raise ShardingError(f"{kind} rule for unknown logical name {name!r}; "
+                                f"names are {', '.join(LOGICAL_NAMES)}")
+        if name in seen:
+            raise ShardingError(f"two {kind} rules for logical name {name!r}; give one rule per name")
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        from jaxmp.mesh import AXES
+
+        for a in axes:
+            if a not in AXES:
+                raise ShardingError(f"{kind} rule {name}->{a}: unknown mesh axis {a!r}; "
+                                    f"axes are {', '.join(AXES)}")
+        seen[name] = axes
+    return tuple(seen.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Logical name -> mesh axes, one table for parameters and one for activations."""
+
+    params: RuleTable
+    activations: RuleTable
+
+    @classmethod
+    def create(cls, params: Mapping[str, Any] | Iterable[tuple[str, Any]],
+               activations: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Rules:
+        return cls(_table(params, "parameter"), _table(activations, "activation"))
+
+    def override(self, params: Mapping[str, Any] | None = None,
+                 activations: Mapping[str, Any] | None = None) -> Rules:
+        """A copy with some names remapped (None or () makes a name replicated)."""
+        p = {**dict(self.params), **dict(params or {})}
+        a = {**dict(self.activations), **dict(activations or {})}
+        return Rules.create(p, a)
+
+    def to_json(self) -> dict[str, dict[str, list[str]]]:
+        return {"params": {k: list(v) for k, v in self.params},
+                "activations": {k: list(v) for k, v in self.activations}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Mapping[str, Sequence[str]]]) -> Rules:
+        return cls.create(d["params"], d["activations"])
+
+
+DEFAULT_RULES = Rules.create(
+    params={"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": "tensor",
+            "layers": "pipe", "stage": "pipe"},
+    activations={"batch": ("data", "fsdp"), "mlp": "tensor", "heads": "tensor",
+                 "vocab": "tensor", "stage": "pipe"},
+)
+
+
+def parse_rule_overrides(text: str) -> dict[str, tuple[str, ...]]:
+    """'embed=fsdp;mlp=tensor;vocab=' -> {'embed': ('fsdp',), 'mlp': ('tensor',), 'vocab': ()}."""
+    out: dict[str, tuple[str, ...]] = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        name, sep, axes = item.partition("=")
+        if not sep:
+            raise ShardingError(f"rule {item!r} must look like 'name=axis[+axis]' (empty = replicate)")
+        if name.strip() in out:
+            raise ShardingError(f"two rules for logical name {name.strip()!r}; give one rule per name")
+        out[name.strip()] = tuple(a for a in axes.strip().split("+") if a)
+    return out
+
+
+def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, table: RuleTable,
+             *, strict: bool, what: str = "array") -> PartitionSpec:
+    """PartitionSpec of an array whose dimensions carry logical `names`.
+
+    Mesh axes of size 1 are left out (the spec says what is really split); a mesh axis is
+    used at most once per array (first dimension wins). With strict=True a mesh axis that
+    does not divide its dimension is an error; otherwise that axis is dropped.
+    """
+    if len(names) != len(shape):
+        raise ShardingError(f"{what}: {len(names)} logical names {tuple(names)} for a "
+                            f"{len(shape)}-d shape {tuple(shape)}")
+    rules = dict(table)
+    used: set[str] = set()
+    spec: list[Any] = []
+    for dim, (name, size) in enumerate(zip(names, shape)):
+        axes = []
+        for axis in rules.get(name, ()) if name else ():
+            n = mesh.shape.get(axis, 1)
+            if n == 1 or axis in used:
+                continue
+            split = math.prod(mesh.shape[a] for a in axes) * n
+            if size % split:
+                if strict:
+                    raise ShardingError(
+                        f"{what}: dimension {dim} ({name}={size}) is not divisible by mesh axis "
+                        f"{axis}={n}{' after ' + '+'.join(axes) if axes else ''}; choose a mesh "
+                        f"whose {axis} size divides {size}, or map {name!r} elsewhere in the rules")
+                continue
+            axes.append(axis)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+# ---------------------------------------------------------------- activations inside jit
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jaxmp_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    token = _CONTEXT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activations") -> jax.Array:
+    """Constrain an array by logical names (activation rules, or kind="params" for weights
+    reshaped inside the step); a no-op outside `activation_sharding`."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    if mesh.size == 1:
+        return x
+    table = rules.params if kind == "params" else rules.activations
+    spec = spec_for(names, x.shape, mesh, table, strict=False)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def current_mesh() -> Mesh | None:
+    ctx = _CONTEXT.get()
+    return None if ctx is None else ctx[0]
+
+
+# ---------------------------------------------------------------- parameters
+def logical_axes(state: nnx.State | nnx.Module) -> dict:
+    """Pure dict (same structure as the parameters) of each parameter's logical names."""
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Param)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    flat = jax.tree_util.tree_map(
+        lambda v: tuple(v.get_metadata().get("logical_axes") or (None,) * np.ndim(v[...])),
+        state, is_leaf=is_var)
+    return nnx.to_pure_dict(flat) if isinstance(flat, nnx.State) else flat
+
+
+def _is_names(x: Any) -> bool:
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def param_specs(params: Any, axes: Any, mesh: Mesh, rules: Rules) -> Any:
+    """PartitionSpec tree for a parameter tree (arrays or ShapeDtypeStructs)."""
+    names = jax.tree_util.tree_leaves(axes, is_leaf=_is_names)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if len(names) != len(leaves):
+        raise ShardingError(f"{len(leaves)} parameters but {len(names)} logical-name entries")
+    specs = [spec_for(n, np.shape(x), mesh, rules.params, strict=True, what=path_str(p))
+             for (p, x), n in zip(leaves, names)]
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def shards_of(spec: PartitionSpec, mesh: Mesh) -> int:
+    n = 1
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+            n *= mesh.shape[axis]
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    names: Names
+    spec: PartitionSpec
+    bytes_total: int
+    bytes_per_device: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where every parameter lives: one row per parameter, plus totals."""
+
+    rows: tuple[PlanRow, ...]
+    mesh_shape: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes_total for r in self.rows)
+
+    @property
+    def bytes_per_device(self) -> int:
+        return sum(r.bytes_per_device for r in self.rows)
+
+    @property
+    def total_params(self) -> int:
+        return sum(math.prod(r.shape) for r in self.rows)
+
+    def format(self) -> str:
+        head = ("parameter", "shape", "dtype", "logical names", "PartitionSpec", "bytes/device")
+        body = [(r.path, "x".join(map(str, r.shape)) or "()", r.dtype,
+                 "(" + ", ".join(str(n) for n in r.names) + ")", _spec_text(r.spec),
+                 f"{r.bytes_per_device:,}") for r in self.rows]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        mesh = ",".join(f"{a}:{n}" for a, n in self.mesh_shape.items() if n > 1) or "1 device"
+        total = (f"total: {self.total_params:,} parameters, {self.total_bytes:,} bytes; "
+                 f"{self.bytes_per_device:,} bytes per device on {mesh}")
+        return "\n".join([line(head), *(line(r) for r in body), total])
+
+
+def _spec_text(spec: PartitionSpec) -> str:
+    return "P(" + ", ".join(repr(e) if e is None or isinstance(e, str) else
+                            "(" + ",".join(e) + ")" for e in spec) + ")"
+
+
+def plan(params: Any, axes: Any, mesh: Mesh, rules: Rules) -> Plan:
+    """The parameter plan for a tree of arrays or ShapeDtypeStructs."""
+    specs = param_specs(params, axes, mesh, rules)
+    names = jax.tree_util.tree_leaves(axes, is_leaf=_is_names)
+    rows = []
+    for ((path, x), spec), n in zip(
+            zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))),
+            names):
+        nbytes = math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+        rows.append(PlanRow(path_str(path), tuple(np.shape(x)), str(np.dtype(x.dtype)), n, spec,
+                            nbytes, nbytes // shards_of(spec, mesh)))
+    return Plan(tuple(rows), dict(mesh.shape))

@@ -1,0 +1,212 @@
+"""TrainState, the optimizer, and the one jitted train step.
+
+`Trainer` takes any Flax NNX model whose parameters carry logical names and a
+`loss_fn(model, batch) -> loss`, and compiles `train_step(state, batch) -> (state, metrics)`
+once, with explicit in/out shardings for the whole state and the batch, the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmp.sharding import (
+    DEFAULT_RULES, Plan, Rules, activation_sharding, logical_axes, named, param_specs, plan,
+    spec_for,
+)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array       # () int32: optimizer steps taken
+    params: Any           # pure dict of float32 arrays
+    opt_state: Any
+    rng: jax.Array        # (2,) uint32 raw key, split per step for stochastic layers
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    total_steps: int = 100
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    min_lr_ratio: float = 0.1
+    grad_accum_steps: int = 1
+
+    def schedule(self) -> optax.Schedule:
+        warm = max(0, min(self.warmup_steps, self.total_steps - 1))
+        return optax.warmup_cosine_decay_schedule(
+            0.0, self.learning_rate, warm, max(self.total_steps, warm + 1),
+            self.learning_rate * self.min_lr_ratio)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """AdamW with warmup + cosine decay and global-norm clipping; no decay on
+        vectors (biases, norms)."""
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate={self.learning_rate} must be > 0")
+        decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+        return optax.chain(
+            optax.clip_by_global_norm(self.clip_norm),
+            optax.adamw(self.schedule(), b1=self.b1, b2=self.b2,
+                        weight_decay=self.weight_decay, mask=decay_mask))
+
+
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], Any]
+
+
+class Trainer:
+    """Compiles the train step of `model` (an NNX module, or a function building one)
+    on `mesh` under `rules`. Batches are dicts of arrays whose leading axis is the batch."""
+
+    def __init__(self, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn,
+                 mesh: Mesh, *, rules: Rules = DEFAULT_RULES,
+                 optimizer: OptConfig = OptConfig(), seed: int = 0):
+        self.mesh, self.rules, self.loss_fn, self.opt = mesh, rules, loss_fn, optimizer
+        self._factory = model if not isinstance(model, nnx.Module) else None
+        abstract = nnx.eval_shape(model) if self._factory else model
+        self.graphdef, abs_params, self.rest = nnx.split(abstract, nnx.Param, ...)
+        self.abstract_params = nnx.to_pure_dict(abs_params)
+        self.axes = logical_axes(abs_params)
+        self.param_specs = param_specs(self.abstract_params, self.axes, mesh, rules)
+        self.param_shardings = named(mesh, self.param_specs)
+        self.tx = optimizer.optimizer()
+        self.seed = seed
+        self._model = None if self._factory else model
+        replicated = NamedSharding(mesh, PartitionSpec())
+        abs_p: Any
+        abs_p = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_params, self.param_shardings)
+        opt_sh = jax.jit(self.tx.init).lower(abs_p).compile().output_shardings
+        # Leaves the optimizer makes from constants (step counts) come back on one device.
+        opt_sh = jax.tree_util.tree_map(
+            lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
+            opt_sh)
+        self.state_shardings = TrainState(replicated, self.param_shardings, opt_sh, replicated)
+        self._steps: dict[Any, Any] = {}
+        self.replicated = replicated
+
+    # ------------------------------------------------------------ state
+    def plan(self) -> Plan:
+        return plan(self.abstract_params, self.axes, self.mesh, self.rules)
+
+    def abstract_state(self) -> TrainState:
+        """The state as ShapeDtypeStructs with their shardings (for restoring)."""
+        shapes = jax.eval_shape(self._init_state_fn())
+        return jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            shapes, self.state_shardings)
+
+    def _init_state_fn(self) -> Callable[[], TrainState]:
+        factory, model = self._factory, self._model
+
+        def init() -> TrainState:
+            m = factory() if factory else model
+            params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+            rng = jax.random.key_data(jax.random.key(self.seed))
+            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rng)
+        return init
+
+    def init_state(self) -> TrainState:
+        """Parameters initialised directly in their shards (never whole on one device)."""
+        with activation_sharding(self.mesh, self.rules):
+            return jax.jit(self._init_state_fn(), out_shardings=self.state_shardings)()
+
+    # ------------------------------------------------------------ batches
+    def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return {k: NamedSharding(self.mesh, self.batch_spec(v)) for k, v in batch.items()}
+
+    def batch_spec(self, x: Any) -> PartitionSpec:
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        b = x.shape[0]
+        per_accum = b // self.opt.grad_accum_steps
+        if b % self.opt.grad_accum_steps or per_accum % shards:
+            raise ValueError(
+                f"global batch {b} must split into --grad_accum_steps={self.opt.grad_accum_steps} "
+                f"parts each divisible by data*fsdp={shards}; use a batch size divisible by "
+                f"{self.opt.grad_accum_steps * shards}")
+        names = ("batch",) + (None,) * (len(x.shape) - 1)
+        return spec_for(names, x.shape, self.mesh, self.rules.activations, strict=True)
+
+    # ------------------------------------------------------------ the step
+    def _loss(self, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+        model = nnx.merge(self.graphdef, params, self.rest)
+        out = self.loss_fn(model, batch)
+        loss, aux = out if isinstance(out, tuple) else (out, {})
+        return loss.astype(jnp.float32), aux
+
+    def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+        accum = self.opt.grad_accum_steps
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        with activation_sharding(self.mesh, self.rules):
+            if accum == 1:
+                (loss, _), grads = grad_fn(state.params, batch)
+            else:
+                # (B, ...) -> (A, B/A, ...), rows interleaved so every part keeps the
+                # batch's data sharding.
+                parts = jax.tree_util.tree_map(
+                    lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                    dict(batch))
+
+                def body(carry, part):
+                    (l, _), g = grad_fn(state.params, part)
+                    return jax.tree_util.tree_map(jnp.add, carry, (l, g)), None
+
+                zero = (jnp.zeros((), jnp.float32),
+                        jax.tree_util.tree_map(jnp.zeros_like, state.params))
+                (loss, grads), _ = jax.lax.scan(body, zero, parts)
+                loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step is not applied: the state stays finite (and checkpointable)
+        # and the host stops with an error naming the step.
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b),
+                                                       new, old)
+        new_state = TrainState(state.step + 1, keep(params, state.params),
+                               keep(opt_state, state.opt_state),
+                               jax.random.key_data(jax.random.split(
+                                   jax.random.wrap_key_data(state.rng))[0]))
+        metrics = {"loss": loss, "grad_norm": grad_norm,
+                   "learning_rate": self.opt.schedule()(state.step), "finite": finite}
+        return new_state, metrics
+
+    def compiled_step(self, batch: Mapping[str, Any]):
+        """The jitted step for batches shaped like `batch` (compiled once per shape)."""
+        key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        if key not in self._steps:
+            self._steps[key] = jax.jit(
+                self._step,
+                in_shardings=(self.state_shardings, self.batch_sharding(batch)),
+                out_shardings=(self.state_shardings, self.replicated),
+                donate_argnums=0)
+        return self._steps[key]
+
+    def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+        return self.compiled_step(batch)(state, batch)
+
+    def lower(self, batch: Mapping[str, Any]):
+        """The lowered step for abstract batch shapes (for memory / HLO analysis)."""
+        abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+        return self.compiled_step(batch).lower(self.abstract_state(), abs_batch)
+
+    def model(self, params: Any) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def put_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Place a host batch (the same on every process) with the batch sharding."""
+        sh = self.batch_sharding(batch)
+        return {k: jax.make_array_from_callback(v.shape, sh[k], lambda idx, v=v: v[idx])
+                for k, v in batch.items()}
