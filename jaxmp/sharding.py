@@ -79,11 +79,15 @@ class Rules:
         return cls.create(d["params"], d["activations"])
 
 
+# The vocabulary is split over pipe as well as tensor: the embedding and LM head run
+# outside the pipeline, so on a `pipe` mesh they would otherwise be replicated (memory)
+# and computed redundantly on every stage (time). Without a pipe axis this is plain
+# vocab-parallelism over `tensor`. The position table (`length` rows) is split the same way.
 DEFAULT_RULES = Rules.create(
-    params={"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": "tensor",
-            "layers": "pipe", "stage": "pipe"},
+    params={"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": ("pipe", "tensor"),
+            "length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe"},
     activations={"batch": ("data", "fsdp"), "mlp": "tensor", "heads": "tensor",
-                 "vocab": "tensor", "stage": "pipe"},
+                 "vocab": ("pipe", "tensor"), "stage": "pipe"},
 )
 
 

@@ -62,6 +62,25 @@ class OptConfig:
                         weight_decay=self.weight_decay, mask=decay_mask))
 
 
+def _mirror_shardings(tree: Any, params: Any, param_shardings: Any,
+                      default: NamedSharding) -> Any:
+    """Shardings for optimizer state: a leaf whose key path ends with a parameter's path
+    (and has its shape) is laid out like that parameter; anything else is replicated."""
+    by_path = {}
+    for (path, p), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                             jax.tree_util.tree_leaves(param_shardings)):
+        by_path[tuple(map(str, path))] = (p.shape, sh)
+
+    def pick(path: tuple, leaf: Any) -> NamedSharding:
+        keys = tuple(map(str, path))
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit and hit[0] == leaf.shape:
+                return hit[1]
+        return default
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], Any]
 
 
@@ -84,15 +103,9 @@ class Trainer:
         self.seed = seed
         self._model = None if self._factory else model
         replicated = NamedSharding(mesh, PartitionSpec())
-        abs_p: Any
-        abs_p = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.abstract_params, self.param_shardings)
-        opt_sh = jax.jit(self.tx.init).lower(abs_p).compile().output_shardings
-        # Leaves the optimizer makes from constants (step counts) come back on one device.
-        opt_sh = jax.tree_util.tree_map(
-            lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
-            opt_sh)
+        abs_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        opt_sh = _mirror_shardings(abs_opt, self.abstract_params, self.param_shardings,
+                                   replicated)
         self.state_shardings = TrainState(replicated, self.param_shardings, opt_sh, replicated)
         self._steps: dict[Any, Any] = {}
         self.replicated = replicated
@@ -193,6 +206,16 @@ class Trainer:
                 out_shardings=(self.state_shardings, self.replicated),
                 donate_argnums=0)
         return self._steps[key]
+
+    def grads(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, Any]:
+        """(loss, gradients) of one batch, sharded like the parameters (no update)."""
+        def fn(p, b):
+            with activation_sharding(self.mesh, self.rules):
+                (loss, _), g = jax.value_and_grad(self._loss, has_aux=True)(p, b)
+            return loss, g
+        jitted = jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding(batch)),
+                         out_shardings=(self.replicated, self.param_shardings))
+        return jitted(params, batch)
 
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
         return self.compiled_step(batch)(state, batch)
