@@ -41,6 +41,7 @@ class OptConfig:
     clip_norm: float = 1.0
     b1: float = 0.9
     b2: float = 0.95
+    eps: float = 1e-8
     min_lr_ratio: float = 0.1
     grad_accum_steps: int = 1
 
@@ -58,7 +59,7 @@ class OptConfig:
         decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
         return optax.chain(
             optax.clip_by_global_norm(self.clip_norm),
-            optax.adamw(self.schedule(), b1=self.b1, b2=self.b2,
+            optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps,
                         weight_decay=self.weight_decay, mask=decay_mask))
 
 
@@ -180,7 +181,7 @@ class Trainer:
                         jax.tree_util.tree_map(jnp.zeros_like, state.params))
                 (loss, grads), _ = jax.lax.scan(body, zero, parts)
                 loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,77 @@
+"""Shared set-up for the equivalence tests: one tiny GPT, one batch, cached results."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxmp.mesh import make_mesh
+from jaxmp.models.gpt import GPT, GPTConfig, canonical_layers, lm_loss
+from jaxmp.pipeline import PipelineSpec
+from jaxmp.train import OptConfig, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = GPTConfig(num_layers=8, d_model=32, num_heads=8, seq_len=16)
+# Adam's eps is raised from 1e-8 for the comparisons: with eps=1e-8 an element whose
+# gradient is ~1e-9 moves by ~lr/10, so the last-bit differences that any change of
+# summation order makes (sharded vs single-device reductions) would move it by ~lr/100.
+OPT = OptConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10, eps=1e-6)
+BATCH = 16
+STEPS = 3
+
+
+def batches(steps: int = STEPS, batch: int = BATCH, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"tokens": rng.integers(0, CFG.vocab_size, (batch, CFG.seq_len + 1)).astype(np.int32)}
+            for _ in range(steps)]
+
+
+def trainer(mesh: str, pipe: PipelineSpec = PipelineSpec(), cfg: GPTConfig = CFG,
+            opt: OptConfig = OPT, **kw) -> Trainer:
+    m = make_mesh("", devices=jax.devices()[:1]) if mesh == "single" else make_mesh(mesh)
+    return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, m,
+                   optimizer=opt, **kw)
+
+
+def train(tr: Trainer, data: list[dict]) -> tuple[list[float], dict]:
+    state = tr.init_state()
+    losses = []
+    for b in data:
+        state, m = tr.step(state, tr.put_batch(b))
+        losses.append(float(m["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+@functools.lru_cache(maxsize=None)
+def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_layers,
+        accum: int = 1) -> tuple[list[float], dict]:
+    """Per-step losses and final parameters (canonical layer order) of STEPS steps."""
+    cfg = GPTConfig(**{**CFG.to_json(), "num_layers": layers})
+    pipe = PipelineSpec(p, m, r)
+    opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
+    losses, params = train(trainer(mesh, pipe, cfg, opt), batches())
+    return losses, canonical_layers(params, cfg, pipe)
+
+
+def assert_same_run(got: tuple[list[float], dict], ref: tuple[list[float], dict]) -> None:
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[1], ref[1])
+
+
+def run_module(*args: str, timeout: int = 600, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` from the repository root; raise with its output on failure."""
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    e.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,71 @@
+"""Data / FSDP / tensor layouts against the same model on one device (float32)."""
+
+import numpy as np
+import pytest
+from helpers import CFG, OPT, assert_same_run, batches, run, trainer, train
+
+from jaxmp.models.gpt import GPTConfig
+from jaxmp.train import OptConfig
+
+
+@pytest.mark.parametrize("mesh", ["data:8", "fsdp:8", "tensor:8", "data:2,fsdp:2,tensor:2",
+                                  "data:4,tensor:2"])
+def test_layout_matches_single_device(mesh):
+    assert_same_run(run(mesh), run("single"))
+
+
+def test_loss_falls_and_differs_per_step():
+    losses, _ = run("single")
+    assert len(set(losses)) == len(losses)  # real steps were taken
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    # k accumulated parts of a batch == one step on the whole batch (on a sharded mesh too)
+    assert_same_run(run("data:2,tensor:2,fsdp:2", accum=4), run("single"))
+
+
+def test_grad_accumulation_single_device():
+    assert_same_run(run("single", accum=2), run("single"))
+
+
+def _state_bytes(mesh: str, cfg: GPTConfig) -> tuple[int, int]:
+    tr = trainer(mesh, cfg=cfg)
+    batch = batches(1)[0]
+    compiled = tr.lower(batch).compile()
+    args = compiled.memory_analysis().argument_size_in_bytes
+    shards = tr.mesh.size
+    batch_bytes = batch["tokens"].nbytes // (8 if mesh.startswith("fsdp") else 1)
+    state = args - batch_bytes - 4 - 8  # step counter and rng key
+    total = 3 * tr.plan().total_bytes + 2 * 4  # params + adam mu, nu (+ two counts)
+    return state, total // shards
+
+
+@pytest.mark.parametrize("mesh", ["fsdp:8", "tensor:8"])
+def test_state_bytes_per_device_near_ideal(mesh):
+    cfg = GPTConfig(num_layers=2, d_model=128, num_heads=8, seq_len=16)
+    state, ideal = _state_bytes(mesh, cfg)
+    print(f"{mesh}: {state} bytes of params+opt state per device, ideal {ideal}, "
+          f"ratio {state / ideal:.4f}")
+    assert ideal <= state <= 1.05 * ideal
+
+
+def test_nonfinite_step_is_not_applied():
+    tr = trainer("data:8", opt=OptConfig(**{**OPT.__dict__, "learning_rate": 1e9}))
+    state = tr.init_state()
+    finite = []
+    for b in batches(3):
+        before = np.asarray(state.params["wte"]["embedding"])
+        state, m = tr.step(state, tr.put_batch(b))
+        finite.append(bool(m["finite"]))
+        if not finite[-1]:
+            np.testing.assert_array_equal(np.asarray(state.params["wte"]["embedding"]), before)
+    assert not all(finite)
+    assert all(np.isfinite(np.asarray(x)).all()
+               for x in __import__("jax").tree_util.tree_leaves(state.params))
+
+
+def test_bf16_compute_keeps_fp32_params():
+    cfg = GPTConfig(**{**CFG.to_json(), "dtype": "bfloat16"})
+    losses, params = train(trainer("data:2,tensor:4", cfg=cfg), batches(2))
+    assert all(np.isfinite(losses))
+    assert params["blocks"]["mlp"]["fc"]["kernel"].dtype == np.float32
