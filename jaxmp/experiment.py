@@ -20,7 +20,7 @@ from jaxmp import analysis
 from jaxmp.data import TokenBatches, load_tokens, make_global
 from jaxmp.mesh import format_mesh, make_mesh
 from jaxmp.models import gpt, mlp
-from jaxmp.pipeline import PipelineSpec, bubble_fraction
+from jaxmp.pipeline import PipelineSpec, bubble_fraction, stage_layers
 from jaxmp.sharding import DEFAULT_RULES, Rules, parse_rule_overrides
 from jaxmp.train import OptConfig, Trainer, TrainState
 
@@ -164,8 +164,11 @@ def train(cfg: RunConfig) -> RunResult:
         log(f"pipeline: {pipe.stages} stages, {pipe.microbatches} micro-batches, "
             f"{pipe.repeats} repeat(s); bubble fraction "
             f"{bubble_fraction(pipe.stages, pipe.microbatches, pipe.repeats):.3f}")
+        for s, layers in enumerate(stage_layers(model_cfg.num_layers, pipe)):
+            log(f"  stage {s} (pipe index {s}): layers {layers}")
     log(trainer.plan().format())
     fpt = gpt.flops_per_token(model_cfg) if cfg.model == "gpt" else None
+    unit = "tok" if cfg.model == "gpt" else "examples"
 
     state = trainer.init_state()
     shardings = trainer.batch_sharding(batches.example())
@@ -207,7 +210,7 @@ def train(cfg: RunConfig) -> RunResult:
             eta = dt * (cfg.steps - done)
             log(f"step {done:6d}/{cfg.steps}  loss {float(m['loss']):.4f}  "
                 f"grad_norm {float(m['grad_norm']):.3f}  lr {float(m['learning_rate']):.2e}  "
-                f"{tps:,.0f} tok/s  {dt * 1e3:.1f} ms/step  ETA {eta:.0f}s"
+                f"{tps:,.0f} {unit}/s  {dt * 1e3:.1f} ms/step  ETA {eta:.0f}s"
                 + (f"  MFU {util:.1%}" if util is not None else "")
                 + ("  (includes compile)" if done == start + 1 else ""))
             if metrics_out:

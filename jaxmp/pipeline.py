@@ -138,6 +138,13 @@ def storage_order(num_layers: int, p: int, r: int) -> list[int]:
     return [j * p * k + s * k + i for s in range(p) for j in range(r) for i in range(k)]
 
 
+def stage_layers(num_layers: int, spec: PipelineSpec) -> list[list[int]]:
+    """The canonical layers each stage holds, in the order it applies them."""
+    order = storage_order(num_layers, spec.stages, spec.repeats)
+    per = num_layers // spec.stages
+    return [order[s * per:(s + 1) * per] for s in range(spec.stages)]
+
+
 # ---------------------------------------------------------------- the pipelined apply
 def pipeline_apply(layer_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any,
                    x: jax.Array, spec: PipelineSpec, param_names: Any,

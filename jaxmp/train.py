@@ -18,7 +18,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.sharding import (
-    DEFAULT_RULES, Plan, Rules, activation_sharding, logical_axes, named, param_specs, plan,
+    DEFAULT_RULES,
+    Plan,
+    Rules,
+    activation_sharding,
+    logical_axes,
+    named,
+    param_specs,
+    plan,
     spec_for,
 )
 
@@ -174,8 +181,8 @@ class Trainer:
                     dict(batch))
 
                 def body(carry, part):
-                    (l, _), g = grad_fn(state.params, part)
-                    return jax.tree_util.tree_map(jnp.add, carry, (l, g)), None
+                    (part_loss, _), g = grad_fn(state.params, part)
+                    return jax.tree_util.tree_map(jnp.add, carry, (part_loss, g)), None
 
                 zero = (jnp.zeros((), jnp.float32),
                         jax.tree_util.tree_map(jnp.zeros_like, state.params))

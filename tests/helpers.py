@@ -48,7 +48,7 @@ def train(tr: Trainer, data: list[dict]) -> tuple[list[float], dict]:
     return losses, jax.device_get(state.params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_layers,
         accum: int = 1) -> tuple[list[float], dict]:
     """Per-step losses and final parameters (canonical layer order) of STEPS steps."""

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import CFG, OPT, assert_same_run, batches, run, trainer, train
+from helpers import CFG, OPT, assert_same_run, batches, run, train, trainer
 
 from jaxmp.models.gpt import GPTConfig
 from jaxmp.train import OptConfig

@@ -12,8 +12,17 @@ from jaxmp.mesh import make_mesh
 from jaxmp.models import mlp
 from jaxmp.models.gpt import GPTConfig, canonical_layers
 from jaxmp.pipeline import (
-    PipelineError, PipelineSpec, arrival, bubble_factor, bubble_fraction, is_active, microbatch,
-    num_ticks, read_slot, schedule, storage_order,
+    PipelineError,
+    PipelineSpec,
+    arrival,
+    bubble_factor,
+    bubble_fraction,
+    is_active,
+    microbatch,
+    num_ticks,
+    read_slot,
+    schedule,
+    storage_order,
 )
 from jaxmp.train import Trainer
 

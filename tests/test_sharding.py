@@ -6,7 +6,13 @@ from jax.sharding import PartitionSpec as P
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPT, GPTConfig
 from jaxmp.sharding import (
-    DEFAULT_RULES, Rules, ShardingError, logical_axes, param_specs, parse_rule_overrides, plan,
+    DEFAULT_RULES,
+    Rules,
+    ShardingError,
+    logical_axes,
+    param_specs,
+    parse_rule_overrides,
+    plan,
 )
 
 CFG = GPTConfig(num_layers=4, d_model=32, num_heads=8, seq_len=16)

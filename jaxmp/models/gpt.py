@@ -13,9 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp.layers import (
-    DecoderBlock, Embed, LayerNorm, layer_slices, param, remat, scale_std, stack_layers,
-)
+from jaxmp.layers import DecoderBlock, Embed, LayerNorm, layer_slices, param, remat, scale_std, stack_layers
 from jaxmp.pipeline import PipelineSpec, pipeline_apply, storage_order
 from jaxmp.sharding import constrain, logical_axes
 

@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmp.models.gpt import GPT, PRESETS, GPTConfig, flops_per_token, lm_loss, num_params, preset
+from jaxmp.sharding import logical_axes
+
+COUNTS = {"small": 124_439_808, "medium": 354_823_168, "large": 774_030_080, "xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("name", ["small", "medium", "large", "xl"])
+def test_gpt2_parameter_counts(name):
+    cfg = preset(name, vocab_size=50257)
+    assert num_params(cfg) == COUNTS[name]
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    stored = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+        nnx.state(model, nnx.Param)))
+    assert stored == num_params(cfg, real=False)  # padded vocabulary 50304
+    assert stored - num_params(cfg) == (50304 - 50257) * cfg.d_model
+
+
+def test_every_parameter_has_logical_names():
+    model = nnx.eval_shape(lambda: GPT(preset("tiny"), rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    names = jax.tree_util.tree_leaves(logical_axes(model), is_leaf=lambda x: isinstance(x, tuple))
+    shapes = jax.tree_util.tree_leaves(params)
+    assert len(names) == len(shapes)
+    assert all(len(n) == len(s.shape) and any(n) for n, s in zip(names, shapes))
+
+
+def test_padded_vocabulary_never_gets_probability():
+    cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=8, vocab_size=200)
+    assert cfg.padded_vocab == 256
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.arange(16).reshape(2, 8) % 200
+    probs = jax.nn.softmax(model(tokens), axis=-1)
+    assert float(probs[..., 200:].max()) == 0.0
+    assert np.allclose(probs[..., :200].sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.abs(model.wte.embedding[200:]).max()) == 0.0
+
+
+def test_forward_is_causal():
+    cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=8)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    a = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    b = a.at[0, 5].set(99)
+    la, lb = model(a), model(b)
+    np.testing.assert_allclose(la[0, :5], lb[0, :5], rtol=1e-6)
+    assert not np.allclose(la[0, 5:], lb[0, 5:])
+
+
+def test_initial_loss_is_near_uniform_and_context_is_checked():
+    cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=8)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    loss = lm_loss(model, {"tokens": jnp.arange(18).reshape(2, 9)})
+    assert abs(float(loss) - np.log(256)) < 0.5
+    with pytest.raises(ValueError, match="sequence of 9 tokens exceeds the context of 8"):
+        model(jnp.zeros((1, 9), jnp.int32))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="--preset='huge': choose one of tiny"):
+        preset("huge")
+    with pytest.raises(ValueError, match="--d_model=100 is not divisible by --num_heads=8"):
+        preset("tiny", d_model=100)
+
+
+def test_flops_per_token_convention():
+    cfg = preset("small", vocab_size=50257)
+    n = COUNTS["small"] - 1024 * 768  # without position embeddings
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
+    assert set(PRESETS) == {"tiny", "small", "medium", "large", "xl"}
