@@ -128,6 +128,33 @@ def schedule(p: int, m: int, r: int) -> list[list[tuple[int, int] | None]]:
              for s in range(p)] for t in range(num_ticks(p, m, r))]
 
 
+def timeline(p: int, m: int, r: int) -> list[list[str]]:
+    """Stage x tick grid of a whole step: forward ticks, then the backward pass (which JAX
+    derives by running the forward scan in reverse). Cells: 'F3' / 'B3' = micro-batch 3
+    forward / backward ('F3.1' in round 1 when r > 1), '.' = bubble."""
+    fwd = schedule(p, m, r)
+    def cell(c: tuple[int, int] | None, kind: str) -> str:
+        if c is None:
+            return "."
+        b, g = c
+        return f"{kind}{b}" + (f".{g // p}" if r > 1 else "")
+    ticks = [[cell(row[s], "F") for row in fwd] + [cell(row[s], "B") for row in fwd[::-1]]
+             for s in range(p)]
+    return ticks
+
+
+def format_timeline(p: int, m: int, r: int) -> str:
+    grid = timeline(p, m, r)
+    width = max(len(c) for row in grid for c in row)
+    head = "tick     " + " ".join(str(t).rjust(width) for t in range(len(grid[0])))
+    lines = [head] + [f"stage {s:<2} " + " ".join(c.rjust(width) for c in row)
+                      for s, row in enumerate(grid)]
+    lines.append(f"{num_ticks(p, m, r)} forward + {num_ticks(p, m, r)} backward ticks; "
+                 f"bubble fraction (p-1)/(r*m+p-1) = {p - 1}/{num_ticks(p, m, r)} = "
+                 f"{bubble_fraction(p, m, r):.3f}")
+    return "\n".join(lines)
+
+
 def storage_order(num_layers: int, p: int, r: int) -> list[int]:
     """order[q] = canonical layer stored at position q of the stacked `layers` axis.
 

@@ -89,6 +89,16 @@ def _mirror_shardings(tree: Any, params: Any, param_shardings: Any,
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def settle(mesh: Mesh, tree: Any) -> Any:
+    """On simulated CPU meshes, wait for a collective program to finish before the next
+    one is dispatched. XLA's CPU runtime (seen with jaxlib 0.10.2) can deadlock in its
+    collective rendezvous when several executions of programs with collectives are in
+    flight at once (devices interleave the runs). Accelerators keep asynchronous dispatch."""
+    if mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
+        jax.block_until_ready(tree)
+    return tree
+
+
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], Any]
 
 
@@ -142,7 +152,8 @@ class Trainer:
     def init_state(self) -> TrainState:
         """Parameters initialised directly in their shards (never whole on one device)."""
         with activation_sharding(self.mesh, self.rules):
-            return jax.jit(self._init_state_fn(), out_shardings=self.state_shardings)()
+            state = jax.jit(self._init_state_fn(), out_shardings=self.state_shardings)()
+        return settle(self.mesh, state)
 
     # ------------------------------------------------------------ batches
     def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
@@ -208,11 +219,12 @@ class Trainer:
         """The jitted step for batches shaped like `batch` (compiled once per shape)."""
         key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
         if key not in self._steps:
-            self._steps[key] = jax.jit(
+            jitted = jax.jit(
                 self._step,
                 in_shardings=(self.state_shardings, self.batch_sharding(batch)),
                 out_shardings=(self.state_shardings, self.replicated),
                 donate_argnums=0)
+            self._steps[key] = _Settled(jitted, self.mesh)
         return self._steps[key]
 
     def grads(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, Any]:
@@ -223,7 +235,7 @@ class Trainer:
             return loss, g
         jitted = jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding(batch)),
                          out_shardings=(self.replicated, self.param_shardings))
-        return jitted(params, batch)
+        return settle(self.mesh, jitted(params, batch))
 
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
         return self.compiled_step(batch)(state, batch)
@@ -241,3 +253,16 @@ class Trainer:
         sh = self.batch_sharding(batch)
         return {k: jax.make_array_from_callback(v.shape, sh[k], lambda idx, v=v: v[idx])
                 for k, v in batch.items()}
+
+
+class _Settled:
+    """A jitted function that settles (see `settle`) after each call; `.lower` passes through."""
+
+    def __init__(self, fn: Any, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args: Any) -> Any:
+        return settle(self.mesh, self.fn(*args))
+
+    def lower(self, *args: Any) -> Any:
+        return self.fn.lower(*args)

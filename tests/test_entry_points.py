@@ -63,3 +63,19 @@ def test_readme_library_example_runs_verbatim():
         os.remove(path)
     first, last = [float(x) for x in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
     assert last < 0.5 * first
+
+
+def test_inspect_prints_plan_and_schedule(tmp_path):
+    import importlib.util
+
+    png = tmp_path / "grid.png"
+    proc = run_module("experiments.inspect", "--mesh=pipe:4,tensor:2", "--num_layers=8",
+                      "--microbatches=4", "--pipeline_repeats=2", f"--plot={png}", check=False)
+    assert "blocks/attn/qkv/kernel" in proc.stdout and "bytes/device" in proc.stdout
+    assert "stage 0: layers [0, 4]" in proc.stdout
+    assert "stage 3     .    .    . F0.0" in proc.stdout
+    assert "bubble fraction (p-1)/(r*m+p-1) = 3/11 = 0.273" in proc.stdout
+    if importlib.util.find_spec("matplotlib"):
+        assert proc.returncode == 0 and png.stat().st_size > 0
+    else:
+        assert proc.returncode == 2 and "--plot needs matplotlib: pip install" in proc.stderr
