@@ -39,6 +39,16 @@ flags.DEFINE_string("activation_rules", "", "Activation rule overrides, e.g. 'ba
 flags.DEFINE_string("metrics_file", None, "JSON-lines metrics file (process 0 writes it).")
 flags.DEFINE_integer("log_every", 10, "Steps between progress lines.")
 flags.DEFINE_string("profile_dir", None, "Write a JAX profiler trace of steps 3-4 here.")
+flags.DEFINE_string("ckpt_dir", None, "Checkpoint directory (default: a new runs/<time>).")
+flags.DEFINE_integer("ckpt_every", 100, "Steps between checkpoints (and one at the end).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints kept.")
+flags.DEFINE_bool("resume", None, "Resume from --ckpt_dir (default: when it holds checkpoints; "
+                  "--noresume starts over).")
+flags.DEFINE_bool("async_checkpoint", True, "Write checkpoints while training continues.")
+flags.DEFINE_string("serve_mesh", "tensor:4", "Mesh of the closing serve demo ('' skips it).")
+flags.DEFINE_integer("run_until", None, "Stop (with a checkpoint) after this step, keeping the "
+                     "learning-rate schedule of --steps; resume later to continue.")
+flags.DEFINE_string("serve_prompt", "def main(", "Prompt of the closing serve demo.")
 
 
 def main(argv: list[str]) -> int:

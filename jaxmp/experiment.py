@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,16 +19,46 @@ import numpy as np
 from flax import nnx
 
 from jaxmp import analysis
+from jaxmp.checkpoint import Checkpoints
 from jaxmp.data import TokenBatches, load_tokens, make_global
 from jaxmp.mesh import format_mesh, make_mesh
 from jaxmp.models import gpt, mlp
-from jaxmp.pipeline import PipelineSpec, bubble_fraction, stage_layers
+from jaxmp.pipeline import PipelineSpec, bubble_fraction, stage_layers, storage_order
 from jaxmp.sharding import DEFAULT_RULES, Rules, parse_rule_overrides
 from jaxmp.train import OptConfig, Trainer, TrainState
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss or gradient norm became NaN or infinite."""
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second: abort at once
+    (orbax only ever lists fully written checkpoints, so the last complete one survives)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            log(f"second {name}: aborting now; the last complete checkpoint is kept")
+            os._exit(128 + signum)
+        self.requested = name
+        log(f"{name} received: finishing this step, then checkpointing and exiting")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclasses.dataclass
@@ -55,6 +87,14 @@ class RunConfig:
     metrics_file: str | None = None
     log_every: int = 10
     profile_dir: str | None = None
+    ckpt_dir: str | None = None  # None: a fresh runs/<timestamp> directory
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    resume: bool | None = None  # None: resume when ckpt_dir holds checkpoints
+    async_checkpoint: bool = True
+    serve_mesh: str = "tensor:4"  # "" skips the closing train -> checkpoint -> serve demo
+    serve_prompt: str = "def main("
+    run_until: int | None = None  # stop (with a checkpoint) after this step; schedule of `steps`
 
     def model_config(self) -> gpt.GPTConfig | mlp.MLPConfig:
         if self.model == "gpt":
@@ -133,9 +173,32 @@ class Batches:
 class RunResult:
     state: TrainState
     trainer: Trainer
-    losses: list[float]
+    losses: list[float]  # per step, for the steps this run took
     first_loss: float
     last_loss: float
+    ckpt_dir: str | None = None
+    stopped_by: str | None = None
+    completion: str | None = None
+
+
+def sidecar(cfg: RunConfig, model_cfg: Any, mesh: Any, rules: Rules, pipe: PipelineSpec) -> dict:
+    """What a checkpoint needs to rebuild its model with no training flags."""
+    import flax
+    import orbax.checkpoint
+
+    import jaxmp
+
+    return {
+        "model": cfg.model, "config": model_cfg.to_json(), "mesh": format_mesh(mesh),
+        "rules": rules.to_json(),
+        "pipeline": {"stages": pipe.stages, "microbatches": pipe.microbatches,
+                     "repeats": pipe.repeats},
+        "layer_order": storage_order(model_cfg.num_layers, pipe.stages, pipe.repeats),
+        "stacked": "blocks" if cfg.model == "gpt" else "hidden",
+        "data": {"source": cfg.data, "seed": cfg.seed, "batch_size": cfg.batch_size},
+        "versions": {"jaxmp": jaxmp.__version__, "jax": jax.__version__,
+                     "flax": flax.__version__, "orbax": orbax.checkpoint.__version__},
+    }
 
 
 def train(cfg: RunConfig) -> RunResult:
@@ -170,7 +233,28 @@ def train(cfg: RunConfig) -> RunResult:
     fpt = gpt.flops_per_token(model_cfg) if cfg.model == "gpt" else None
     unit = "tok" if cfg.model == "gpt" else "examples"
 
-    state = trainer.init_state()
+    ckpt_dir = cfg.ckpt_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    ckpts = Checkpoints(ckpt_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
+    meta = sidecar(cfg, model_cfg, mesh, rules, pipe)
+    if cfg.ckpt_every < 1:
+        raise ValueError(f"--ckpt_every={cfg.ckpt_every} must be >= 1")
+    latest = ckpts.latest_step()
+    if latest is not None and cfg.resume is not False:
+        saved = ckpts.meta(latest)
+        if saved.get("model") != cfg.model or saved.get("config") != meta["config"]:
+            raise ValueError(
+                f"--ckpt_dir={ckpt_dir} holds a run of {saved.get('model')} "
+                f"{json.dumps(saved.get('config'))}, not of these flags; use another --ckpt_dir "
+                "or the original model flags")
+        state = ckpts.restore(trainer.abstract_state(), step=latest,
+                              layer_order=meta["layer_order"], stacked=meta["stacked"])
+        log(f"resumed from {ckpts.directory} step {latest} (trained on {saved.get('mesh')})")
+    else:
+        if cfg.resume:
+            log(f"--resume: no checkpoint in {ckpts.directory} yet; starting from scratch")
+        state = trainer.init_state()
+    log(f"checkpoints: {ckpts.directory} every {cfg.ckpt_every} steps, keeping "
+        f"{cfg.keep_checkpoints}")
     shardings = trainer.batch_sharding(batches.example())
     step_fn = trainer.compiled_step(batches.example())
     metrics_out = open(cfg.metrics_file, "a") if cfg.metrics_file and jax.process_index() == 0 \
@@ -180,8 +264,31 @@ def train(cfg: RunConfig) -> RunResult:
     start = int(jax.device_get(state.step))
     t_last, step_last = time.perf_counter(), start
     t_begin = t_last
+    stop = StopSignal()
+    saved_step = start
+
+    last_metrics: list[dict] = [{}]
+
+    def check(pending: list[tuple[int, dict]]) -> None:
+        """Fetch the queued step metrics; stop at the first non-finite step."""
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            if not bool(m["finite"]):
+                raise NonFiniteLoss(
+                    f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
+                    f"grad_norm={float(m['grad_norm'])}); the update was not applied and no "
+                    "checkpoint was written from it. Lower --learning_rate, or use "
+                    "--dtype=float32")
+            losses.append(float(m["loss"]))
+        pending.clear()
+        last_metrics[0] = fetched[-1]
+
     try:
-        for step in range(start, cfg.steps):
+        stop.__enter__()
+        end = min(cfg.steps, cfg.run_until) if cfg.run_until else cfg.steps
+        for step in range(start, end):
             if cfg.profile_dir and step == start + 2:
                 jax.profiler.start_trace(cfg.profile_dir)
             state, metrics = step_fn(state, batches.device(step, shardings))
@@ -190,21 +297,24 @@ def train(cfg: RunConfig) -> RunResult:
             if cfg.profile_dir and step == start + 4:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-            if done % cfg.log_every and done != cfg.steps and done != start + 1:
+            save_now = done % cfg.ckpt_every == 0 or done == end or stop.requested
+            if save_now:  # never checkpoint a state whose steps were not checked
+                check(pending)
+                ckpts.save(state, meta, wait=bool(stop.requested))
+                saved_step = done
+                log(f"checkpoint step {done}: " + ("committed" if stop.requested else
+                                                  "saving in the background"))
+            if stop.requested:
+                log(f"stopped by {stop.requested} after step {done}; checkpoint committed in "
+                    f"{ckpts.directory}")
+                break
+            if done % cfg.log_every and done != end and done != start + 1:
                 continue
-            fetched = jax.device_get([m for _, m in pending])
-            for (s, _), m in zip(pending, fetched):
-                if not bool(m["finite"]):
-                    raise NonFiniteLoss(
-                        f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
-                        f"grad_norm={float(m['grad_norm'])}); the update was not applied. "
-                        "Lower --learning_rate, or use --dtype=float32")
-                losses.append(float(m["loss"]))
+            check(pending)
             now = time.perf_counter()
             dt = (now - t_last) / max(1, done - step_last)
             t_last, step_last = now, done
-            pending.clear()
-            m = fetched[-1]
+            m = last_metrics[0]
             tps = batches.tokens_per_step / dt
             util = analysis.mfu(tps, fpt, mesh.size) if fpt else None
             eta = dt * (cfg.steps - done)
@@ -219,10 +329,32 @@ def train(cfg: RunConfig) -> RunResult:
                     "learning_rate": float(m["learning_rate"]), "step_time_s": dt,
                     "tokens_per_s": tps, "mfu": util}) + "\n")
                 metrics_out.flush()
+        check(pending)
     finally:
+        stop.__exit__()
         if metrics_out:
             metrics_out.close()
-    log(f"trained {cfg.steps - start} steps in {time.perf_counter() - t_begin:.1f}s; "
-        f"loss {losses[0] if losses else math.nan:.4f} -> {losses[-1] if losses else math.nan:.4f}")
-    return RunResult(state, trainer, losses, losses[0] if losses else math.nan,
-                     losses[-1] if losses else math.nan)
+        ckpts.close()  # waits for an asynchronous save in flight
+    first = losses[0] if losses else math.nan
+    last = losses[-1] if losses else math.nan
+    log(f"trained {len(losses)} steps in {time.perf_counter() - t_begin:.1f}s; "
+        f"loss {first:.4f} -> {last:.4f}; last checkpoint: step {saved_step} in "
+        f"{ckpts.directory}")
+    result = RunResult(state, trainer, losses, first, last, ckpts.directory, stop.requested)
+    if cfg.model == "gpt" and cfg.serve_mesh and not stop.requested and saved_step == cfg.steps:
+        result.completion = serve_demo(ckpts.directory, cfg.serve_mesh, cfg.serve_prompt)
+    return result
+
+
+def serve_demo(ckpt_dir: str, mesh: str, prompt: str) -> str:
+    """Restore the final checkpoint on another mesh and complete a prompt greedily."""
+    from jaxmp.serve import Server
+
+    server = Server(ckpt_dir, mesh)
+    new = min(48, server.cfg.seq_len - len(server.encode(prompt)))
+    out = server.generate([prompt], max_new_tokens=new, temperature=0.0)[0]
+    text = server.decode_text(out.tokens)
+    log(f"served step {server.step} on {format_mesh(server.mesh)} "
+        f"(restored in {server.restore_seconds:.2f}s); greedy completion of {prompt!r}:")
+    log(prompt + text)
+    return text

@@ -1,0 +1,249 @@
+"""Serving: restore a checkpoint onto any mesh; batched predict and KV-cache generation.
+
+The serving mesh need not match the training mesh: the model is rebuilt from the
+checkpoint's sidecar, its parameters laid out by the same rules on the new mesh, and
+Orbax reads each device's slice directly. The whole decode loop (prefill + every new
+token) is one jitted program per (batch bucket, prompt bucket, new-token bucket).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmp.checkpoint import Checkpoints
+from jaxmp.mesh import make_mesh
+from jaxmp.models.gpt import GPT, GPTConfig
+from jaxmp.pipeline import PipelineSpec, storage_order
+from jaxmp.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    activation_sharding,
+    logical_axes,
+    named,
+    param_specs,
+    spec_for,
+)
+
+
+class ServeError(ValueError):
+    """A request the server cannot answer."""
+
+
+def _bucket(n: int, lo: int = 1) -> int:
+    """Next power of two >= max(n, lo)."""
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt: list[int]
+    tokens: list[int]  # the new tokens only
+
+
+class Server:
+    """A GPT restored from `ckpt_dir` onto `mesh` ("tensor:4", "data:2", "" = one device)."""
+
+    def __init__(self, ckpt_dir: str, mesh: str | Mesh = "", *, step: int | None = None,
+                 rules: Rules | None = None, devices: Sequence[jax.Device] | None = None):
+        ckpts = Checkpoints(ckpt_dir, create=False)
+        self.step = ckpts.resolve(step)
+        meta = ckpts.meta(self.step)
+        if meta.get("model", "gpt") != "gpt":
+            raise ServeError(f"checkpoint in {ckpt_dir} holds a {meta.get('model')!r} model; "
+                             "serving (generation) needs a GPT checkpoint")
+        self.meta = meta
+        self.cfg = GPTConfig(**meta["config"])
+        if isinstance(mesh, Mesh):
+            self.mesh = mesh
+        else:
+            n = _mesh_devices(mesh, len(devices or jax.devices()))
+            self.mesh = make_mesh(mesh, devices=list(devices or jax.devices())[:n])
+        self.rules = rules or (Rules.from_json(meta["rules"]) if "rules" in meta else DEFAULT_RULES)
+        pipe = PipelineSpec(self.mesh.shape["pipe"], 1, 1)
+        abstract = nnx.eval_shape(lambda: GPT(self.cfg, rngs=nnx.Rngs(0), pipeline=pipe))
+        self.graphdef, abs_params = nnx.split(abstract, nnx.Param)
+        abs_params = nnx.to_pure_dict(abs_params)
+        dtype = meta.get("param_dtype", "float32")
+        specs = param_specs(abs_params, logical_axes(abstract), self.mesh, self.rules)
+        self.param_shardings = named(self.mesh, specs)
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=s),
+            abs_params, self.param_shardings)
+        t0 = time.perf_counter()
+        self.params = ckpts.restore_params(
+            target, step=self.step, layer_order=storage_order(self.cfg.num_layers, pipe.stages, 1))
+        jax.block_until_ready(self.params)
+        self.restore_seconds = time.perf_counter() - t0
+        ckpts.close()
+        self._generate = {}
+
+    # ------------------------------------------------------------ helpers
+    def _model(self, params: Any) -> GPT:
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+        return nnx.merge(self.graphdef, params)
+
+    def _batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        names = ("batch",) + (None,) * (len(shape) - 1)
+        return NamedSharding(self.mesh, spec_for(names, shape, self.mesh,
+                                                 self.rules.activations, strict=False))
+
+    def encode(self, text: str) -> list[int]:
+        """Byte-level models take text; others take 'ids:1,2,3'."""
+        if text.startswith("ids:"):
+            return [int(t) for t in text[4:].split(",") if t.strip()]
+        if self.cfg.vocab_size != 256:
+            raise ServeError(f"this model has a {self.cfg.vocab_size}-token vocabulary and no "
+                             "tokenizer is bundled; give prompts as token ids, 'ids:464,2068'")
+        return list(text.encode("utf-8"))
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        if self.cfg.vocab_size != 256:
+            return " ".join(map(str, tokens))
+        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------ predict
+    @functools.cached_property
+    def _predict(self):
+        def fn(params, tokens):
+            with activation_sharding(self.mesh, self.rules):
+                return self._model(params)(tokens)
+        return jax.jit(fn)
+
+    def predict(self, tokens: Any) -> jax.Array:
+        """tokens (B, T) int -> logits (B, T, padded_vocab) float32 (padding at -1e30)."""
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[1] < 1:
+            raise ServeError(f"predict takes a (batch, length) token array, got {tokens.shape}")
+        self._check_ids(tokens)
+        if tokens.shape[1] > self.cfg.seq_len:
+            raise ServeError(f"sequence of {tokens.shape[1]} tokens is longer than the context "
+                             f"of {self.cfg.seq_len}")
+        x = jax.device_put(tokens, self._batch_sharding(tokens.shape))
+        return self._predict(self.params, x)
+
+    def _check_ids(self, tokens: np.ndarray) -> None:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+            raise ServeError(f"token ids must be in [0, {self.cfg.vocab_size}); got "
+                             f"{int(tokens.min())}..{int(tokens.max())}")
+
+    # ------------------------------------------------------------ generate
+    def _compiled_generate(self, batch: int, prompt_len: int, new: int):
+        key = (batch, prompt_len, new)
+        if key in self._generate:
+            return self._generate[key]
+        cache_len = min(self.cfg.seq_len, prompt_len + new)
+        rows = NamedSharding(self.mesh, spec_for(("batch",), (batch,), self.mesh,
+                                                 self.rules.activations, strict=False))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def fn(params, tokens, lengths, key, temperature, top_k):
+            with activation_sharding(self.mesh, self.rules):
+                model = self._model(params)
+                cache = model.init_cache(batch, cache_len)
+                zero = jnp.zeros((batch,), jnp.int32)
+                logits, cache = model.decode(tokens, cache, zero)  # prefill (B, P, V)
+                last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+                def body(carry, i):
+                    logits, cache = carry
+                    tok = _sample(logits, jax.random.fold_in(key, i), temperature, top_k)
+                    nxt, cache = model.decode(tok[:, None], cache, lengths + i)
+                    return (nxt[:, 0], cache), tok
+
+                _, toks = jax.lax.scan(body, (last, cache), jnp.arange(new))
+                return toks.T  # (B, new)
+
+        compiled = jax.jit(fn, in_shardings=(self.param_shardings, self._batch_sharding(
+            (batch, prompt_len)), rows, replicated, replicated, replicated))
+        self._generate[key] = compiled
+        return compiled
+
+    def generate(self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 0) -> list[Generation]:
+        """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy)."""
+        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        if not ids:
+            raise ServeError("no prompts given")
+        limit = self.cfg.seq_len
+        for i, p in enumerate(ids):
+            if not p:
+                raise ServeError(f"prompt {i} is empty; give at least one token")
+            if len(p) > limit:
+                raise ServeError(f"prompt {i} has {len(p)} tokens, longer than the context of "
+                                 f"{limit}")
+            if len(p) + max_new_tokens > limit:
+                raise ServeError(f"prompt {i} ({len(p)} tokens) + --max_new_tokens="
+                                 f"{max_new_tokens} overflows the context of {limit}; use "
+                                 f"--max_new_tokens <= {limit - len(p)}")
+        self._check_ids(np.concatenate([np.asarray(p) for p in ids]))
+        if max_new_tokens < 1:
+            raise ServeError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+        if temperature < 0:
+            raise ServeError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
+        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
+            raise ServeError(f"--top_k={top_k} must be in [1, {self.cfg.vocab_size}] "
+                             "(the vocabulary size)")
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        batch = _bucket(len(ids), shards)
+        plen = min(_bucket(max(map(len, ids)), 8), limit)
+        new = min(_bucket(max_new_tokens, 8), limit)
+        tokens = np.zeros((batch, plen), np.int32)
+        lengths = np.ones((batch,), np.int32)
+        for i, p in enumerate(ids):
+            tokens[i, :len(p)] = p
+            lengths[i] = len(p)
+        fn = self._compiled_generate(batch, plen, new)
+        out = fn(self.params, tokens, lengths, jax.random.key(seed),
+                 jnp.float32(temperature), jnp.int32(top_k or 0))
+        out = np.asarray(jax.device_get(out))
+        return [Generation(p, out[i, :max_new_tokens].tolist()) for i, p in enumerate(ids)]
+
+    def generate_by_recompute(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy generation re-running the full forward for every token (reference)."""
+        seq = list(prompt)
+        for _ in range(max_new_tokens):
+            logits = self.predict(np.asarray([seq], np.int32))
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        return seq[len(prompt):]
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
+            top_k: jax.Array) -> jax.Array:
+    """Greedy when temperature == 0, else top-k (0 = all) sampling. logits (B, V)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, top_k, vocab)
+    kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1), (vocab - k)[None, None], axis=-1)
+    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+def _mesh_devices(spec: str, available: int) -> int:
+    """How many devices a serving mesh string needs (-1 takes all available)."""
+    from jaxmp.mesh import parse_mesh
+
+    sizes = [p.partition(":")[2] for p in spec.split(",") if p.strip()]
+    if any(s.strip() == "-1" for s in sizes):
+        return available
+    n = 1
+    for s in sizes:
+        try:
+            n *= int(s)
+        except ValueError:
+            parse_mesh(spec, available)  # raises the clear error
+    if n > available:
+        parse_mesh(spec, available)
+    return n

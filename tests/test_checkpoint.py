@@ -1,0 +1,254 @@
+"""Orbax checkpoints: restore onto other meshes, exact resume, preemption, bad checkpoints."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from helpers import CFG, ROOT, batches, trainer
+
+from jaxmp.checkpoint import CheckpointError, Checkpoints, export_params
+from jaxmp.experiment import RunConfig, sidecar, train
+from jaxmp.models.gpt import GPT, GPTConfig, canonical_layers
+from jaxmp.pipeline import PipelineSpec
+from jaxmp.serve import ServeError, Server
+from jaxmp.sharding import DEFAULT_RULES
+
+TRAIN_PIPE = PipelineSpec(2, 2, 2)  # circular: stored layer order is not canonical
+SERVE_MESHES = ["", "tensor:4", "pipe:2", "fsdp:8", "data:2,tensor:2"]
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two steps on data:2,pipe:2,tensor:2 (circular pipeline), saved with its sidecar."""
+    tr = trainer("data:2,pipe:2,tensor:2", TRAIN_PIPE)
+    state = tr.init_state()
+    for b in batches(2):
+        state, _ = tr.step(state, tr.put_batch(b))
+    path = str(tmp_path_factory.mktemp("ckpt"))
+    ckpts = Checkpoints(path)
+    meta = sidecar(RunConfig(), CFG, tr.mesh, DEFAULT_RULES, TRAIN_PIPE)
+    ckpts.save(state, meta, wait=True)
+    ckpts.close()
+    params = canonical_layers(jax.device_get(state.params), CFG, TRAIN_PIPE)
+    return path, params
+
+
+def _reference_logits(params, tokens):
+    model = GPT(CFG, rngs=__import__("flax").nnx.Rngs(0))
+    from flax import nnx
+
+    graphdef, _ = nnx.split(model, nnx.Param)
+    return np.asarray(nnx.merge(graphdef, params)(tokens))
+
+
+@pytest.fixture(scope="module")
+def servers(trained):
+    return {mesh: Server(trained[0], mesh) for mesh in SERVE_MESHES}
+
+
+@pytest.mark.parametrize("mesh", SERVE_MESHES)
+def test_restore_on_other_meshes_gives_identical_params_and_logits(trained, servers, mesh):
+    path, params = trained
+    server = servers[mesh]
+    got = jax.device_get(server.params)  # serving layout: canonical layer order
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
+    tokens = np.asarray(batches(1)[0]["tokens"][:4, :16])
+    np.testing.assert_allclose(np.asarray(server.predict(tokens))[..., :256],
+                               _reference_logits(params, tokens)[..., :256], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generations_identical_across_meshes(servers):
+    outs = {m: [g.tokens for g in s.generate(PROMPTS, 6)] for m, s in servers.items()}
+    first = outs[SERVE_MESHES[0]]
+    assert all(o == first for o in outs.values()), outs
+
+
+def test_kv_cache_generation_equals_recompute(servers):
+    server = servers["tensor:4"]
+    for prompt in PROMPTS[:2]:
+        cached = server.generate([prompt], 8)[0].tokens
+        assert cached == server.generate_by_recompute(prompt, 8)
+
+
+def test_mixed_length_batch_equals_each_alone(servers):
+    server = servers["data:2,tensor:2"]
+    together = [g.tokens for g in server.generate(PROMPTS, 7)]
+    alone = [server.generate([p], 7)[0].tokens for p in PROMPTS]
+    assert together == alone
+
+
+def test_sampling_is_seeded_and_respects_top_k(servers):
+    server = servers[""]
+    a = server.generate(PROMPTS, 7, temperature=1.0, top_k=5, seed=3)
+    b = server.generate(PROMPTS, 7, temperature=1.0, top_k=5, seed=3)
+    c = server.generate(PROMPTS, 7, temperature=1.0, top_k=5, seed=4)
+    assert [g.tokens for g in a] == [g.tokens for g in b] != [g.tokens for g in c]
+    one = server.generate(PROMPTS, 5, temperature=1.0, top_k=1, seed=9)
+    assert [g.tokens for g in one] == [g.tokens for g in server.generate(PROMPTS, 5)]
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(prompts=[[]], max_new_tokens=4), "prompt 0 is empty"),
+    (dict(prompts=[list(range(17))], max_new_tokens=1), "17 tokens, longer than the context of 16"),
+    (dict(prompts=[[1] * 10], max_new_tokens=7), "overflows the context of 16; use "
+                                                 "--max_new_tokens <= 6"),
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=-1.0), "--temperature=-1.0 must be >= 0"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_k=0), r"--top_k=0 must be in \[1, 256\]"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_k=257), r"--top_k=257 must be in \[1, 256\]"),
+    (dict(prompts=[[300]], max_new_tokens=2), r"token ids must be in \[0, 256\)"),
+    (dict(prompts=[], max_new_tokens=2), "no prompts given"),
+])
+def test_generation_errors(servers, kwargs, msg):
+    with pytest.raises(ServeError, match=msg):
+        servers[""].generate(**kwargs)
+
+
+def test_params_only_restore_does_not_read_optimizer_state(trained, tmp_path):
+    path, params = trained
+    copy = tmp_path / "c"
+    shutil.copytree(path, copy)
+    for step in os.listdir(copy):
+        if step.isdigit():
+            shutil.rmtree(copy / step / "train")  # serving must not need it
+    server = Server(str(copy), "tensor:2")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(server.params), params)
+
+
+def test_export_bf16_params_only(trained, tmp_path):
+    path, params = trained
+    export_params(path, str(tmp_path / "bf16"), dtype="bfloat16")
+    server = Server(str(tmp_path / "bf16"), "tensor:2")
+    got = jax.device_get(server.params)
+    assert got["wte"]["embedding"].dtype == np.dtype("bfloat16")
+    np.testing.assert_allclose(got["wte"]["embedding"].astype(np.float32),
+                               params["wte"]["embedding"], rtol=1e-2, atol=1e-3)
+    assert len(server.generate(PROMPTS, 3)) == 3
+
+
+def test_checkpoint_errors(trained, tmp_path):
+    path, _ = trained
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Checkpoints(str(tmp_path / "missing"), create=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint in"):
+        Server(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="no complete checkpoint for step 7"):
+        Server(path, step=7)
+    other = trainer("data:8", cfg=GPTConfig(num_layers=8, d_model=64, num_heads=8, seq_len=16))
+    with pytest.raises(CheckpointError, match=r"parameter 'blocks/attn/out/bias' has shape "
+                                              r"\(8, 32\) in the checkpoint but \(8, 64\)"):
+        Checkpoints(path, create=False).restore(other.abstract_state())
+
+
+def test_corrupted_checkpoint_names_step_and_suggests_previous(tmp_path):
+    tr = trainer("data:8")
+    state = tr.init_state()
+    ckpts = Checkpoints(str(tmp_path), async_save=False)
+    meta = sidecar(RunConfig(), CFG, tr.mesh, DEFAULT_RULES, PipelineSpec())
+    for b in batches(2):
+        state, _ = tr.step(state, tr.put_batch(b))
+        ckpts.save(state, meta, wait=True)
+    ckpts.close()
+    for root, _, files in os.walk(tmp_path / "2" / "params"):
+        for f in files:
+            if not f.startswith("_") and "manifest" not in f:
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"garbage")
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2 in .* is unreadable .*"
+                                              r"try the previous one with --step=1"):
+        Checkpoints(str(tmp_path), create=False).restore(tr.abstract_state())
+    restored = Checkpoints(str(tmp_path), create=False).restore(tr.abstract_state(), step=1)
+    assert int(restored.step) == 1
+
+
+# ---------------------------------------------------------------- resume
+def _cfg(tmp, **kw):
+    base = dict(num_layers=4, d_model=32, num_heads=4, seq_len=32, batch_size=8, steps=6,
+                ckpt_every=3, log_every=1, serve_mesh="", ckpt_dir=str(tmp), microbatches=2,
+                warmup_steps=2)
+    return RunConfig(**{**base, **kw})
+
+
+def test_resume_is_bit_identical_on_the_same_mesh_and_close_on_another(tmp_path):
+    straight = train(_cfg(tmp_path / "a")).losses
+    first = train(_cfg(tmp_path / "b", run_until=3)).losses
+    second = train(_cfg(tmp_path / "b")).losses
+    assert len(first) == 3 and len(second) == 3
+    assert first + second == straight  # bit-identical
+    train(_cfg(tmp_path / "c", run_until=3))
+    other = train(_cfg(tmp_path / "c", mesh="data:2,tensor:4")).losses
+    np.testing.assert_allclose(other, straight[3:], rtol=1e-5)
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(_cfg(tmp_path, steps=1))
+    with pytest.raises(ValueError, match="holds a run of gpt .* not of these flags"):
+        train(_cfg(tmp_path, d_model=64))
+
+
+# ---------------------------------------------------------------- preemption
+def _launch(args, tmp):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
+                             f"--ckpt_dir={tmp}", "--serve_mesh=", "--log_every=1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(proc, pattern, timeout=300):
+    import re
+
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    proc.kill()
+    raise AssertionError("never saw " + pattern + "\n" + "".join(lines[-30:]))
+
+
+SMALL = ["--num_layers=2", "--d_model=32", "--num_heads=4", "--seq_len=32", "--batch_size=8",
+         "--microbatches=2"]
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
+    proc = _launch([*SMALL, "--steps=100000", "--ckpt_every=100000"], tmp_path)
+    _wait_for(proc, r"step +3/")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "stopped by SIGTERM" in out
+    step = Checkpoints(str(tmp_path), create=False).latest_step()
+    assert step is not None and step >= 3
+    proc = _launch([*SMALL, "--steps=100000", f"--run_until={step + 2}"], tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and f"resumed from {tmp_path} step {step}" in out, out
+    assert Checkpoints(str(tmp_path), create=False).latest_step() == step + 2
+
+
+def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
+    big = ["--num_layers=4", "--d_model=1024", "--num_heads=8", "--seq_len=16", "--batch_size=8",
+           "--microbatches=2", "--mesh=data:2,tensor:4"]
+    proc = _launch([*big, "--steps=100", "--ckpt_every=2"], tmp_path)
+    _wait_for(proc, r"checkpoint step 4: saving in the background")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    entries = os.listdir(tmp_path)
+    assert any(e.startswith("4.") for e in entries), f"no partial save of step 4: {entries}"
+    assert "4" not in entries, f"the killed save of step 4 was completed: {entries}"
+    ckpts = Checkpoints(str(tmp_path), create=False)
+    assert ckpts.latest_step() == 2
+    proc = _launch([*big, "--steps=100", "--run_until=3"], tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and f"resumed from {tmp_path} step 2" in out, out
