@@ -65,7 +65,11 @@ def plot(path: str, p: int, m: int, r: int) -> None:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    setup_devices()
+    try:
+        setup_devices()
+    except (ValueError, RuntimeError) as e:  # bad mesh/multi-host flags: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from jaxmp.experiment import RunConfig, build_model_factory, build_rules
     from jaxmp.mesh import format_mesh, make_mesh
     from jaxmp.pipeline import PipelineSpec, format_timeline, stage_layers

@@ -30,7 +30,11 @@ flags.DEFINE_string("output_file", None, "JSON lines: prompt, completion, tokens
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    setup_devices()
+    try:
+        setup_devices()
+    except (ValueError, RuntimeError) as e:  # bad mesh/multi-host flags: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from jaxmp.serve import Server
 
     try:

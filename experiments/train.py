@@ -54,7 +54,11 @@ flags.DEFINE_string("serve_prompt", "def main(", "Prompt of the closing serve de
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    setup_devices()
+    try:
+        setup_devices()
+    except (ValueError, RuntimeError) as e:  # bad mesh/multi-host flags: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from jaxmp.experiment import RunConfig, train
 
     cfg = RunConfig(**{f.name: F[f.name].value for f in D(RunConfig)})

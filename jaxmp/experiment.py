@@ -201,7 +201,25 @@ def sidecar(cfg: RunConfig, model_cfg: Any, mesh: Any, rules: Rules, pipe: Pipel
     }
 
 
+def check_same_flags(cfg: RunConfig) -> None:
+    """Every process of a multi-process job must run the same configuration."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    differ = [i for i, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise ValueError(f"process {differ[0]} was started with other training flags than "
+                         "process 0; start every process with the same flags")
+
+
 def train(cfg: RunConfig) -> RunResult:
+    check_same_flags(cfg)
     model_cfg = cfg.model_config()
     mesh = make_mesh(cfg.mesh)
     pipe = PipelineSpec(mesh.shape["pipe"], cfg.microbatches, cfg.pipeline_repeats)
@@ -222,7 +240,7 @@ def train(cfg: RunConfig) -> RunResult:
 
     log(f"jaxmp: {cfg.model} {json.dumps(model_cfg.to_json())}")
     log(f"mesh {format_mesh(mesh)} over {mesh.size} {jax.devices()[0].platform} device(s), "
-        f"{jax.process_count()} process(es)")
+        f"{jax.process_count()} process(es) x {jax.local_device_count()} local device(s)")
     if pipe.enabled:
         log(f"pipeline: {pipe.stages} stages, {pipe.microbatches} micro-batches, "
             f"{pipe.repeats} repeat(s); bubble fraction "
@@ -341,7 +359,8 @@ def train(cfg: RunConfig) -> RunResult:
         f"loss {first:.4f} -> {last:.4f}; last checkpoint: step {saved_step} in "
         f"{ckpts.directory}")
     result = RunResult(state, trainer, losses, first, last, ckpts.directory, stop.requested)
-    if cfg.model == "gpt" and cfg.serve_mesh and not stop.requested and saved_step == cfg.steps:
+    if (cfg.model == "gpt" and cfg.serve_mesh and not stop.requested and saved_step == cfg.steps
+            and jax.process_count() == 1):
         result.completion = serve_demo(ckpts.directory, cfg.serve_mesh, cfg.serve_prompt)
     return result
 

@@ -107,12 +107,15 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
     devices = _process_major(list(jax.devices() if devices is None else devices))
     shape = parse_mesh(spec, len(devices)) if isinstance(spec, str) else _checked(spec, len(devices))
     dims = tuple(shape[a] for a in AXES)
-    try:
+    grid = np.array(devices).reshape(dims)  # process-major: tensor, then pipe, within a host
+    if devices[0].platform != "cpu" and jax.process_count() == 1:
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
-    except Exception:  # CPU and unusual topologies: plain process-major order
-        grid = np.array(devices).reshape(dims)
+        try:  # let the topology-aware helper order one host's accelerators
+            grid = mesh_utils.create_device_mesh(dims, devices=devices,
+                                                 allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

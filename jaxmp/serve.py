@@ -164,7 +164,8 @@ class Server:
                 return toks.T  # (B, new)
 
         compiled = jax.jit(fn, in_shardings=(self.param_shardings, self._batch_sharding(
-            (batch, prompt_len)), rows, replicated, replicated, replicated))
+            (batch, prompt_len)), rows, replicated, replicated, replicated),
+            out_shardings=replicated)  # every process gets every completion
         self._generate[key] = compiled
         return compiled
 

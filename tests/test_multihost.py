@@ -1,0 +1,140 @@
+"""Two local processes x 4 simulated CPU devices on jax.distributed (gloo collectives)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from helpers import ROOT, run_module
+
+from jaxmp.checkpoint import Checkpoints
+from jaxmp.distributed import DistributedError, free_port, initialize
+from jaxmp.serve import Server
+
+FLAGS = ["--num_layers=2", "--d_model=32", "--num_heads=4", "--seq_len=32", "--batch_size=8",
+         "--microbatches=2", "--mesh=data:2,pipe:2,tensor:2", "--log_every=1", "--serve_mesh=",
+         "--steps=12"]
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mh")
+    one = run_module("experiments.train", *FLAGS, "--run_until=10", f"--ckpt_dir={tmp}/one",
+                     f"--metrics_file={tmp}/one.jsonl")
+    two = run_module("experiments.launch", "--num_processes=2", "--devices_per_process=4", "--",
+                     *FLAGS, "--run_until=10", f"--ckpt_dir={tmp}/two",
+                     f"--metrics_file={tmp}/two.jsonl")
+    return tmp, one, two
+
+
+def test_two_processes_match_one_process(runs):
+    tmp, _, two = runs
+    assert "2 process(es) x 4 local device(s)" in two.stdout
+    a, b = _losses(f"{tmp}/one.jsonl"), _losses(f"{tmp}/two.jsonl")
+    assert len(a) == len(b) == 10
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_only_process_zero_logs_progress(runs):
+    _, _, two = runs
+    assert re.search(r"^\[p0\] step +10/12", two.stdout, re.M)
+    assert not re.search(r"^\[p1\] (step|trained|jaxmp|mesh)", two.stdout, re.M)
+
+
+def test_two_process_checkpoint_restores_in_one_process(runs):
+    tmp, _, _ = runs
+    one, two = Server(f"{tmp}/one", "data:2,pipe:2,tensor:2"), Server(f"{tmp}/two", "data:2,tensor:4")
+    # atol 1e-6: the attention key bias has an exactly-zero gradient, so its entries are
+    # float noise (~1e-7) that Adam normalizes; every other entry is held to rtol 1e-5.
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                           jax.device_get(two.params), jax.device_get(one.params))
+    prompt = [list(b"def main(")]
+    assert two.generate(prompt, 8)[0].tokens == one.generate(prompt, 8)[0].tokens
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(runs, tmp_path):
+    tmp, _, _ = runs
+    import shutil
+
+    shutil.copytree(f"{tmp}/one", tmp_path / "ck")
+    two = run_module("experiments.launch", "--num_processes=2", "--devices_per_process=4", "--",
+                     *FLAGS, f"--ckpt_dir={tmp_path}/ck", f"--metrics_file={tmp_path}/m.jsonl")
+    assert f"resumed from {tmp_path}/ck step 10" in two.stdout
+    straight = run_module("experiments.train", *FLAGS, f"--ckpt_dir={tmp_path}/straight",
+                          f"--metrics_file={tmp_path}/s.jsonl")
+    assert straight.returncode == 0
+    np.testing.assert_allclose(_losses(f"{tmp_path}/m.jsonl"), _losses(f"{tmp_path}/s.jsonl")[10:],
+                               rtol=1e-5)
+    assert Checkpoints(f"{tmp_path}/ck", create=False).latest_step() == 12
+
+
+def test_launcher_stops_everything_when_a_process_dies(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.launch", "--num_processes=2",
+         "--devices_per_process=4", "--", *FLAGS, "--steps=100000", f"--ckpt_dir={tmp_path}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids, deadline = {}, time.time() + 300
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if m := re.match(r"\[launch\] process (\d) pid (\d+)", line):
+            pids[int(m.group(1))] = int(m.group(2))
+        if re.match(r"\[p0\] step +2/", line):
+            break
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 60
+    assert "[launch] process 1 failed (signal 9); stopped the others" in err
+    for pid in pids.values():  # nothing left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_distributed_flag_errors():
+    with pytest.raises(DistributedError, match="go together"):
+        initialize("127.0.0.1:1234", None, None)
+    with pytest.raises(DistributedError, match=r"--process_id=2 is out of range for "
+                                               r"--num_processes=2 \(0\.\.1\)"):
+        initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(DistributedError, match="must be HOST:PORT"):
+        initialize("localhost", 2, 0)
+
+
+def test_unreachable_coordinator_is_a_bounded_clear_error():
+    port = free_port()
+    code = ("from jaxmp.distributed import initialize\n"
+            f"initialize('127.0.0.1:{port}', 2, 1, simulate_devices=2, timeout_s=5)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 90
+    assert f"coordinator 127.0.0.1:{port} unreachable after 5s" in proc.stderr
+
+
+def test_processes_with_different_flags_are_refused(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *FLAGS, f"--steps={12 + i}",
+         f"--ckpt_dir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}", "--simulate_devices=4"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 2 for p in procs), outs
+    assert "process 1 was started with other training flags than process 0" in outs[0][1]
