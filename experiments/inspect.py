@@ -5,24 +5,12 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from experiments.common import setup_devices
+from experiments.common import define_model_flags, run_guarded
 
 F = flags.FLAGS
-flags.DEFINE_enum("model", "gpt", ["gpt", "mlp"], "Model family.")
-flags.DEFINE_enum("preset", "tiny", ["tiny", "small", "medium", "large", "xl"], "GPT-2 shape.")
-flags.DEFINE_integer("num_layers", None, "Override: decoder / hidden layers.")
-flags.DEFINE_integer("d_model", None, "Override: width.")
-flags.DEFINE_integer("num_heads", None, "Override: attention heads.")
-flags.DEFINE_integer("seq_len", None, "Override: context length.")
-flags.DEFINE_integer("vocab_size", None, "Vocabulary (default 256).")
-flags.DEFINE_string("mesh", "data:2,pipe:2,tensor:2", "Mesh, e.g. data:2,pipe:2,tensor:2.")
-flags.DEFINE_integer("microbatches", 4, "Pipeline micro-batches.")
-flags.DEFINE_integer("pipeline_repeats", 1, "Circular pipeline rounds.")
-flags.DEFINE_string("rules", "", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
+define_model_flags()
 flags.DEFINE_string("plot", None, "Also draw the schedule grid into this PNG (needs matplotlib).")
 
 
@@ -63,45 +51,38 @@ def plot(path: str, p: int, m: int, r: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        setup_devices()
-    except (ValueError, RuntimeError) as e:  # bad mesh/multi-host flags: one clear line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded(argv, inspect)
+
+
+def inspect() -> None:
+    """Print the plan and, with a pipe axis, the schedule grid."""
     from jaxmp.experiment import RunConfig, build_model_factory, build_rules
     from jaxmp.mesh import format_mesh, make_mesh
     from jaxmp.pipeline import PipelineSpec, format_timeline, stage_layers
     from jaxmp.train import Trainer
 
-    try:
-        cfg = RunConfig(model=F.model, preset=F.preset, num_layers=F.num_layers,
-                        d_model=F.d_model, num_heads=F.num_heads, seq_len=F.seq_len,
-                        vocab_size=F.vocab_size or 256, mesh=F.mesh, microbatches=F.microbatches,
-                        pipeline_repeats=F.pipeline_repeats, rules=F.rules)
-        model_cfg = cfg.model_config()
-        mesh = make_mesh(cfg.mesh)
-        pipe = PipelineSpec(mesh.shape["pipe"], cfg.microbatches, cfg.pipeline_repeats)
-        pipe.validate(model_cfg.num_layers)
-        trainer = Trainer(build_model_factory(model_cfg, pipe, 0), lambda m, b: 0.0, mesh,
-                          rules=build_rules(cfg))
-        print(f"{cfg.model} on {format_mesh(mesh)}")
-        print(trainer.plan().format())
-        if pipe.enabled:
-            print(f"\npipeline: p={pipe.stages} stages, m={pipe.microbatches} micro-batches, "
-                  f"r={pipe.repeats} repeat(s)")
-            for s, layers in enumerate(stage_layers(model_cfg.num_layers, pipe)):
-                print(f"  stage {s}: layers {layers}")
-            print(format_timeline(pipe.stages, pipe.microbatches, pipe.repeats))
-        else:
-            print("\nno pipe axis: every layer runs on every device (no pipeline schedule)")
-        if F.plot:
-            plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    cfg = RunConfig(model=F.model, preset=F.preset, num_layers=F.num_layers,
+                    d_model=F.d_model, num_heads=F.num_heads, seq_len=F.seq_len,
+                    vocab_size=F.vocab_size or 256, mesh=F.mesh, microbatches=F.microbatches,
+                    pipeline_repeats=F.pipeline_repeats, rules=F.rules)
+    model_cfg = cfg.model_config()
+    mesh = make_mesh(cfg.mesh)
+    pipe = PipelineSpec(mesh.shape["pipe"], cfg.microbatches, cfg.pipeline_repeats)
+    pipe.validate(model_cfg.num_layers)
+    trainer = Trainer(build_model_factory(model_cfg, pipe, 0), lambda m, b: 0.0, mesh,
+                      rules=build_rules(cfg))
+    print(f"{cfg.model} on {format_mesh(mesh)}")
+    print(trainer.plan().format())
+    if pipe.enabled:
+        print(f"\npipeline: p={pipe.stages} stages, m={pipe.microbatches} micro-batches, "
+              f"r={pipe.repeats} repeat(s)")
+        for s, layers in enumerate(stage_layers(model_cfg.num_layers, pipe)):
+            print(f"  stage {s}: layers {layers}")
+        print(format_timeline(pipe.stages, pipe.microbatches, pipe.repeats))
+    else:
+        print("\nno pipe axis: every layer runs on every device (no pipeline schedule)")
+    if F.plot:
+        plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import app, flags
 
-from experiments.common import setup_devices
+from experiments.common import run_guarded
 
 F = flags.FLAGS
 flags.DEFINE_string("ckpt_dir", None, "Checkpoint directory written by experiments.train.")
@@ -28,36 +27,31 @@ flags.DEFINE_string("output_file", None, "JSON lines: prompt, completion, tokens
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        setup_devices()
-    except (ValueError, RuntimeError) as e:  # bad mesh/multi-host flags: one clear line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded(argv, serve)
+
+
+def serve() -> None:
+    """Restore, generate (once to compile, once timed), print and write the completions."""
+    from jaxmp.mesh import format_mesh
     from jaxmp.serve import Server
 
-    try:
-        if not F.ckpt_dir:
-            raise ValueError("--ckpt_dir is required (the directory a training run wrote)")
-        prompts = list(F.prompt)
-        if F.prompt_file:
-            with open(F.prompt_file) as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        if not prompts:
-            raise ValueError("no prompt: pass --prompt=TEXT (repeatable) or --prompt_file")
-        server = Server(F.ckpt_dir, F.mesh, step=F.step)
-        print(f"restored step {server.step} onto {server.mesh.shape} in "
-              f"{server.restore_seconds:.2f}s", flush=True)
-        args = dict(max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
-                    seed=F.seed)
-        server.generate(prompts, **args)  # compile
-        t0 = time.perf_counter()
-        outs = server.generate(prompts, **args)
-        dt = time.perf_counter() - t0
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not F.ckpt_dir:
+        raise ValueError("--ckpt_dir is required (the directory a training run wrote)")
+    prompts = list(F.prompt)
+    if F.prompt_file:
+        with open(F.prompt_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt=TEXT (repeatable) or --prompt_file")
+    server = Server(F.ckpt_dir, F.mesh, step=F.step)
+    print(f"restored step {server.step} onto {format_mesh(server.mesh)} in "
+          f"{server.restore_seconds:.2f}s", flush=True)
+    args = dict(max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
+                seed=F.seed)
+    server.generate(prompts, **args)  # compile
+    t0 = time.perf_counter()
+    outs = server.generate(prompts, **args)
+    dt = time.perf_counter() - t0
     rows = []
     for text, out in zip(prompts, outs):
         completion = server.decode_text(out.tokens)
@@ -69,7 +63,6 @@ def main(argv: list[str]) -> int:
         with open(F.output_file, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

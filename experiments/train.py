@@ -7,24 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from absl import app, flags
 
-from experiments.common import setup_devices
+from experiments.common import define_model_flags, run_guarded
 
 D = dataclasses.fields
 F = flags.FLAGS
-flags.DEFINE_enum("model", "gpt", ["gpt", "mlp"], "Model family.")
-flags.DEFINE_enum("preset", "tiny", ["tiny", "small", "medium", "large", "xl"], "GPT-2 shape.")
-flags.DEFINE_integer("num_layers", None, "Override: decoder layers (GPT) or hidden layers (MLP).")
-flags.DEFINE_integer("d_model", None, "Override: model width (GPT) or hidden width (MLP).")
-flags.DEFINE_integer("num_heads", None, "Override: attention heads.")
-flags.DEFINE_integer("seq_len", None, "Override: context length.")
-flags.DEFINE_integer("vocab_size", None, "Vocabulary (default 256 for bytes, 50257 for tokens).")
-flags.DEFINE_string("mesh", "data:2,pipe:2,tensor:2", "Mesh, e.g. data:2,pipe:2,tensor:2.")
-flags.DEFINE_integer("microbatches", 4, "Pipeline micro-batches per data shard.")
-flags.DEFINE_integer("pipeline_repeats", 1, "Circular pipeline rounds (layer groups per stage).")
+define_model_flags()
 flags.DEFINE_integer("batch_size", 16, "Global batch in sequences (the same on every mesh).")
 flags.DEFINE_integer("steps", 200, "Training steps.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
@@ -34,7 +24,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the initialisation and of the data orde
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("remat", "none", ["none", "block", "dots"], "Rematerialization policy.")
 flags.DEFINE_string("data", "builtin", "builtin | path to .txt (bytes) | .bin/.npy uint16 tokens.")
-flags.DEFINE_string("rules", "", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
 flags.DEFINE_string("activation_rules", "", "Activation rule overrides, e.g. 'batch=data'.")
 flags.DEFINE_string("metrics_file", None, "JSON-lines metrics file (process 0 writes it).")
 flags.DEFINE_integer("log_every", 10, "Steps between progress lines.")
@@ -52,22 +41,11 @@ flags.DEFINE_string("serve_prompt", "def main(", "Prompt of the closing serve de
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        setup_devices()
-    except (ValueError, RuntimeError) as e:  # bad mesh/multi-host flags: one clear line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from jaxmp.experiment import RunConfig, train
+    def body() -> None:
+        from jaxmp.experiment import RunConfig, train
 
-    cfg = RunConfig(**{f.name: F[f.name].value for f in D(RunConfig)})
-    try:
-        train(cfg)
-    except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        train(RunConfig(**{f.name: F[f.name].value for f in D(RunConfig)}))
+    return run_guarded(argv, body)
 
 
 if __name__ == "__main__":

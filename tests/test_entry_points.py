@@ -9,10 +9,11 @@ from helpers import ROOT, run_module
 METRIC_KEYS = {"step", "loss", "grad_norm", "learning_rate", "step_time_s", "tokens_per_s", "mfu"}
 
 
-def test_train_writes_well_formed_metrics(tmp_path):
+def test_train_writes_well_formed_metrics_then_serves(tmp_path):
     metrics = tmp_path / "m.jsonl"
     proc = run_module("experiments.train", "--steps=4", "--log_every=2", "--num_layers=2",
-                      "--d_model=32", "--seq_len=32", f"--metrics_file={metrics}")
+                      "--d_model=32", "--seq_len=32", f"--metrics_file={metrics}",
+                      f"--ckpt_dir={tmp_path}/ck")
     assert "mesh data:2,pipe:2,tensor:2" in proc.stdout
     assert "bubble fraction 0.200" in proc.stdout
     assert "blocks/mlp/fc/kernel" in proc.stdout  # the plan table
@@ -23,6 +24,20 @@ def test_train_writes_well_formed_metrics(tmp_path):
         assert r["loss"] > 0 and r["step_time_s"] > 0 and r["tokens_per_s"] > 0
         assert r["mfu"] is None  # CPU: no known peak
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # the closing demo: restored on another mesh, a greedy completion printed
+    assert "served step 4 on tensor:4" in proc.stdout
+    out = tmp_path / "out.jsonl"
+    served = run_module("experiments.serve", f"--ckpt_dir={tmp_path}/ck", "--mesh=data:2,tensor:2",
+                        "--prompt=def f(", "--prompt=x = ", "--max_new_tokens=5",
+                        f"--output_file={out}")
+    assert "restored step 4 onto data:2,tensor:2" in served.stdout
+    assert re.search(r"10 tokens in [\d.]+s: [\d,.]+ tokens/s \(batch 2\)", served.stdout)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["def f(", "x = "]
+    assert all(len(r["tokens"]) == 5 and isinstance(r["completion"], str) for r in lines)
+    bad = run_module("experiments.serve", f"--ckpt_dir={tmp_path}/ck", "--prompt=x",
+                     "--max_new_tokens=40", check=False)
+    assert bad.returncode == 2 and "overflows the context of 32" in bad.stderr
 
 
 def test_book_figure_7_1_one_hidden_layer_per_stage():
