@@ -173,15 +173,22 @@ def stage_layers(num_layers: int, spec: PipelineSpec) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------- the pipelined apply
-def pipeline_apply(layer_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any,
-                   x: jax.Array, spec: PipelineSpec, param_names: Any,
-                   x_names: tuple[str | None, ...]) -> jax.Array:
+def pipeline_apply(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array,
+                   spec: PipelineSpec, param_names: Any, x_names: tuple[str | None, ...],
+                   state: Any = None, state_names: Any = None) -> Any:
     """Apply L stacked layers to x (B, ...) through the pipeline; returns (B, ...).
 
     layer_fn(one_layer_params, h) -> h. `stacked` holds the layers in `storage_order`;
     `param_names` the logical names of its leaves (leading 'layers'); x_names those of x.
+
+    With `state` (per-layer arrays stacked like the parameters, e.g. a KV cache, whose
+    logical names are `state_names`), layer_fn(params, h, layer_state) -> (h, layer_state)
+    and the result is (y, new_state); each stage updates only its own layers' state, on
+    its own devices. This is the serving path and needs one micro-batch (m = 1).
     """
     p, m, r = spec.stages, spec.microbatches, spec.repeats
+    if state is not None and m != 1:
+        raise PipelineError(f"per-layer state (KV cache) needs --microbatches=1, not {m}")
     L = jax.tree_util.tree_leaves(stacked)[0].shape[0]
     k = L // (p * r)
     b = x.shape[0]
@@ -191,6 +198,10 @@ def pipeline_apply(layer_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any
         return constrain(a, ("stage", None, None, *names[1:]), kind="params")
 
     weights = jax.tree_util.tree_map(to_stages, stacked, param_names)
+    if state is not None:
+        state = jax.tree_util.tree_map(
+            lambda a, n: constrain(a.reshape(p, r, k, *a.shape[1:]), ("stage", None, None, *n[1:])),
+            state, state_names)
 
     # (B, ...) -> (m, B/m, ...): micro-batch i takes rows i, m+i, 2m+i, ... so that every
     # micro-batch keeps the batch's data sharding (no data moves).
@@ -200,11 +211,14 @@ def pipeline_apply(layer_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any
     out = constrain(jnp.zeros((p, *mb.shape[1:]), x.dtype), ("stage", *x_names))
     stage = jnp.arange(p)
 
-    def stage_fn(w: Any, h: jax.Array) -> jax.Array:  # one stage: its k layers in order
-        return jax.lax.scan(lambda c, wl: (layer_fn(wl, c), None), h, w)[0]
+    def stage_fn(w: Any, h: jax.Array, st: Any = None) -> Any:  # a stage: its k layers
+        if st is None:
+            return jax.lax.scan(lambda c, wl: (layer_fn(wl, c), None), h, w)[0]
+        return jax.lax.scan(lambda c, ws: layer_fn(ws[0], c, ws[1]), h, (w, st))
 
     run_stages = jax.vmap(stage_fn, spmd_axis_name="pipe")
     pick = jax.vmap(lambda w, j: jax.tree_util.tree_map(lambda a: a[j], w))
+    put = jax.vmap(lambda w, j, new: jax.tree_util.tree_map(lambda a, n: a.at[j].set(n), w, new))
 
     def receive(buf: jax.Array, out: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         shifted = constrain(jnp.roll(out, 1, axis=0), ("stage", *x_names))  # s-1 -> s
@@ -215,17 +229,30 @@ def pipeline_apply(layer_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any
         buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, shifted, cur), slot, 1)
         return constrain(buf, buf_names), shifted
 
-    def tick(carry: tuple[jax.Array, jax.Array], t: jax.Array):
-        buf, out = carry
+    def tick(carry: tuple, t: jax.Array):
+        buf, out, st = carry
         buf, shifted = receive(buf, out, t)
         fresh = jax.lax.dynamic_index_in_dim(buf, read_slot(t, m), 1, keepdims=False)
         first = (stage == 0).reshape(p, *([1] * (shifted.ndim - 1)))
         inp = constrain(jnp.where(first, fresh, shifted), ("stage", *x_names))
-        w = pick(weights, round_index(t, stage, m, r))
-        return (buf, constrain(run_stages(w, inp), ("stage", *x_names))), None
+        j = round_index(t, stage, m, r)
+        w = pick(weights, j)
+        if st is None:
+            out = run_stages(w, inp)
+        else:
+            cur = pick(st, j)
+            out, new = run_stages(w, inp, cur)
+            active = is_active(t, stage, p, m, r)
+            keep = lambda n, c: jnp.where(active.reshape(p, *([1] * (n.ndim - 1))), n, c)
+            st = put(st, j, jax.tree_util.tree_map(keep, new, cur))
+        return (buf, constrain(out, ("stage", *x_names)), st), None
 
     ticks = num_ticks(p, m, r)
-    (buf, out), _ = jax.lax.scan(tick, (buf, out), jnp.arange(ticks))
+    (buf, out, state), _ = jax.lax.scan(tick, (buf, out, state), jnp.arange(ticks))
     buf, _ = receive(buf, out, jnp.asarray(ticks))
     y = buf[0]  # (m, B/m, ...): stage 0 holds every finished micro-batch
-    return constrain(y.swapaxes(0, 1).reshape(b, *x.shape[1:]), x_names)
+    y = constrain(y.swapaxes(0, 1).reshape(b, *x.shape[1:]), x_names)
+    if state is None:
+        return y
+    state = jax.tree_util.tree_map(lambda a: a.reshape(L, *a.shape[3:]), state)
+    return y, state

@@ -87,7 +87,7 @@ DEFAULT_RULES = Rules.create(
     params={"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": ("pipe", "tensor"),
             "length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe"},
     activations={"batch": ("data", "fsdp"), "mlp": "tensor", "heads": "tensor",
-                 "vocab": ("pipe", "tensor"), "stage": "pipe"},
+                 "vocab": ("pipe", "tensor"), "stage": "pipe", "layers": "pipe"},
 )
 
 

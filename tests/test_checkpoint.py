@@ -252,3 +252,16 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
     proc = _launch([*big, "--steps=100", "--run_until=3"], tmp_path)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and f"resumed from {tmp_path} step 2" in out, out
+
+
+def test_pipe_serving_keeps_layer_weights_on_their_stage(servers):
+    """KV-cache decode on pipe:2 runs through the pipeline: no all-gather of layer weights."""
+    import re
+
+    server = servers["pipe:2"]
+    fn = server._compiled_generate(1, 8, 8)
+    text = fn.lower(server.params, np.zeros((1, 8), np.int32), np.ones((1,), np.int32),
+                    jax.random.key(0), np.float32(0), np.int32(0)).compile().as_text()
+    gathers = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", text)
+    assert not [g for g in gathers if g.startswith(f"{CFG.num_layers},")], gathers
+    assert "collective-permute" in text

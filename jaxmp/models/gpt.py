@@ -19,6 +19,7 @@ from jaxmp.sharding import constrain, logical_axes
 
 NEG_INF = -1e30
 X_NAMES = ("batch", "length", "embed")
+CACHE_NAMES = ("layers", "batch", "length", "heads", "kv")  # (L, B, S, N, H)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +139,14 @@ class GPT(nnx.Module):
         x = self.wte(tokens) + jnp.take(self.wpe[...], positions, axis=0).astype(self.wte.dtype)
         x = constrain(x, X_NAMES)
         graphdef, stacked = layer_slices(self.blocks)
-
-        def body(h, xs):
-            w, k, v = xs
-            h, (k, v) = nnx.merge(graphdef, w)(h, (k, v), index)
-            return h, (k, v)
-
-        x, cache = jax.lax.scan(body, x, (stacked, *cache))
+        layer = lambda w, h, kv: nnx.merge(graphdef, w)(h, kv, index)
+        if self.pipeline.enabled:  # each stage updates its own layers' cache
+            names = (CACHE_NAMES, CACHE_NAMES)
+            x, cache = pipeline_apply(layer, stacked, x, PipelineSpec(self.pipeline.stages),
+                                      logical_axes(self.blocks), X_NAMES, cache, names)
+        else:
+            x, cache = jax.lax.scan(lambda h, xs: layer(xs[0], h, xs[1]), x,
+                                    (stacked, cache))
         return self.head(x), cache
 
     def init_cache(self, batch: int, length: int | None = None,
@@ -152,8 +154,7 @@ class GPT(nnx.Module):
         c = self.cfg
         shape = (c.num_layers, batch, length or c.seq_len, c.num_heads, c.head_dim)
         z = jnp.zeros(shape, dtype or jnp.dtype(c.dtype))
-        names = ("layers", "batch", "length", "heads", "kv")
-        return constrain(z, names), constrain(z, names)
+        return constrain(z, CACHE_NAMES), constrain(z, CACHE_NAMES)
 
 
 def lm_loss(model: GPT, batch: dict[str, jax.Array]) -> jax.Array:
