@@ -115,6 +115,15 @@ def _is_bytes(source: str) -> bool:
     return source == "builtin" or not source.endswith((".bin", ".npy"))
 
 
+def _fresh_run_dir() -> str:
+    """runs/<date-time>, with a suffix if that exists already."""
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    return path
+
+
 def build_rules(cfg: RunConfig) -> Rules:
     return DEFAULT_RULES.override(params=parse_rule_overrides(cfg.rules),
                                   activations=parse_rule_overrides(cfg.activation_rules))
@@ -251,7 +260,10 @@ def train(cfg: RunConfig) -> RunResult:
     fpt = gpt.flops_per_token(model_cfg) if cfg.model == "gpt" else None
     unit = "tok" if cfg.model == "gpt" else "examples"
 
-    ckpt_dir = cfg.ckpt_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if not cfg.ckpt_dir and jax.process_count() > 1:
+        raise ValueError("a multi-process run needs --ckpt_dir, on storage every process "
+                         "can reach")
+    ckpt_dir = cfg.ckpt_dir or _fresh_run_dir()
     ckpts = Checkpoints(ckpt_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
     meta = sidecar(cfg, model_cfg, mesh, rules, pipe)
     if cfg.ckpt_every < 1:

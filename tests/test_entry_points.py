@@ -40,9 +40,9 @@ def test_train_writes_well_formed_metrics_then_serves(tmp_path):
     assert bad.returncode == 2 and "overflows the context of 32" in bad.stderr
 
 
-def test_book_figure_7_1_one_hidden_layer_per_stage():
+def test_book_figure_7_1_one_hidden_layer_per_stage(tmp_path):
     proc = run_module("experiments.train", "--model=mlp", "--simulate_devices=3", "--mesh=pipe:3",
-                      "--steps=30", "--log_every=10")
+                      "--steps=30", "--log_every=10", f"--ckpt_dir={tmp_path}")
     for s in range(3):
         assert f"stage {s} (pipe index {s}): layers [{s}]" in proc.stdout
     losses = [float(x) for x in re.findall(r"step +\d+/\d+ +loss (\S+)", proc.stdout)]
