@@ -23,6 +23,8 @@ flags.DEFINE_integer("grad_accum_steps", 1, "Gradient accumulation steps per upd
 flags.DEFINE_integer("seed", 0, "Seed of the initialisation and of the data order.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("remat", "none", ["none", "block", "dots"], "Rematerialization policy.")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
+                  "Training attention kernel (cudnn: flash attention on NVIDIA GPUs, bf16).")
 flags.DEFINE_string("data", "builtin", "builtin | path to .txt (bytes) | .bin/.npy uint16 tokens.")
 flags.DEFINE_string("activation_rules", "", "Activation rule overrides, e.g. 'batch=data'.")
 flags.DEFINE_string("metrics_file", None, "JSON-lines metrics file (process 0 writes it).")

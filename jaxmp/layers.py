@@ -94,7 +94,7 @@ class Attention(nnx.Module):
     """Causal multi-head self-attention: column-parallel QKV, row-parallel output."""
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, out_std: float = 0.02,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, implementation: str | None = None):
         if dim % heads:
             raise ValueError(f"d_model={dim} is not divisible by num_heads={heads}")
         hd = dim // heads
@@ -102,6 +102,7 @@ class Attention(nnx.Module):
                          dtype=dtype)
         self.out = Dense((heads, hd), (dim,), ("heads", "kv"), ("embed",), rngs=rngs,
                          std=out_std, dtype=dtype)
+        self.implementation = implementation  # jax.nn.dot_product_attention's: xla / cudnn
 
     def __call__(self, x: jax.Array, cache: KVCache | None = None,
                  index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -109,7 +110,8 @@ class Attention(nnx.Module):
         qkv = self.qkv(x)  # (B, T, 3, N, H)
         q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                             implementation=self.implementation)
         else:
             k_all, v_all = cache
             t = x.shape[1]
@@ -145,9 +147,10 @@ class DecoderBlock(nnx.Module):
     """Pre-LayerNorm GPT-2 block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
-                 out_std: float = 0.02, dtype: Any = jnp.float32):
+                 out_std: float = 0.02, dtype: Any = jnp.float32, attention: str | None = None):
         self.ln1 = LayerNorm(dim, dtype=dtype)
-        self.attn = Attention(dim, heads, rngs=rngs, out_std=out_std, dtype=dtype)
+        self.attn = Attention(dim, heads, rngs=rngs, out_std=out_std, dtype=dtype,
+                              implementation=attention)
         self.ln2 = LayerNorm(dim, dtype=dtype)
         self.mlp = MLP(dim, mlp_dim, rngs=rngs, out_std=out_std, dtype=dtype)
 

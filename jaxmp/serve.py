@@ -63,6 +63,8 @@ class Server:
                              "serving (generation) needs a GPT checkpoint")
         self.meta = meta
         self.cfg = GPTConfig(**meta["config"])
+        if self.cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+            self.cfg = dataclasses.replace(self.cfg, attention="auto")
         if isinstance(mesh, Mesh):
             self.mesh = mesh
         else:
@@ -221,15 +223,18 @@ class Server:
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
             top_k: jax.Array) -> jax.Array:
-    """Greedy when temperature == 0, else top-k (0 = all) sampling. logits (B, V)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    vocab = logits.shape[-1]
-    k = jnp.where(top_k > 0, top_k, vocab)
-    kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1), (vocab - k)[None, None], axis=-1)
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    """Greedy when temperature == 0, else top-k (0 = all) sampling. logits (B, V).
+    A cond, so greedy decoding never pays for the sort that top-k needs."""
+    def sample(logits: jax.Array) -> jax.Array:
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        vocab = logits.shape[-1]
+        k = jnp.where(top_k > 0, top_k, vocab)
+        kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1), (vocab - k)[None, None], axis=-1)
+        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
 def _mesh_devices(spec: str, available: int) -> int:

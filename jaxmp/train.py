@@ -58,12 +58,13 @@ class OptConfig:
             0.0, self.learning_rate, warm, max(self.total_steps, warm + 1),
             self.learning_rate * self.min_lr_ratio)
 
-    def optimizer(self) -> optax.GradientTransformation:
-        """AdamW with warmup + cosine decay and global-norm clipping; no decay on
-        vectors (biases, norms)."""
+    def optimizer(self, decay_mask: Any = None) -> optax.GradientTransformation:
+        """AdamW with warmup + cosine decay and global-norm clipping. `decay_mask` (a tree
+        of bools like the params) says what is decayed; default: arrays of >= 2 dims."""
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate} must be > 0")
-        decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+        if decay_mask is None:
+            decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
         return optax.chain(
             optax.clip_by_global_norm(self.clip_norm),
             optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps,
@@ -117,7 +118,12 @@ class Trainer:
         self.axes = logical_axes(abs_params)
         self.param_specs = param_specs(self.abstract_params, self.axes, mesh, rules)
         self.param_shardings = named(mesh, self.param_specs)
-        self.tx = optimizer.optimizer()
+        # Weight decay on matrices only: a stacked bias or norm scale is (layers, d), so
+        # count the dimensions that are not the stacking axis.
+        decay = jax.tree_util.tree_map(
+            lambda names: sum(n != "layers" for n in names) >= 2, self.axes,
+            is_leaf=lambda x: isinstance(x, tuple))
+        self.tx = optimizer.optimizer(decay)
         self.seed = seed
         self._model = None if self._factory else model
         replicated = NamedSharding(mesh, PartitionSpec())

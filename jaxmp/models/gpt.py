@@ -32,6 +32,7 @@ class GPTConfig:
     mlp_ratio: int = 4
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"
+    attention: str = "auto"  # training attention: auto (JAX picks) | xla | cudnn (GPU)
 
     @property
     def padded_vocab(self) -> int:
@@ -51,6 +52,8 @@ class GPTConfig:
                              f"--num_heads={self.num_heads}; pick a head count that divides it")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype={self.dtype!r}: choose float32 or bfloat16")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"--attention={self.attention!r}: choose auto, xla or cudnn")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,7 +103,8 @@ class GPT(nnx.Module):
         self.wpe = param(rngs, (cfg.seq_len, cfg.d_model), ("length", "embed"), 0.01)
         out_std = scale_std(cfg.num_layers)
         make = lambda r: DecoderBlock(cfg.d_model, cfg.num_heads, cfg.mlp_ratio * cfg.d_model,
-                                      rngs=r, out_std=out_std, dtype=dtype)
+                                      rngs=r, out_std=out_std, dtype=dtype,
+                                      attention=None if cfg.attention == "auto" else cfg.attention)
         order = storage_order(cfg.num_layers, pipeline.stages, pipeline.repeats)
         self.blocks = stack_layers(make, rngs.params(), cfg.num_layers, order)
         self.ln_f = LayerNorm(cfg.d_model, dtype=dtype)

@@ -1,0 +1,189 @@
+"""The benchmark suite: the HLO accounting on handwritten HLO, and a quick structure run."""
+
+import json
+
+import pytest
+from helpers import run_module
+
+from jaxmp import analysis
+
+MESH = {"data": 1, "fsdp": 1, "pipe": 2, "tensor": 2}  # 4 devices, ids row-major
+
+# An outer loop (5 trips, annotated) holding a fused dot, an all-reduce over `tensor`, a
+# collective-permute over `pipe` in which 2 of 4 devices send, and an inner loop (3 trips,
+# known only from its condition) holding an all-gather; one tuple all-reduce outside.
+HLO = """\
+HloModule test, entry_computation_layout={(f32[8,16]{1,0}, f32[16,16]{1,0})->f32[8,16]{1,0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %x, f32[] %y)
+}
+
+%fused_dot (param_0: f32[8,16], param_1: f32[16,16]) -> f32[8,16] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %param_1 = f32[16,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,16]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%inner_body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x.1 = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %g = f32[32,16]{1,0} all-gather(%x.1), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}, use_global_device_ids=true
+  %s = f32[8,16]{1,0} slice(%g), slice={[0:8], [0:16]}
+  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%next, %s)
+}
+
+%inner_cond (p.1: (s32[], f32[8,16])) -> pred[] {
+  %p.1 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %limit = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT
+}
+
+%outer_body (q: (s32[], f32[8,16], f32[16,16])) -> (s32[], f32[8,16], f32[16,16]) {
+  %q = (s32[], f32[8,16]{1,0}, /*index=2*/f32[16,16]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %h = f32[8,16]{1,0} get-tuple-element(%q), index=1
+  %w = f32[16,16]{1,0} get-tuple-element(%q), index=2
+  %one.1 = s32[] constant(1)
+  %next.1 = s32[] add(%j, %one.1)
+  %f = f32[8,16]{1,0} fusion(%h, %w), kind=kOutput, calls=%fused_dot
+  %ar = f32[8,16]{1,0} all-reduce(%f), channel_id=1, replica_groups=[2,2]<=[4], use_global_device_ids=true, to_apply=%add
+  %cp = f32[8,16]{1,0} collective-permute(%ar), channel_id=2, source_target_pairs={{0,2},{2,0}}
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,16]{1,0}) tuple(%zero, %cp)
+  %inner = (s32[], f32[8,16]{1,0}) while(%init), condition=%inner_cond, body=%inner_body
+  %h2 = f32[8,16]{1,0} get-tuple-element(%inner), index=1
+  ROOT %r = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}) tuple(%next.1, %h2, %w)
+}
+
+%outer_cond (c: (s32[], f32[8,16], f32[16,16])) -> pred[] {
+  %c = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}) parameter(0)
+  %k = s32[] get-tuple-element(%c), index=0
+  %n = s32[] constant(99)
+  ROOT %lt.1 = pred[] compare(%k, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8,16], w.1: f32[16,16]) -> (f32[8,16], f32[16,16]) {
+  %a = f32[8,16]{1,0} parameter(0)
+  %w.1 = f32[16,16]{1,0} parameter(1)
+  %c0 = s32[] constant(0)
+  %t0 = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}) tuple(%c0, %a, %w.1)
+  %loop = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}) while(%t0), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+  ROOT %sum2 = (f32[8,16]{1,0}, f32[16,16]{1,0}) all-reduce(%out, %w.1), channel_id=4, replica_groups={{0,1,2,3}}, to_apply=%add
+}
+"""  # noqa: E501 (HLO as XLA prints it)
+
+
+def test_collectives_inside_loops_are_multiplied_by_trip_counts():
+    found = analysis.collectives(HLO, MESH)
+    K = analysis.CollectiveKey
+    assert found == {
+        K("all-reduce", "tensor", True): (5, 5 * 512),          # 8x16 f32, 5 trips
+        K("collective-permute", "pipe", True): (5, 5 * 256),    # 2 of 4 devices send
+        K("all-gather", "pipe+tensor", True): (15, 15 * 2048),  # 5 x 3 trips, gathered size
+        K("all-reduce", "pipe+tensor", False): (1, 512 + 1024),  # a tuple counts both arrays
+    }
+    totals = analysis.collective_totals(found)
+    assert totals["all-reduce"] == {"count": 6, "bytes": 5 * 512 + 1536}
+    assert totals["reduce-scatter"] == {"count": 0, "bytes": 0}
+    assert analysis.collective_totals(found, axes="tensor", in_loop=True)["all-reduce"] == \
+        {"count": 5, "bytes": 2560}
+    assert analysis.all_gather_shapes(HLO) == {(32, 16): 15}
+    assert analysis.weight_gathers(HLO, [(32, 16)]) == {(32, 16): 15}
+    assert analysis.weight_gathers(HLO, [(16, 16)]) == {}
+
+
+def test_flops_count_loop_bodies_and_fusions():
+    f = analysis.hlo_flops(HLO)
+    assert f.dot_flops == 5 * 2 * 8 * 16 * 16
+    assert f.flops == f.dot_flops + 5 + 15  # the loop counters' adds; to_apply not entered
+    assert f.unknown_loops == 0
+
+
+def test_trip_count_from_annotation_and_from_condition():
+    module = analysis.parse_hlo(HLO)
+    loops = {i.name: i for c in module.computations.values() for i in c.instructions
+             if i.opcode == "while"}
+    assert analysis.trip_count(loops["loop"], module) == 5
+    assert analysis.trip_count(loops["inner"], module) == 3
+
+
+@pytest.mark.parametrize("attrs,groups", [
+    ("replica_groups=[2,2]<=[4]", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,2]<=[2,2]T(1,0)", [[0, 2], [1, 3]]),
+    ("replica_groups={{0,2},{1,3}}", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}",
+     [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=(0,2,1,3) {'axis_0'}",
+     [[0, 1], [2, 3]]),
+    ("source_target_pairs={{0,1},{1,0}}", [[0, 1], [1, 0]]),
+])
+def test_device_groups_forms(attrs, groups):
+    assert analysis.device_groups(attrs + ", use_global_device_ids=true", 4) == groups
+
+
+def test_group_axes_and_shapes():
+    assert analysis.group_axes([[0, 2], [1, 3]], MESH) == "pipe"
+    assert analysis.group_axes([[0, 1, 2, 3]], MESH) == "pipe+tensor"
+    assert analysis.group_axes(None, MESH) == "?"
+    assert analysis.shape_bytes("(f32[2,3]{1,0}, /*index=1*/bf16[4], pred[])") == 24 + 8 + 1
+    assert analysis.collective_kind("all-gather-start") == "all-gather"
+    assert analysis.collective_kind("all-gather-done") is None
+
+
+def test_gpu_suite_skips_on_cpu():
+    from experiments import bench_suites
+
+    assert bench_suites.gpu_suite(quick=True) is None
+
+
+def test_structure_quick_run(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_module("experiments.bench", "--suite=structure", "--quick", f"--output={out}",
+                      timeout=300)
+    assert "== structure" in proc.stdout and "state MiB" in proc.stdout
+    res = json.loads(out.read_text())
+    for key in ("device", "jax_version", "date", "structure", "compile", "speed", "serve", "gpu"):
+        assert key in res
+    assert res["gpu"] is None and res["compile"] is None
+    rows = {r["layout"]: r for r in res["structure"]}
+    assert set(rows) == {"data:8", "tensor:8", "pipe:4,tensor:2", "data:2,pipe:2,tensor:2"}
+    for r in rows.values():
+        for key in ("state_bytes_per_device", "ideal_state_bytes_per_device", "flops_per_device",
+                    "ideal_flops_per_device", "argument_bytes", "temp_bytes"):
+            assert r[key] > 0, (r["layout"], key)
+        assert r["ideal_state_bytes_per_device"] <= r["state_bytes_per_device"]
+        assert r["flops_per_device"] >= r["ideal_flops_per_device"]
+        assert set(r["collectives"]) == set(analysis.COLLECTIVES)
+        assert r["analytic_bubble_factor"] >= 1.0
+        assert r["weight_all_gathers"]["count"] == 0  # no FSDP in this matrix
+        pipe = "pipe" in r["layout"]
+        assert (r["collectives"]["collective-permute"]["count"] > 0) == pipe, r["layout"]
+    assert rows["data:8"]["collectives"]["all-reduce"]["count"] > 0  # gradients
+    tp = rows["tensor:8"]["tensor_parallel"]
+    assert tp["compiled_allreduce"]["count"] > 0
+    assert tp["bytes_ratio"] == pytest.approx(1.0)  # exactly Megatron's 4 per layer
+    # pipe:4 m=4 r=2: every stage computes all r*m + p - 1 = 11 ticks
+    pp = rows["pipe:4,tensor:2"]
+    assert pp["analytic_bubble_factor"] == pytest.approx(11 / 8)
+    assert pp["tensor_parallel"]["bytes_ratio"] == pytest.approx(11 / 8)
+    assert pp["flops_ratio"] >= 1.0
+    assert rows["data:8"]["state_ratio"] == pytest.approx(8.0, rel=1e-3)  # replicated
+
+
+def test_bad_flags_give_one_line_errors(tmp_path):
+    for flags, msg in [(["--output=/nonexistent/dir/x.json"], "does not exist"),
+                       (["--layouts=data:3", f"--output={tmp_path}/x.json"],
+                        "needs 3 devices but 8 are present")]:
+        proc = run_module("experiments.bench", "--suite=structure", "--quick", *flags,
+                          check=False)
+        err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(err) == 1 and msg in err[0], proc.stderr[-2000:]
