@@ -198,22 +198,15 @@ def run(suites: list[str], quick: bool, layouts: list[str], attention: str) -> J
         print("== structure", flush=True)
         out["structure_model"], out["structure"] = S.structure_suite(quick, layouts)
         print(structure_table(out["structure_model"], out["structure"]), flush=True)
-    if "compile" in suites:
-        print("== compile", flush=True)
-        out["compile"] = S.compile_suite(quick)
-        print(compile_table(out["compile"]), flush=True)
-    if "speed" in suites:
-        print("== speed", flush=True)
-        out["speed"] = S.speed_suite(quick)
-        print(speed_table(out["speed"]), flush=True)
-    if "serve" in suites:
-        print("== serve", flush=True)
-        out["serve"] = S.serve_suite(quick)
-        print(serve_table(out["serve"]), flush=True)
-    if "gpu" in suites:
-        print("== gpu", flush=True)
-        out["gpu"] = S.gpu_suite(quick, None if attention == "xla" else attention)
-        print(gpu_table(out["gpu"]), flush=True)
+    runners = {"compile": (lambda: S.compile_suite(quick), compile_table),
+               "speed": (lambda: S.speed_suite(quick), speed_table),
+               "serve": (lambda: S.serve_suite(quick), serve_table),
+               "gpu": (lambda: S.gpu_suite(quick, attention), gpu_table)}
+    for name, (run, show) in runners.items():
+        if name in suites:
+            print(f"== {name}", flush=True)
+            out[name] = run()
+            print(show(out[name]), flush=True)
     out["targets"] = targets(out)
     if out["targets"]:
         print("== targets", flush=True)
