@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmp.sharding import constrain
+from jaxmp.sharding import constrain, current_mesh, mapped_axes
 
 
 class PipelineError(ValueError):
@@ -177,6 +177,31 @@ def pipeline_apply(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array,
                    spec: PipelineSpec, param_names: Any, x_names: tuple[str | None, ...],
                    state: Any = None, state_names: Any = None) -> Any:
     """Apply L stacked layers to x (B, ...) through the pipeline; returns (B, ...).
+
+    With a `data` mesh axis, each data replica runs the pipeline on its own rows with its
+    own copy of the weights (a broadcast along a new leading axis split over `data`): the
+    weight gradients then accumulate locally over the ticks and are summed over `data`
+    once per step (the broadcast's transpose), not once per tick.
+    """
+    mesh = current_mesh()
+    d = mesh.shape["data"] if mesh is not None else 1
+    b = x.shape[0]
+    if d == 1 or state is not None or b % d:
+        return _pipeline(layer_fn, stacked, x, spec, param_names, x_names, state, state_names)
+    xs = constrain(x.reshape(d, b // d, *x.shape[1:]), x_names, lead_axis="data")
+    reps = jax.tree_util.tree_map(
+        lambda a, n: constrain(jnp.broadcast_to(a[None], (d, *a.shape)), n, kind="params",
+                               lead_axis="data"), stacked, param_names)
+    with mapped_axes("data"):
+        ys = jax.vmap(lambda w, h: _pipeline(layer_fn, w, h, spec, param_names, x_names),
+                      spmd_axis_name="data")(reps, xs)
+    return constrain(ys.reshape(b, *x.shape[1:]), x_names)
+
+
+def _pipeline(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array, spec: PipelineSpec,
+              param_names: Any, x_names: tuple[str | None, ...], state: Any = None,
+              state_names: Any = None) -> Any:
+    """The pipeline proper (see `pipeline_apply`) for one data replica.
 
     layer_fn(one_layer_params, h) -> h. `stacked` holds the layers in `storage_order`;
     `param_names` the logical names of its leaves (leading 'layers'); x_names those of x.

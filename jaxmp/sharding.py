@@ -105,7 +105,7 @@ def parse_rule_overrides(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, table: RuleTable,
-             *, strict: bool, what: str = "array") -> PartitionSpec:
+             *, strict: bool, what: str = "array", exclude: Iterable[str] = ()) -> PartitionSpec:
     """PartitionSpec of an array whose dimensions carry logical `names`.
 
     Mesh axes of size 1 are left out (the spec says what is really split); a mesh axis is
@@ -116,7 +116,7 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, tabl
         raise ShardingError(f"{what}: {len(names)} logical names {tuple(names)} for a "
                             f"{len(shape)}-d shape {tuple(shape)}")
     rules = dict(table)
-    used: set[str] = set()
+    used: set[str] = set(exclude)  # e.g. an axis an enclosing vmap already maps
     spec: list[Any] = []
     for dim, (name, size) in enumerate(zip(names, shape)):
         axes = []
@@ -155,9 +155,25 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activations") -> jax.Array:
+_MAPPED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "jaxmp_mapped_axes", default=frozenset())
+
+
+@contextlib.contextmanager
+def mapped_axes(*axes: str) -> Iterator[None]:
+    """Inside vmap(..., spmd_axis_name=axes): specs leave these axes to the vmap."""
+    token = _MAPPED.set(_MAPPED.get() | frozenset(axes))
+    try:
+        yield
+    finally:
+        _MAPPED.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activations",
+              lead_axis: str | None = None) -> jax.Array:
     """Constrain an array by logical names (activation rules, or kind="params" for weights
-    reshaped inside the step); a no-op outside `activation_sharding`."""
+    reshaped inside the step); a no-op outside `activation_sharding`. With `lead_axis`,
+    x has one more leading dimension than `names`, split over that mesh axis."""
     ctx = _CONTEXT.get()
     if ctx is None:
         return x
@@ -165,7 +181,11 @@ def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activation
     if mesh.size == 1:
         return x
     table = rules.params if kind == "params" else rules.activations
-    spec = spec_for(names, x.shape, mesh, table, strict=False)
+    exclude = _MAPPED.get() | ({lead_axis} if lead_axis else set())
+    shape = x.shape[1:] if lead_axis else x.shape
+    spec = spec_for(names, shape, mesh, table, strict=False, exclude=exclude)
+    if lead_axis:
+        spec = PartitionSpec(lead_axis, *spec)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
