@@ -5,10 +5,13 @@
     trainer = jaxmp.Trainer(model_factory, loss_fn, mesh)
 """
 
+from jaxmp.checkpoint import CheckpointError, Checkpoints, export_params
+from jaxmp.layers import MLP, Attention, DecoderBlock, Dense, Embed, LayerNorm, stack_layers
 from jaxmp.mesh import AXES, MeshError, format_mesh, make_mesh, parse_mesh, simulate_cpu_devices
 from jaxmp.models.gpt import GPT, PRESETS, GPTConfig, lm_loss, preset
 from jaxmp.models.mlp import LayerwiseMLP, MLPConfig, classification_loss
 from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_fraction
+from jaxmp.serve import ServeError, Server
 from jaxmp.sharding import (
     DEFAULT_RULES,
     LOGICAL_NAMES,
@@ -25,6 +28,8 @@ from jaxmp.train import OptConfig, Trainer, TrainState
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLP", "Attention", "CheckpointError", "Checkpoints", "DecoderBlock", "Dense", "Embed",
+    "LayerNorm", "Server", "ServeError", "export_params", "stack_layers",
     "AXES", "DEFAULT_RULES", "GPT", "GPTConfig", "LOGICAL_NAMES", "LayerwiseMLP", "MLPConfig",
     "MeshError", "OptConfig", "PRESETS", "PipelineError", "PipelineSpec", "Plan", "Rules",
     "ShardingError", "TrainState", "Trainer", "activation_sharding", "bubble_fraction",
