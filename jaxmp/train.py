@@ -114,6 +114,10 @@ class Trainer:
         self._factory = model if not isinstance(model, nnx.Module) else None
         abstract = nnx.eval_shape(model) if self._factory else model
         self.graphdef, abs_params, self.rest = nnx.split(abstract, nnx.Param, ...)
+        if self._factory and jax.tree_util.tree_leaves(self.rest):
+            # Variables other than nnx.Param (RNG streams, statistics) ride along unchanged;
+            # build their values (not the parameters') once, on the default device.
+            self.rest = jax.jit(lambda: nnx.split(self._factory(), nnx.Param, ...)[2])()
         self.abstract_params = nnx.to_pure_dict(abs_params)
         self.axes = logical_axes(abs_params)
         self.param_specs = param_specs(self.abstract_params, self.axes, mesh, rules)

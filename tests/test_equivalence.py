@@ -69,3 +69,30 @@ def test_bf16_compute_keeps_fp32_params():
     losses, params = train(trainer("data:2,tensor:4", cfg=cfg), batches(2))
     assert all(np.isfinite(losses))
     assert params["blocks"]["mlp"]["fc"]["kernel"].dtype == np.float32
+
+
+def test_user_model_with_non_parameter_variables_trains():
+    """Variables other than nnx.Param (here a fixed statistic) ride along unchanged."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmp.mesh import make_mesh
+    from jaxmp.train import Trainer
+
+    class Noisy(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.w = nnx.Param(jnp.ones((8, 8)) * 0.1, logical_axes=("embed", "mlp"))
+            self.scale = nnx.BatchStat(jnp.full((8,), 2.0))
+
+        def __call__(self, x):  # reads the statistic, so it must hold real values
+            return (x @ self.w[...]) * self.scale[...]
+
+    tr = Trainer(lambda: Noisy(nnx.Rngs(0)), lambda m, b: jnp.mean((m(b["x"]) - b["x"]) ** 2),
+                 make_mesh("data:2,tensor:4"), optimizer=OPT)
+    state = tr.init_state()
+    x = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    losses = []
+    for _ in range(3):
+        state, m = tr.step(state, tr.put_batch({"x": x}))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
