@@ -165,16 +165,20 @@ class Batches:
         return {"x": np.zeros((self.batch_size, c.input_dim), np.float32),
                 "y": np.zeros((self.batch_size,), np.int32)}
 
-    def host(self, step: int) -> dict[str, np.ndarray]:
-        if self.tokens is not None:
-            return self.tokens.host_batch(step)
-        return mlp.synthetic_batch(self.model_cfg, self.seed, step, np.arange(self.batch_size))
-
     def device(self, step: int, shardings: dict) -> dict[str, jax.Array]:
         if self.tokens is not None:
             return self.tokens.global_batch(step, shardings["tokens"])
-        rows = lambda key: (lambda r: mlp.synthetic_batch(self.model_cfg, self.seed, step,
-                                                          np.asarray(r))[key])
+        made: dict[tuple[int, int, int], dict] = {}  # x and y of the same rows, drawn once
+
+        def rows(key: str) -> Callable[[range], np.ndarray]:
+            def fn(r: range) -> np.ndarray:
+                ident = (r.start, r.stop, r.step)
+                if ident not in made:
+                    made[ident] = mlp.synthetic_batch(self.model_cfg, self.seed, step,
+                                                      np.asarray(r))
+                return made[ident][key]
+            return fn
+
         ex = self.example()
         return {k: make_global(ex[k].shape, shardings[k], rows(k)) for k in ex}
 

@@ -134,6 +134,3 @@ def _process_major(devices: list[jax.Device]) -> list[jax.Device]:
     # Devices of one process stay adjacent, so the innermost axes (tensor, pipe) stay in a host.
     return sorted(devices, key=lambda d: (d.process_index, d.id))
 
-
-def single_device_mesh() -> Mesh:
-    return make_mesh({}, devices=jax.devices()[:1])
