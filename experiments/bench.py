@@ -29,6 +29,15 @@ flags.DEFINE_string("layouts", "", "structure: ';'-separated meshes instead of t
                     "matrix, e.g. 'data:8;pipe:4,tensor:2' (every valid m, r of each).")
 flags.DEFINE_enum("gpu_attention", "cudnn", ["cudnn", "xla"],
                   "gpu: attention implementation of the training step.")
+flags.DEFINE_list("gpu_models", ["small", "medium"], "gpu: GPT-2 presets to train.")
+flags.DEFINE_list("gpu_batches", ["small:32", "medium:16"],
+                  "gpu: fixed global batch per preset (name:batch); a preset not listed searches "
+                  "for the largest batch that fits.")
+flags.DEFINE_list("gpu_generate", ["1", "32"],
+                  "gpu: KV-cache decoding batch sizes, measured on the first preset ('' = none).")
+flags.DEFINE_bool("gpu_profile", False, "gpu: profile the train step and batch-1 decoding "
+                  "(top ops by device time) into the JSON.")
+flags.DEFINE_string("gpu_hlo_dir", "", "gpu: write each train step's optimized HLO here.")
 
 Json = dict[str, Any]
 # Set (before JAX starts) only where a CUDA plugin is installed: a CPU-only jaxlib rejects them.
@@ -125,14 +134,29 @@ def serve_table(res: Json) -> str:
 def gpu_table(res: Json | None) -> str:
     if res is None:
         return "no accelerator: gpu suite skipped (null)"
+    pct = lambda v: f"{v:.1%}" if v is not None else "-"
     rows = [[name, m["batch"], f"{m['step_s'] * 1e3:.1f}", f"{m['tokens_per_s']:,.0f}",
-             f"{m['mfu']:.1%}" if m["mfu"] is not None else "-",
+             pct(m["mfu"]), pct(m["mfu_vs_measured_matmul"]),
              mib(m["peak_device_memory_bytes"] or 0), m["attention"],
-             ", ".join(f"{b}: {v:,.0f}" for b, v in m["generate_tokens_per_s"].items())]
+             "yes" if m["cudnn_attention_in_hlo"] else "no", f"{m['compile_s']:.0f}"]
             for name, m in res["models"].items()]
-    return (f"{res['device_kind']}, XLA_FLAGS={res['xla_flags']!r}\n"
-            + table(["model", "batch", "step ms", "tokens/s", "MFU", "peak MiB", "attention",
-                     "generate tokens/s"], rows))
+    cal = res["calibration"]
+    lines = [f"{res['device_kind']}, XLA_FLAGS={res['xla_flags']!r}; measured: copy "
+             f"{cal['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+             f"{cal['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
+             table(["model", "batch", "step ms", "tokens/s", "MFU", "of matmul", "peak MiB",
+                    "attention", "cuDNN fmha", "compile s"], rows)]
+    for name, m in res["models"].items():
+        if "generate_tokens_per_s" not in m:
+            continue
+        roof = m["decode_roofline"]
+        gen = ", ".join(f"batch {b}: {v:,.0f}" for b, v in m["generate_tokens_per_s"].items())
+        lines.append(f"{name} decode tokens/s {gen}; batch-1 roofline "
+                     f"{roof['tokens_per_s_datasheet'] or 0:,.0f} (datasheet) / "
+                     f"{roof['tokens_per_s_measured_copy']:,.0f} (measured copy) -> "
+                     f"{pct(roof.get('fraction_datasheet'))} / "
+                     f"{pct(roof.get('fraction_measured_copy'))}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- targets
@@ -185,6 +209,24 @@ def targets_table(checks: list[Json]) -> str:
 
 
 # ---------------------------------------------------------------------------- main
+def gpu_sizes() -> Any:
+    """The gpu suite's sizes from the --gpu_* flags (None with --quick)."""
+    from experiments.bench_suites import GpuSizes
+
+    if F.quick:
+        return None
+    batches = []
+    for item in F.gpu_batches:
+        name, _, b = item.partition(":")
+        if not b.isdigit() or int(b) < 1:
+            raise ValueError(f"--gpu_batches={item!r}: expected preset:batch, e.g. small:32")
+        batches.append((name, int(b)))
+    gen = tuple(int(b) for b in F.gpu_generate if b.strip())
+    return GpuSizes(models=tuple(F.gpu_models), batches=tuple(batches),
+                    generate_models=tuple(F.gpu_models[:1]), generate_batches=gen,
+                    profile=F.gpu_profile, hlo_dir=F.gpu_hlo_dir)
+
+
 def run(suites: list[str], quick: bool, layouts: list[str], attention: str) -> Json:
     import jax
 
@@ -201,7 +243,7 @@ def run(suites: list[str], quick: bool, layouts: list[str], attention: str) -> J
     runners = {"compile": (lambda: S.compile_suite(quick), compile_table),
                "speed": (lambda: S.speed_suite(quick), speed_table),
                "serve": (lambda: S.serve_suite(quick), serve_table),
-               "gpu": (lambda: S.gpu_suite(quick, attention), gpu_table)}
+               "gpu": (lambda: S.gpu_suite(quick, attention, gpu_sizes()), gpu_table)}
     for name, (run, show) in runners.items():
         if name in suites:
             print(f"== {name}", flush=True)

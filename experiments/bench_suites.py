@@ -530,89 +530,206 @@ def serve_suite(quick: bool) -> Json:
 
 
 # ====================================================================== gpu
-def gpu_suite(quick: bool, attention: str = "cudnn") -> Json | None:
-    """GPT-2 small / medium, T=1024, bf16 compute, largest fitting batch; None on CPU."""
+@dataclasses.dataclass(frozen=True)
+class GpuSizes:
+    models: tuple[str, ...] = ("small", "medium")
+    # Fixed global batch per model (sequences of T=1024); a model not listed searches
+    # `search` for the largest batch that compiles within the device's memory.
+    batches: tuple[tuple[str, int], ...] = (("small", 32), ("medium", 16))
+    search: tuple[int, ...] = (8, 16, 32, 64, 128)
+    steps: int = 10
+    generate_models: tuple[str, ...] = ("small",)
+    generate_batches: tuple[int, ...] = (1, 32)
+    prompt: int = 128
+    new_tokens: int = 128
+    profile: bool = False
+    hlo_dir: str = ""      # write each model's optimized train-step HLO here (gzip)
+    overrides: tuple[tuple[str, int], ...] = ()  # model shape overrides (CPU dry runs)
+
+    def gpt(self, name: str, attention: str) -> GPTConfig:
+        return preset(name, vocab_size=50257, dtype="bfloat16", attention=attention,
+                      **dict(self.overrides))
+
+
+GPU_QUICK = GpuSizes(models=("small",), batches=(("small", 8),), steps=3,
+                     generate_batches=(1,), new_tokens=32)
+
+
+def gpu_suite(quick: bool, attention: str = "cudnn", sizes: GpuSizes | None = None,
+              cpu_ok: bool = False) -> Json | None:
+    """GPT-2 small / medium, T=1024, bf16 compute: step time, MFU, peak memory, where the
+    time goes (profile), KV-cache decoding against the memory roofline. None on CPU
+    unless `cpu_ok` (a dry run of the same code with `sizes.overrides`)."""
+    s = sizes or (GPU_QUICK if quick else GpuSizes())
     device = jax.devices()[0]
-    if device.platform not in ("gpu", "cuda", "rocm"):
+    if device.platform not in ("gpu", "cuda", "rocm") and not cpu_ok:
         return None
     out: Json = {"device_kind": device.device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "peak_flops": analysis.peak_flops(device), "models": {}}
-    for name in (("small",) if quick else ("small", "medium")):
+                 "peak_flops": analysis.peak_flops(device),
+                 "datasheet_memory_bandwidth": analysis.memory_bandwidth(device),
+                 "calibration": calibrate(device, small=cpu_ok), "sizes": dataclasses.asdict(s),
+                 "models": {}}
+    log(f"  calibration: {out['calibration']}")
+    for name in s.models:
         impl = attention
         try:
-            cfg = preset(name, vocab_size=50257, dtype="bfloat16", attention=impl)
-            out["models"][name] = _gpu_model(cfg, device, quick)
+            out["models"][name] = _gpu_model(s.gpt(name, impl), name, device, s, out)
         except Exception as e:  # cuDNN attention unsupported here: say so, use XLA's
             if impl == "xla":
                 raise
             log(f"  gpu {name}: {attention} attention failed ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:160]}); retrying with XLA attention")
             impl = "xla"
-            cfg = preset(name, vocab_size=50257, dtype="bfloat16", attention=impl)
-            out["models"][name] = _gpu_model(cfg, device, quick)
+            out["models"][name] = _gpu_model(s.gpt(name, impl), name, device, s, out)
         out["models"][name]["attention"] = impl
     return out
 
 
-def _gpu_model(cfg: GPTConfig, device: jax.Device, quick: bool) -> Json:
+def calibrate(device: jax.Device, small: bool = False) -> Json:
+    """The two ceilings measured here: a device-to-device copy (bytes read + written per
+    second) and a bf16 matrix product (FLOP/s), each the median of 10 after warm-up."""
+    n, k = (1 << 20, 512) if small else (1 << 29, 8192)
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16), device)
+    a = jax.device_put(jax.random.normal(jax.random.key(1), (k, k), jnp.bfloat16), device)
+    b = jax.device_put(jax.random.normal(jax.random.key(2), (k, k), jnp.bfloat16), device)
+    copy = jax.jit(lambda x: x * 2)
+    mm = jax.jit(lambda a, b: a @ b)
+
+    def median_s(fn: Callable[[], Any]) -> float:
+        jax.block_until_ready(fn())
+        return statistics.median(_timed(fn) for _ in range(10))
+
+    t_copy, t_mm = median_s(lambda: copy(x)), median_s(lambda: mm(a, b))
+    return {"copy_bytes_per_s": 2 * n * 2 / t_copy, "copy_bytes": 2 * n * 2,
+            "matmul_flops_per_s": 2 * k**3 / t_mm, "matmul_size": k}
+
+
+def _gpu_model(cfg: GPTConfig, name: str, device: jax.Device, s: GpuSizes, suite: Json) -> Json:
     mesh = make_mesh("", devices=[device])
     limit = (device.memory_stats() or {}).get("bytes_limit")
-    candidates = (4, 8) if quick else (4, 8, 16, 32, 64, 128)
-    fitted: list[tuple[int, Trainer, Any, int]] = []
+    fixed = dict(s.batches).get(name)
+    candidates = (fixed,) if fixed else s.search
+    fitted: list[tuple[int, Trainer, Any, int, float]] = []
     for b in candidates:
         trainer = gpt_trainer(cfg, mesh, opt=OptConfig(warmup_steps=10, total_steps=1000))
+        t0 = time.perf_counter()
         try:
             compiled = trainer.lower(tokens_batch(b, cfg.seq_len, cfg.vocab_size)).compile()
         except Exception as e:  # XLA refuses programs that cannot fit
-            log(f"  gpu batch {b}: does not compile ({str(e).splitlines()[0][:120]})")
+            log(f"  gpu {name} batch {b}: does not compile ({str(e).splitlines()[0][:120]})")
             break
+        compile_s = time.perf_counter() - t0
         need = analysis.memory_figures(compiled).peak_estimate_bytes
+        log(f"  gpu {name} batch {b}: compiled in {compile_s:.1f}s, needs {need / 2**30:.2f} GiB")
         if limit and need > 0.95 * limit:
-            log(f"  gpu batch {b}: needs {need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB")
+            log(f"  gpu {name} batch {b}: needs {need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB")
             break
-        fitted.append((b, trainer, compiled, need))
+        fitted.append((b, trainer, compiled, need, compile_s))
     if not fitted:
-        raise RuntimeError(f"no batch in {candidates} fits GPT-2 {cfg.num_layers} layers")
-    result = None
-    for b, trainer, compiled, need in reversed(fitted):
+        raise RuntimeError(f"no batch in {candidates} fits GPT-2 {name}")
+    for b, trainer, compiled, need, compile_s in reversed(fitted):
         try:
-            result = _gpu_time(cfg, trainer, compiled, b, need, device)
-            break
+            return _gpu_time(cfg, name, trainer, compiled, b, need, compile_s, device, s, suite)
         except Exception as e:  # ran out of memory at run time: next smaller batch
-            log(f"  gpu batch {b}: failed at run time ({str(e).splitlines()[0][:120]})")
-    if result is None:
-        raise RuntimeError("every fitting batch failed at run time")
-    return result
+            if not any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "out of memory")):
+                raise
+            log(f"  gpu {name} batch {b}: out of memory at run time "
+                f"({str(e).splitlines()[0][:160]})")
+    raise RuntimeError(f"every fitting batch of GPT-2 {name} failed at run time")
 
 
-def _gpu_time(cfg: GPTConfig, trainer: Trainer, compiled: Any, b: int, need: int,
-              device: jax.Device, steps: int = 10) -> Json:
+def _gpu_time(cfg: GPTConfig, name: str, trainer: Trainer, compiled: Any, b: int, need: int,
+              compile_s: float, device: jax.Device, s: GpuSizes, suite: Json) -> Json:
+    from experiments import bench_profile
+
     host = tokens_batch(b, cfg.seq_len, cfg.vocab_size)
     batch = trainer.put_batch(host)
-    state = trainer.init_state()
+    holder = {"state": trainer.init_state()}
+
+    def step() -> Any:
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics
+
     for _ in range(3):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
+        step()
+    jax.block_until_ready(holder["state"])
+    times = []
+    for _ in range(s.steps):  # each step timed alone: the loop has no host sync otherwise
+        times.append(_timed(step))
     t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - t0) / steps
+    for _ in range(s.steps):  # back to back, as a training loop runs
+        metrics = step()
+    jax.block_until_ready((holder["state"], metrics))
+    step_s = (time.perf_counter() - t0) / s.steps
     tps = b * cfg.seq_len / step_s
     stats = device.memory_stats() or {}
-    gen = generation_speed(cfg, state, trainer, 128, 128, (1, 32), repeats=3)
-    return {
-        "batch": b, "seq_len": cfg.seq_len, "params": num_params(cfg),
-        "step_s": step_s, "tokens_per_s": tps,
+    hlo = compiled.as_text()
+    result: Json = {
+        "batch": b, "seq_len": cfg.seq_len, "params": num_params(cfg), "compile_s": compile_s,
+        "step_s": step_s, "step_s_each_synced": times, "tokens_per_s": tps,
         "mfu": analysis.mfu(tps, flops_per_token(cfg), 1, device),
+        "mfu_vs_measured_matmul": tps * flops_per_token(cfg)
+        / suite["calibration"]["matmul_flops_per_s"],
         "flops_per_token": flops_per_token(cfg),
+        "hlo_flops_per_step": dataclasses.asdict(analysis.hlo_flops(hlo)),
         "compiled_peak_estimate_bytes": need,
         "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
         "device_memory_limit_bytes": stats.get("bytes_limit"),
-        "cudnn_attention_in_hlo": analysis.has_custom_call(compiled.as_text(), "cudnn$fmha"),
+        "cudnn_attention_in_hlo": analysis.has_custom_call(hlo, "cudnn$fmha"),
         "loss": float(metrics["loss"]),
-        "generate_tokens_per_s": gen["tokens_per_s"], "generate": gen,
     }
+    log(f"  gpu {name} batch {b}: {step_s * 1e3:.1f} ms/step, {tps:,.0f} tokens/s, MFU "
+        f"{result['mfu'] if result['mfu'] is None else format(result['mfu'], '.1%')}")
+    if s.hlo_dir:
+        import gzip
+        with gzip.open(os.path.join(s.hlo_dir, f"hlo_train_{name}.txt.gz"), "wt") as f:
+            f.write(hlo)
+    if s.profile:
+        result["profile"] = bench_profile.profile_or_error(step, calls=2)
+    if name in s.generate_models and s.generate_batches:
+        result.update(_gpu_generate(cfg, holder["state"], trainer, s, suite))
+    return result
+
+
+def _gpu_generate(cfg: GPTConfig, state: Any, trainer: Trainer, s: GpuSizes, suite: Json) -> Json:
+    """KV-cache greedy decoding through Server, against the memory roofline at batch 1."""
+    from experiments import bench_profile
+
+    with saved_checkpoint(state, cfg, trainer.mesh) as (path, _):
+        server = Server(path, "")
+        gen = kv_generation(server, s.prompt, s.new_tokens, s.generate_batches, repeats=3)
+        roof = decode_roofline(server, s.prompt, s.new_tokens, suite)
+        out: Json = {"generate_tokens_per_s": gen["tokens_per_s"], "generate": gen,
+                     "decode_roofline": roof}
+        one = gen["tokens_per_s"].get("1")
+        if one:
+            for key in ("datasheet", "measured_copy"):
+                if roof.get(f"tokens_per_s_{key}"):
+                    roof[f"fraction_{key}"] = one / roof[f"tokens_per_s_{key}"]
+        log(f"  decode roofline: {roof}")
+        if s.profile:
+            prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, s.prompt)).tolist()
+            out["generate_profile"] = bench_profile.profile_or_error(
+                lambda: server.generate(prompts, s.new_tokens), calls=1)
+        return out
+
+
+def decode_roofline(server: Server, prompt: int, new: int, suite: Json) -> Json:
+    """Tokens/s at batch 1 if each new token read every weight once in the compute dtype
+    (bf16), plus the KV cache up to the mean position, at the card's bandwidth."""
+    cfg = server.cfg
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    weights = num_params(cfg, real=False, embeddings=False) * itemsize  # one wpe row: ignored
+    held = analysis.tree_bytes(server.params)
+    mean_pos = prompt + new / 2
+    kv = 2 * cfg.num_layers * mean_pos * cfg.d_model * itemsize
+    per_token = weights + kv
+    out: Json = {"bytes_per_token": per_token, "weight_bytes": weights, "kv_bytes": kv,
+                 "server_param_bytes": held}
+    bw = suite.get("datasheet_memory_bandwidth")
+    out["tokens_per_s_datasheet"] = bw / per_token if bw else None
+    out["tokens_per_s_measured_copy"] = suite["calibration"]["copy_bytes_per_s"] / per_token
+    return out
 
 
 def device_summary() -> str:

@@ -32,16 +32,24 @@ import numpy as np
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). H100 SXM and H200 share 989 TFLOP/s.
 PEAK_BF16_FLOPS: dict[str, float] = {"H100": 989e12, "H200": 989e12}
+# HBM bandwidth, bytes/s (vendor datasheets: H100 SXM 80 GB HBM3 3.35 TB/s, H200 141 GB
+# HBM3e 4.8 TB/s). The decode roofline divides this by the bytes read per token.
+HBM_BYTES_PER_S: dict[str, float] = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def _by_kind(table: Mapping[str, float], device: jax.Device | None) -> float | None:
+    kind = getattr(device or jax.devices()[0], "device_kind", "")
+    return next((v for name, v in table.items() if name in kind), None)
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
     """Dense bf16 peak of `device` (default: the first one), or None if unknown (CPU)."""
-    device = device or jax.devices()[0]
-    kind = getattr(device, "device_kind", "")
-    for name, peak in PEAK_BF16_FLOPS.items():
-        if name in kind:
-            return peak
-    return None
+    return _by_kind(PEAK_BF16_FLOPS, device)
+
+
+def memory_bandwidth(device: jax.Device | None = None) -> float | None:
+    """Datasheet memory bandwidth of `device` in bytes/s, or None if unknown (CPU)."""
+    return _by_kind(HBM_BYTES_PER_S, device)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int,
