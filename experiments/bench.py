@@ -37,6 +37,8 @@ flags.DEFINE_list("gpu_generate", ["1", "32"],
                   "gpu: KV-cache decoding batch sizes, measured on the first preset ('' = none).")
 flags.DEFINE_bool("gpu_profile", False, "gpu: profile the train step and batch-1 decoding "
                   "(top ops by device time) into the JSON.")
+flags.DEFINE_list("gpu_scan_layers", ["true", "false"], "gpu: train each preset with scanned "
+                  "(true) and/or unrolled (false) layers.")
 flags.DEFINE_string("gpu_hlo_dir", "", "gpu: write each train step's optimized HLO here.")
 
 Json = dict[str, Any]
@@ -222,7 +224,13 @@ def gpu_sizes() -> Any:
             raise ValueError(f"--gpu_batches={item!r}: expected preset:batch, e.g. small:32")
         batches.append((name, int(b)))
     gen = tuple(int(b) for b in F.gpu_generate if b.strip())
+    scans = []
+    for v in F.gpu_scan_layers:
+        if v.lower() not in ("true", "false"):
+            raise ValueError(f"--gpu_scan_layers={v!r}: expected true and/or false")
+        scans.append(v.lower() == "true")
     return GpuSizes(models=tuple(F.gpu_models), batches=tuple(batches),
+                    scan_layers=tuple(scans),
                     generate_models=tuple(F.gpu_models[:1]), generate_batches=gen,
                     profile=F.gpu_profile, hlo_dir=F.gpu_hlo_dir)
 

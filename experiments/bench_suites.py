@@ -543,16 +543,17 @@ class GpuSizes:
     prompt: int = 128
     new_tokens: int = 128
     profile: bool = False
+    scan_layers: tuple[bool, ...] = (True, False)  # each model with scanned / unrolled layers
     hlo_dir: str = ""      # write each model's optimized train-step HLO here (gzip)
     overrides: tuple[tuple[str, int], ...] = ()  # model shape overrides (CPU dry runs)
 
-    def gpt(self, name: str, attention: str) -> GPTConfig:
+    def gpt(self, name: str, attention: str, scan: bool = True) -> GPTConfig:
         return preset(name, vocab_size=50257, dtype="bfloat16", attention=attention,
-                      **dict(self.overrides))
+                      scan_layers=scan, **dict(self.overrides))
 
 
 GPU_QUICK = GpuSizes(models=("small",), batches=(("small", 8),), steps=3,
-                     generate_batches=(1,), new_tokens=32)
+                     generate_batches=(1,), new_tokens=32, scan_layers=(True,))
 
 
 def gpu_suite(quick: bool, attention: str = "cudnn", sizes: GpuSizes | None = None,
@@ -570,18 +571,24 @@ def gpu_suite(quick: bool, attention: str = "cudnn", sizes: GpuSizes | None = No
                  "calibration": calibrate(device, small=cpu_ok), "sizes": dataclasses.asdict(s),
                  "models": {}}
     log(f"  calibration: {out['calibration']}")
+    generate = set(s.generate_models)
     for name in s.models:
-        impl = attention
-        try:
-            out["models"][name] = _gpu_model(s.gpt(name, impl), name, device, s, out)
-        except Exception as e:  # cuDNN attention unsupported here: say so, use XLA's
-            if impl == "xla":
-                raise
-            log(f"  gpu {name}: {attention} attention failed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:160]}); retrying with XLA attention")
-            impl = "xla"
-            out["models"][name] = _gpu_model(s.gpt(name, impl), name, device, s, out)
-        out["models"][name]["attention"] = impl
+        for scan in s.scan_layers:
+            key = name if scan else f"{name} unrolled"
+            impl = attention
+            gen = name in generate
+            generate.discard(name)  # decoding does not depend on scan_layers: measure once
+            try:
+                out["models"][key] = _gpu_model(s.gpt(name, impl, scan), key, device, s, out, gen)
+            except Exception as e:  # cuDNN attention unsupported here: say so, use XLA's
+                if impl == "xla" or "attention" not in str(e).lower():
+                    raise
+                log(f"  gpu {key}: {attention} attention failed ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160]}); retrying with XLA attention")
+                impl = "xla"
+                out["models"][key] = _gpu_model(s.gpt(name, impl, scan), key, device, s, out, gen)
+            out["models"][key]["attention"] = impl
+            out["models"][key]["scan_layers"] = scan
     return out
 
 
@@ -604,10 +611,11 @@ def calibrate(device: jax.Device, small: bool = False) -> Json:
             "matmul_flops_per_s": 2 * k**3 / t_mm, "matmul_size": k}
 
 
-def _gpu_model(cfg: GPTConfig, name: str, device: jax.Device, s: GpuSizes, suite: Json) -> Json:
+def _gpu_model(cfg: GPTConfig, name: str, device: jax.Device, s: GpuSizes, suite: Json,
+               generate: bool) -> Json:
     mesh = make_mesh("", devices=[device])
     limit = (device.memory_stats() or {}).get("bytes_limit")
-    fixed = dict(s.batches).get(name)
+    fixed = dict(s.batches).get(name.split()[0])
     candidates = (fixed,) if fixed else s.search
     fitted: list[tuple[int, Trainer, Any, int, float]] = []
     for b in candidates:
@@ -629,7 +637,8 @@ def _gpu_model(cfg: GPTConfig, name: str, device: jax.Device, s: GpuSizes, suite
         raise RuntimeError(f"no batch in {candidates} fits GPT-2 {name}")
     for b, trainer, compiled, need, compile_s in reversed(fitted):
         try:
-            return _gpu_time(cfg, name, trainer, compiled, b, need, compile_s, device, s, suite)
+            return _gpu_time(cfg, name, trainer, compiled, b, need, compile_s, device, s, suite,
+                             generate)
         except Exception as e:  # ran out of memory at run time: next smaller batch
             if not any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "out of memory")):
                 raise
@@ -639,7 +648,8 @@ def _gpu_model(cfg: GPTConfig, name: str, device: jax.Device, s: GpuSizes, suite
 
 
 def _gpu_time(cfg: GPTConfig, name: str, trainer: Trainer, compiled: Any, b: int, need: int,
-              compile_s: float, device: jax.Device, s: GpuSizes, suite: Json) -> Json:
+              compile_s: float, device: jax.Device, s: GpuSizes, suite: Json,
+              generate: bool) -> Json:
     from experiments import bench_profile
 
     host = tokens_batch(b, cfg.seq_len, cfg.vocab_size)
@@ -682,11 +692,12 @@ def _gpu_time(cfg: GPTConfig, name: str, trainer: Trainer, compiled: Any, b: int
         f"{result['mfu'] if result['mfu'] is None else format(result['mfu'], '.1%')}")
     if s.hlo_dir:
         import gzip
-        with gzip.open(os.path.join(s.hlo_dir, f"hlo_train_{name}.txt.gz"), "wt") as f:
+        with gzip.open(os.path.join(s.hlo_dir, f"hlo_train_{name.replace(' ', '_')}.txt.gz"),
+                       "wt") as f:
             f.write(hlo)
     if s.profile:
-        result["profile"] = bench_profile.profile_or_error(step, calls=2)
-    if name in s.generate_models and s.generate_batches:
+        result["profile"] = bench_profile.profile_or_error(step, calls=2, top=60)
+    if generate and s.generate_batches:
         result.update(_gpu_generate(cfg, holder["state"], trainer, s, suite))
     return result
 
@@ -710,7 +721,7 @@ def _gpu_generate(cfg: GPTConfig, state: Any, trainer: Trainer, s: GpuSizes, sui
         if s.profile:
             prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, s.prompt)).tolist()
             out["generate_profile"] = bench_profile.profile_or_error(
-                lambda: server.generate(prompts, s.new_tokens), calls=1)
+                lambda: server.generate(prompts, s.new_tokens), calls=1, top=60)
         return out
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session in one command: install jaxmp into the machine's own jax/flax, measure
-# the ceilings, train GPT-2 small and medium (bf16, T=1024), profile, decode. Each model
-# runs in its own process under a time limit, so a hang costs one row, not the session.
-#   OUT=/tmp/gpu bash experiments/gpu_run.sh        # results: $OUT/*.json, *.log, hlo_*.gz
+# the ceilings, train GPT-2 small and medium (bf16, T=1024) with scanned and unrolled
+# layers, profile, decode. Each measurement runs in its own process under a time limit,
+# so a hang or an unknown XLA flag costs one row, not the session.
+#   OUT=/tmp/gpu bash experiments/gpu_run.sh   # $OUT: env.txt, runs.log, *.json, hlo.tgz
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/hlo"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the install fails
@@ -19,15 +20,22 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the install
 flax.__version__, 'optax', optax.__version__, jax.devices())"
 } > "$OUT/env.txt" 2>&1
 
-run() {  # run NAME SECONDS BENCH-FLAGS...
-  local name=$1 limit=$2
-  shift 2
+run() {  # run NAME SECONDS EXTRA-XLA-FLAGS BENCH-FLAGS...
+  local name=$1 limit=$2 xla=$3
+  shift 3
   local t0=$SECONDS
-  timeout --kill-after=15 "$limit" $PY -m experiments.bench --suite=gpu \
-    --output="$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  echo "===== $name (XLA_FLAGS+='$xla') $*" >> "$OUT/runs.log"
+  XLA_FLAGS="${XLA_FLAGS:-} $xla" timeout --kill-after=15 "$limit" $PY -m experiments.bench \
+    --suite=gpu --output="$OUT/$name.json" "$@" >> "$OUT/runs.log" 2>&1
   echo "$name: exit $? after $((SECONDS - t0)) s" >> "$OUT/env.txt"
 }
-run small "${SMALL_LIMIT:-240}" --gpu_models=small --gpu_profile --gpu_hlo_dir="$OUT" ${SMALL_FLAGS:-}
-run medium "${MEDIUM_LIMIT:-180}" --gpu_models=medium --gpu_generate= --gpu_profile ${MEDIUM_FLAGS:-}
+H="--gpu_hlo_dir=$OUT/hlo"
+run small "${SMALL_LIMIT:-240}" "" --gpu_models=small --gpu_profile $H
+run medium "${MEDIUM_LIMIT:-180}" "" --gpu_models=medium --gpu_generate= --gpu_profile $H
+run small_b64 120 "" --gpu_models=small --gpu_batches=small:64 --gpu_scan_layers=false \
+  --gpu_generate=
+run small_cublaslt 120 "--xla_gpu_enable_cublaslt=true" --gpu_models=small \
+  --gpu_scan_layers=false --gpu_generate= --gpu_profile
+tar czf "$OUT/hlo.tgz" -C "$OUT" hlo && rm -r "$OUT/hlo"
 cat "$OUT/env.txt"
-for f in small medium; do echo "== $f"; grep -v "^WARNING\|^I0000\|^W0000" "$OUT/$f.log" | tail -n 40; done
+grep -v "^WARNING\|^I0000\|^W0000\|^ \{5\}" "$OUT/runs.log" | grep -v "^\s*[0-9.]* ms .*x[0-9]" | tail -n 60

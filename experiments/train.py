@@ -25,6 +25,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("remat", "none", ["none", "block", "dots"], "Rematerialization policy.")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
                   "Training attention kernel (cudnn: flash attention on NVIDIA GPUs, bf16).")
+flags.DEFINE_bool("scan_layers", True, "Apply the layers with a scan (compile time independent "
+                  "of depth); --noscan_layers unrolls them (faster steps on GPUs).")
 flags.DEFINE_string("data", "builtin", "builtin | path to .txt (bytes) | .bin/.npy uint16 tokens.")
 flags.DEFINE_string("activation_rules", "", "Activation rule overrides, e.g. 'batch=data'.")
 flags.DEFINE_string("metrics_file", None, "JSON-lines metrics file (process 0 writes it).")

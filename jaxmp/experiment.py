@@ -82,6 +82,7 @@ class RunConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    scan_layers: bool = True
     data: str = "builtin"
     rules: str = ""  # overrides, e.g. "embed=;mlp=tensor" (params) -- see parse_rule_overrides
     activation_rules: str = ""
@@ -102,7 +103,8 @@ class RunConfig:
             vocab = self.vocab_size or (256 if _is_bytes(self.data) else 50257)
             return gpt.preset(self.preset, num_layers=self.num_layers, d_model=self.d_model,
                               num_heads=self.num_heads, seq_len=self.seq_len, vocab_size=vocab,
-                              dtype=self.dtype, remat=self.remat, attention=self.attention)
+                              dtype=self.dtype, remat=self.remat, attention=self.attention,
+                              scan_layers=self.scan_layers)
         if self.model == "mlp":
             over = {k: v for k, v in (("num_layers", self.num_layers),
                                       ("hidden_dim", self.d_model)) if v is not None}

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.checkpoint import Checkpoints
+from jaxmp.layers import LayerNorm
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPT, GPTConfig
 from jaxmp.pipeline import PipelineSpec, storage_order
@@ -82,16 +83,15 @@ class Server:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=s),
             abs_params, self.param_shardings)
         t0 = time.perf_counter()
-        self.params = ckpts.restore_params(
+        params = ckpts.restore_params(
             target, step=self.step, layer_order=storage_order(self.cfg.num_layers, pipe.stages, 1))
-        jax.block_until_ready(self.params)
+        self.params = jax.block_until_ready(serving_params(abstract, params, self.cfg.dtype))
         self.restore_seconds = time.perf_counter() - t0
         ckpts.close()
         self._generate = {}
 
     # ------------------------------------------------------------ helpers
     def _model(self, params: Any) -> GPT:
-        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
         return nnx.merge(self.graphdef, params)
 
     def _batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
@@ -139,8 +139,8 @@ class Server:
                              f"{int(tokens.min())}..{int(tokens.max())}")
 
     # ------------------------------------------------------------ generate
-    def _compiled_generate(self, batch: int, prompt_len: int, new: int):
-        key = (batch, prompt_len, new)
+    def _compiled_generate(self, batch: int, prompt_len: int, new: int, greedy: bool):
+        key = (batch, prompt_len, new, greedy)
         if key in self._generate:
             return self._generate[key]
         cache_len = min(self.cfg.seq_len, prompt_len + new)
@@ -158,7 +158,8 @@ class Server:
 
                 def body(carry, i):
                     logits, cache = carry
-                    tok = _sample(logits, jax.random.fold_in(key, i), temperature, top_k)
+                    tok = (jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else
+                           _sample(logits, jax.random.fold_in(key, i), temperature, top_k))
                     nxt, cache = model.decode(tok[:, None], cache, lengths + i)
                     return (nxt[:, 0], cache), tok
 
@@ -206,7 +207,7 @@ class Server:
         for i, p in enumerate(ids):
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
-        fn = self._compiled_generate(batch, plen, new)
+        fn = self._compiled_generate(batch, plen, new, greedy=temperature == 0)
         out = fn(self.params, tokens, lengths, jax.random.key(seed),
                  jnp.float32(temperature), jnp.int32(top_k or 0))
         out = np.asarray(jax.device_get(out))
@@ -223,18 +224,31 @@ class Server:
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
             top_k: jax.Array) -> jax.Array:
-    """Greedy when temperature == 0, else top-k (0 = all) sampling. logits (B, V).
-    A cond, so greedy decoding never pays for the sort that top-k needs."""
-    def sample(logits: jax.Array) -> jax.Array:
-        scaled = logits / jnp.maximum(temperature, 1e-6)
-        vocab = logits.shape[-1]
-        k = jnp.where(top_k > 0, top_k, vocab)
-        kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1), (vocab - k)[None, None], axis=-1)
-        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    """Top-k (0 = all) sampling at `temperature` > 0. logits (B, V). Greedy decoding is a
+    program of its own (no sort, no branch per token)."""
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, top_k, vocab)
+    kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1), (vocab - k)[None, None], axis=-1)
+    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
-    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.lax.cond(temperature > 0, sample, greedy, logits)
+
+def serving_params(model: nnx.Module, params: Any, dtype: Any) -> Any:
+    """Parameters as a server holds them: every weight the model casts to its compute
+    dtype anyway is stored in that dtype (half the bytes read per token in bf16, no cast
+    per call); LayerNorm parameters, used in float32, stay float32. Outputs are the same
+    as computing from float32 weights."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return params
+    keep = {path for path, node in nnx.iter_graph(model) if isinstance(node, LayerNorm)}
+
+    def cast(path: tuple, x: jax.Array) -> jax.Array:
+        keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+        f32 = any(keys[:len(p)] == tuple(p) for p in keep)
+        return x if f32 else x.astype(dtype)
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _mesh_devices(spec: str, available: int) -> int:

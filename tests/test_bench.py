@@ -187,3 +187,53 @@ def test_bad_flags_give_one_line_errors(tmp_path):
                           check=False)
         err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(err) == 1 and msg in err[0], proc.stderr[-2000:]
+
+
+def test_profile_summary_counts_per_call():
+    """Top ops by device time, read from the XSpace trace: counts and times are per call,
+    and the summary names the program's ops (a wrong plane or a double count fails)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import bench_profile
+
+    dev = jax.devices()[0]
+    f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    a = jax.device_put(jnp.ones((256, 256)), dev)
+    f(a).block_until_ready()
+    p = bench_profile.profile(lambda: f(a), calls=3)
+    assert p["calls"] == 3 and p["top"] and p["device_busy_ms"] > 0
+    assert sum(t["ms"] for t in p["top"]) <= p["device_busy_ms"] * 1.0001
+    assert sum(p["kinds_ms"].values()) == pytest.approx(p["device_busy_ms"])
+    assert all(t["count"] == pytest.approx(round(t["count"])) for t in p["top"])  # per call
+    assert "device busy" in bench_profile.profile_table(p)
+    assert bench_profile.kind_of("nvjet_sm90_tst_256x128") == "matmul"
+    assert bench_profile.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash") == "attention"
+    assert bench_profile.kind_of("input_reduce_fusion_3") == "reduction"
+
+
+def test_gpu_suite_code_path_on_cpu(tmp_path):
+    """The GPU suite's own code, run on one CPU device with a 2-layer model (cpu_ok): what
+    the GPU session runs cannot fail on a typo. Checks the table and the roofline maths."""
+    from experiments import bench_suites
+    from experiments.bench import gpu_table
+
+    sizes = bench_suites.GpuSizes(
+        models=("small",), batches=(("small", 2),), steps=1, generate_batches=(1,), prompt=8,
+        new_tokens=8, profile=True, scan_layers=(True, False), hlo_dir=str(tmp_path),
+        overrides=(("num_layers", 2), ("d_model", 64), ("num_heads", 4), ("seq_len", 32)))
+    res = bench_suites.gpu_suite(False, "xla", sizes, cpu_ok=True)
+    assert set(res["models"]) == {"small", "small unrolled"}
+    scanned, unrolled = res["models"]["small"], res["models"]["small unrolled"]
+    assert scanned["loss"] == pytest.approx(unrolled["loss"], rel=1e-4)  # same model, bf16
+    assert "generate_tokens_per_s" in scanned and "generate_tokens_per_s" not in unrolled
+    roof = scanned["decode_roofline"]
+    weights = 2 * (50304 * 64 + 2 * (12 * 64 * 64 + 13 * 64)) + 2 * 64 * 2  # bf16, no wpe
+    assert roof["weight_bytes"] == weights
+    assert roof["kv_bytes"] == 2 * 2 * (8 + 8 / 2) * 64 * 2
+    assert roof["server_param_bytes"] < 0.6 * 4 * weights / 2  # held in bf16, not float32
+    assert "profile" in scanned and scanned["profile"]["top"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hlo_train_small.txt.gz",
+                                                          "hlo_train_small_unrolled.txt.gz"]
+    text = gpu_table(res)
+    assert "small unrolled" in text and "decode tokens/s batch 1" in text

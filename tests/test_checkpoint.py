@@ -259,7 +259,7 @@ def test_pipe_serving_keeps_layer_weights_on_their_stage(servers):
     import re
 
     server = servers["pipe:2"]
-    fn = server._compiled_generate(1, 8, 8)
+    fn = server._compiled_generate(1, 8, 8, greedy=True)
     text = fn.lower(server.params, np.zeros((1, 8), np.int32), np.ones((1,), np.int32),
                     jax.random.key(0), np.float32(0), np.int32(0)).compile().as_text()
     gathers = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", text)

@@ -72,3 +72,49 @@ def test_flops_per_token_convention():
     n = COUNTS["small"] - 1024 * 768  # without position embeddings
     assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
     assert set(PRESETS) == {"tiny", "small", "medium", "large", "xl"}
+
+
+def _loss_and_grads(cfg, tokens):
+    graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    f = lambda p: lm_loss(nnx.merge(graphdef, p), {"tokens": tokens})
+    return jax.jit(jax.value_and_grad(f))(params)
+
+
+def test_unrolled_layers_equal_the_scan():
+    """--noscan_layers (the GPU path) computes the same loss and gradients as the scan:
+    catches a wrong layer order, a dropped layer, or gradients lost in the unstacking."""
+    import dataclasses
+
+    cfg = GPTConfig(num_layers=3, d_model=32, num_heads=4, seq_len=16, vocab_size=300)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 300, (4, 17)), jnp.int32)
+    loss_s, g_s = _loss_and_grads(cfg, tokens)
+    loss_u, g_u = _loss_and_grads(dataclasses.replace(cfg, scan_layers=False), tokens)
+    np.testing.assert_allclose(float(loss_u), float(loss_s), rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           g_u, g_s)
+    # the layers really differ, so an order mistake could not cancel out
+    blocks = g_s["blocks"]["mlp"]["fc"]["kernel"]
+    assert not np.allclose(blocks[0], blocks[1])
+
+
+def test_serving_params_keep_bf16_outputs_exact():
+    """The server holds bf16 weights (half the bytes per decoded token) and float32
+    LayerNorm parameters: logits equal those computed from the float32 weights, exactly."""
+    from jaxmp.serve import serving_params
+
+    cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=8, dtype="bfloat16")
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    leaves, tree = jax.tree_util.tree_flatten(nnx.to_pure_dict(params))
+    keys = jax.random.split(jax.random.key(1), len(leaves))  # LayerNorm scales not all 1
+    params = tree.unflatten([a + 0.01 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    held = serving_params(model, params, cfg.dtype)
+    dtypes = {"/".join(map(str, (getattr(k, "key", k) for k in path))): a.dtype
+              for path, a in jax.tree_util.tree_flatten_with_path(held)[0]}
+    assert dtypes["blocks/ln1/scale"] == dtypes["ln_f/bias"] == jnp.float32
+    assert dtypes["blocks/mlp/fc/kernel"] == dtypes["wte/embedding"] == jnp.bfloat16
+    assert dtypes["blocks/attn/qkv/bias"] == dtypes["wpe"] == jnp.bfloat16
+    tokens = jnp.arange(16).reshape(2, 8) % 256
+    run = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens))
+    np.testing.assert_array_equal(run(held), run(params))
+    assert serving_params(model, params, "float32") is params

@@ -13,7 +13,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp.layers import DecoderBlock, Embed, LayerNorm, layer_slices, param, remat, scale_std, stack_layers
+from jaxmp.layers import (
+    DecoderBlock,
+    Embed,
+    LayerNorm,
+    layer_slices,
+    param,
+    remat,
+    scale_std,
+    stack_layers,
+    unstack_layers,
+)
 from jaxmp.pipeline import PipelineSpec, pipeline_apply, storage_order
 from jaxmp.sharding import constrain, logical_axes
 
@@ -33,6 +43,10 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"
     attention: str = "auto"  # training attention: auto (JAX picks) | xla | cudnn (GPU)
+    # Apply the stacked layers with lax.scan (compile time independent of depth) or as an
+    # unrolled loop (no per-layer loop overhead, no stacked activations for the backward
+    # pass: faster on GPUs, see BUILD_NOTES). The pipeline always scans.
+    scan_layers: bool = True
 
     @property
     def padded_vocab(self) -> int:
@@ -131,8 +145,11 @@ class GPT(nnx.Module):
         if self.pipeline.enabled:
             x = pipeline_apply(layer, stacked, x, self.pipeline, logical_axes(self.blocks),
                                X_NAMES)
-        else:
+        elif self.cfg.scan_layers:
             x = jax.lax.scan(lambda h, w: (layer(w, h), None), x, stacked)[0]
+        else:
+            for w in unstack_layers(stacked, self.cfg.num_layers):
+                x = layer(w, x)
         return self.head(x)
 
     def decode(self, tokens: jax.Array, cache: tuple[jax.Array, jax.Array],
@@ -148,9 +165,9 @@ class GPT(nnx.Module):
             names = (CACHE_NAMES, CACHE_NAMES)
             x, cache = pipeline_apply(layer, stacked, x, PipelineSpec(self.pipeline.stages),
                                       logical_axes(self.blocks), X_NAMES, cache, names)
-        else:
-            x, cache = jax.lax.scan(lambda h, xs: layer(xs[0], h, xs[1]), x,
-                                    (stacked, cache))
+        else:  # unrolled: per token one kernel sequence, each layer writes its new positions
+            for i, w in enumerate(unstack_layers(stacked, self.cfg.num_layers)):
+                x, cache = nnx.merge(graphdef, w)(x, cache, index, i)
         return self.head(x), cache
 
     def init_cache(self, batch: int, length: int | None = None,
