@@ -52,7 +52,7 @@ def _device_lines(planes: Iterable[Any]) -> list[tuple[str, Any]]:
     if gpu:
         return gpu
     return [(f"{p.name}/{ln.name}", ln) for p in planes if p.name.startswith("/host:CPU")
-            for ln in p.lines if "PjRtCpuClient" in ln.name or "XLAEigen" in ln.name]
+            for ln in p.lines if "PjRtCpuClient" in ln.name]  # thunks, not intra-op tasks
 
 
 def _stats(event: Any) -> dict[str, Any]:
@@ -73,16 +73,16 @@ def summarize(trace_dir: str, top: int = 25, calls: int = 1) -> Json:
     per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     hlo_of: dict[str, str] = {}
     lines = _device_lines(data.planes)
+    on_gpu = any(name.startswith("/device:GPU") for name, _ in lines)
     busy_ns, first, last = 0.0, None, None
     for _, line in lines:
         for ev in line.events:
-            name = ev.name
-            if name.startswith(("ThreadpoolListener", "end:", "ThunkExecutor")):
-                continue
-            dur = float(ev.duration_ns)
-            if dur <= 0:
-                continue
+            name, dur = ev.name, float(ev.duration_ns)
             stats = _stats(ev)
+            # GPU stream lines hold kernels and copies only; CPU client threads also hold
+            # the runtime's own events (thread-pool waits), which carry no hlo_op
+            if dur <= 0 or (not on_gpu and "hlo_op" not in stats):
+                continue
             hlo = str(stats.get("hlo_op", "")) or name
             key = name if len(name) <= 160 else name[:157] + "..."
             per_op[key][0] += dur

@@ -27,6 +27,7 @@ from flax import nnx
 
 from experiments import bench_reference as ref
 from jaxmp import analysis
+from jaxmp import hlo_weightflow as weightflow
 from jaxmp.checkpoint import Checkpoints
 from jaxmp.experiment import RunConfig, sidecar
 from jaxmp.mesh import format_mesh, make_mesh
@@ -173,7 +174,11 @@ def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
               "bytes_ratio": compiled_pp["bytes"] / minimum[1],
               "count_ratio": compiled_pp["count"] / minimum[0]}
     plan = trainer.plan()
-    gathers = analysis.weight_gathers(module, [row.shape for row in plan.rows])
+    # All-gathers of a weight or a piece, reshaping or cast of one, traced from the
+    # state's parameters through the program (weightflow.weight_derived_gathers).
+    weights = {n: path for n, path in weightflow.jax_entry_parameters(compiled, module).items()
+               if path.startswith("args[0].params")}
+    gathers = weightflow.weight_derived_gathers(module, weights)
     dp = None
     if shape["data"] * shape["fsdp"] > 1:
         # Each device's gradients before the data / fsdp reduction: the parameters split
@@ -207,8 +212,9 @@ def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
         "tensor_parallel": tp,
         "pipeline": pp,
         "data_parallel": dp,
-        "weight_all_gathers": {"count": sum(gathers.values()),
-                               "shapes": sorted([list(d) for d in gathers])},
+        "weight_all_gathers": {"count": sum(g.executions for g in gathers),
+                               "bytes": sum(g.bytes for g in gathers),
+                               "weights": sorted({w for g in gathers for w in g.weights})},
         "flops_per_device": flops.flops,
         "dot_flops_per_device": flops.dot_flops,
         "ideal_flops_per_device": single_flops / n,

@@ -24,12 +24,14 @@ Names = tuple[str | None, ...]
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Names, std: float | None,
           value: float = 0.0) -> nnx.Param:
-    """A parameter with logical names: normal(0, std) if std is given, else constant `value`."""
+    """A parameter with logical names: normal(0, std) if std is given (a weight matrix,
+    weight-decayed), else constant `value` (a bias or norm parameter: weight_decay=False,
+    whatever its number of dimensions, e.g. the (3, heads, kv) QKV bias)."""
     if std is None:
         init = jnp.full(tuple(shape), value, jnp.float32)
     else:
         init = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(init, logical_axes=tuple(names))
+    return nnx.Param(init, logical_axes=tuple(names), weight_decay=std is not None)
 
 
 class Dense(nnx.Module):

@@ -49,6 +49,8 @@ def _bucket(n: int, lo: int = 1) -> int:
 class Generation:
     prompt: list[int]
     tokens: list[int]  # the new tokens only
+    # with return_logits: (new tokens, vocab) float32, the logits each token was chosen from
+    logits: np.ndarray | None = None
 
 
 class Server:
@@ -139,8 +141,9 @@ class Server:
                              f"{int(tokens.min())}..{int(tokens.max())}")
 
     # ------------------------------------------------------------ generate
-    def _compiled_generate(self, batch: int, prompt_len: int, new: int, greedy: bool):
-        key = (batch, prompt_len, new, greedy)
+    def _compiled_generate(self, batch: int, prompt_len: int, new: int, greedy: bool,
+                           return_logits: bool = False):
+        key = (batch, prompt_len, new, greedy, return_logits)
         if key in self._generate:
             return self._generate[key]
         cache_len = min(self.cfg.seq_len, prompt_len + new)
@@ -161,10 +164,11 @@ class Server:
                     tok = (jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else
                            _sample(logits, jax.random.fold_in(key, i), temperature, top_k))
                     nxt, cache = model.decode(tok[:, None], cache, lengths + i)
-                    return (nxt[:, 0], cache), tok
+                    return (nxt[:, 0], cache), (tok, logits if return_logits else None)
 
-                _, toks = jax.lax.scan(body, (last, cache), jnp.arange(new))
-                return toks.T  # (B, new)
+                _, (toks, seen) = jax.lax.scan(body, (last, cache), jnp.arange(new))
+                real = self.cfg.vocab_size
+                return toks.T, None if seen is None else seen[..., :real].swapaxes(0, 1)
 
         compiled = jax.jit(fn, in_shardings=(self.param_shardings, self._batch_sharding(
             (batch, prompt_len)), rows, replicated, replicated, replicated),
@@ -173,9 +177,10 @@ class Server:
         return compiled
 
     def generate(self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
-                 temperature: float = 0.0, top_k: int | None = None,
-                 seed: int = 0) -> list[Generation]:
-        """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy)."""
+                 temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+                 return_logits: bool = False) -> list[Generation]:
+        """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy); with
+        return_logits, each Generation also holds the logits its tokens were chosen from."""
         ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         if not ids:
             raise ServeError("no prompts given")
@@ -207,19 +212,13 @@ class Server:
         for i, p in enumerate(ids):
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
-        fn = self._compiled_generate(batch, plen, new, greedy=temperature == 0)
-        out = fn(self.params, tokens, lengths, jax.random.key(seed),
-                 jnp.float32(temperature), jnp.int32(top_k or 0))
-        out = np.asarray(jax.device_get(out))
-        return [Generation(p, out[i, :max_new_tokens].tolist()) for i, p in enumerate(ids)]
-
-    def generate_by_recompute(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy generation re-running the full forward for every token (reference)."""
-        seq = list(prompt)
-        for _ in range(max_new_tokens):
-            logits = self.predict(np.asarray([seq], np.int32))
-            seq.append(int(jnp.argmax(logits[0, -1])))
-        return seq[len(prompt):]
+        fn = self._compiled_generate(batch, plen, new, temperature == 0, return_logits)
+        out, logits = jax.device_get(fn(self.params, tokens, lengths, jax.random.key(seed),
+                                        jnp.float32(temperature), jnp.int32(top_k or 0)))
+        out = np.asarray(out)
+        return [Generation(p, out[i, :max_new_tokens].tolist(),
+                           None if logits is None else np.asarray(logits[i, :max_new_tokens]))
+                for i, p in enumerate(ids)]
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -71,6 +72,19 @@ class OptConfig:
                         weight_decay=self.weight_decay, mask=decay_mask))
 
 
+def decay_mask(params: nnx.State) -> dict:
+    """Which parameters AdamW decays: matrices, i.e. >= 2 dimensions besides the stacking
+    `layers` axis (a stacked bias or norm scale is (layers, d)), unless the parameter's
+    metadata says weight_decay=False (jaxmp's biases and norm parameters, see layers.param;
+    user models may set it too)."""
+    def rule(v: nnx.Variable) -> bool:
+        meta = v.get_metadata()
+        names = meta.get("logical_axes") or (None,) * np.ndim(v[...])
+        return bool(meta.get("weight_decay", True)) and sum(n != "layers" for n in names) >= 2
+    flat = jax.tree_util.tree_map(rule, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(flat) if isinstance(flat, nnx.State) else flat
+
+
 def _mirror_shardings(tree: Any, params: Any, param_shardings: Any,
                       default: NamedSharding) -> Any:
     """Shardings for optimizer state: a leaf whose key path ends with a parameter's path
@@ -122,12 +136,7 @@ class Trainer:
         self.axes = logical_axes(abs_params)
         self.param_specs = param_specs(self.abstract_params, self.axes, mesh, rules)
         self.param_shardings = named(mesh, self.param_specs)
-        # Weight decay on matrices only: a stacked bias or norm scale is (layers, d), so
-        # count the dimensions that are not the stacking axis.
-        decay = jax.tree_util.tree_map(
-            lambda names: sum(n != "layers" for n in names) >= 2, self.axes,
-            is_leaf=lambda x: isinstance(x, tuple))
-        self.tx = optimizer.optimizer(decay)
+        self.tx = optimizer.optimizer(decay_mask(abs_params))
         self.seed = seed
         self._model = None if self._factory else model
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -188,27 +197,31 @@ class Trainer:
         loss, aux = out if isinstance(out, tuple) else (out, {})
         return loss.astype(jnp.float32), aux
 
-    def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    def _grads(self, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+        """Mean loss and gradients over the batch, in grad_accum_steps parts if asked (the
+        one gradient path of the step and of `grads`). Call under activation_sharding."""
         accum = self.opt.grad_accum_steps
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if accum == 1:
+            (loss, _), grads = grad_fn(params, batch)
+            return loss, grads
+        # (B, ...) -> (A, B/A, ...), rows interleaved so every part keeps the batch's data
+        # sharding.
+        parts = jax.tree_util.tree_map(
+            lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+            dict(batch))
+
+        def body(carry, part):
+            (part_loss, _), g = grad_fn(params, part)
+            return jax.tree_util.tree_map(jnp.add, carry, (part_loss, g)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(body, zero, parts)
+        return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+
+    def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
         with activation_sharding(self.mesh, self.rules):
-            if accum == 1:
-                (loss, _), grads = grad_fn(state.params, batch)
-            else:
-                # (B, ...) -> (A, B/A, ...), rows interleaved so every part keeps the
-                # batch's data sharding.
-                parts = jax.tree_util.tree_map(
-                    lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
-                    dict(batch))
-
-                def body(carry, part):
-                    (part_loss, _), g = grad_fn(state.params, part)
-                    return jax.tree_util.tree_map(jnp.add, carry, (part_loss, g)), None
-
-                zero = (jnp.zeros((), jnp.float32),
-                        jax.tree_util.tree_map(jnp.zeros_like, state.params))
-                (loss, grads), _ = jax.lax.scan(body, zero, parts)
-                loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+            loss, grads = self._grads(state.params, batch)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -238,11 +251,11 @@ class Trainer:
         return self._steps[key]
 
     def grads(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, Any]:
-        """(loss, gradients) of one batch, sharded like the parameters (no update)."""
+        """(loss, gradients) of one batch as the step computes them (accumulation
+        included), sharded like the parameters (no update)."""
         def fn(p, b):
             with activation_sharding(self.mesh, self.rules):
-                (loss, _), g = jax.value_and_grad(self._loss, has_aux=True)(p, b)
-            return loss, g
+                return self._grads(p, b)
         jitted = jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding(batch)),
                          out_shardings=(self.replicated, self.param_shardings))
         return settle(self.mesh, jitted(params, batch))

@@ -39,30 +39,63 @@ def trainer(mesh: str, pipe: PipelineSpec = PipelineSpec(), cfg: GPTConfig = CFG
                    optimizer=opt, **kw)
 
 
-def train(tr: Trainer, data: list[dict]) -> tuple[list[float], dict]:
+def train(tr: Trainer, data: list[dict]) -> tuple[list[float], dict, list[float]]:
+    """Per-step losses, final parameters, per-step gradient norms."""
     state = tr.init_state()
-    losses = []
+    losses, norms = [], []
     for b in data:
         state, m = tr.step(state, tr.put_batch(b))
         losses.append(float(m["loss"]))
-    return losses, jax.device_get(state.params)
+        norms.append(float(m["grad_norm"]))
+    return losses, jax.device_get(state.params), norms
 
 
 @functools.cache
 def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_layers,
-        accum: int = 1) -> tuple[list[float], dict]:
-    """Per-step losses and final parameters (canonical layer order) of STEPS steps."""
+        accum: int = 1) -> tuple[list[float], dict, list[float]]:
+    """Per-step losses, final parameters (canonical layer order) and per-step gradient
+    norms of STEPS steps."""
     cfg = GPTConfig(**{**CFG.to_json(), "num_layers": layers})
     pipe = PipelineSpec(p, m, r)
     opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
-    losses, params = train(trainer(mesh, pipe, cfg, opt), batches())
-    return losses, canonical_layers(params, cfg, pipe)
+    losses, params, norms = train(trainer(mesh, pipe, cfg, opt), batches())
+    return losses, canonical_layers(params, cfg, pipe), norms
 
 
-def assert_same_run(got: tuple[list[float], dict], ref: tuple[list[float], dict]) -> None:
+def assert_same_run(got: tuple, ref: tuple) -> None:
+    """Losses and gradient norms (rtol 1e-5), parameters (rtol 1e-4, atol 1e-6)."""
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[1], ref[1])
+
+
+@functools.cache
+def _reference_grads() -> tuple[float, dict]:
+    tr = trainer("single")
+    loss, g = tr.grads(tr.init_state().params, tr.put_batch(batches(1)[0]))
+    return float(loss), jax.device_get(g)
+
+
+def assert_same_grads(mesh: str, pipe: PipelineSpec = PipelineSpec(), accum: int = 1) -> float:
+    """Loss and gradients of one batch on `mesh` (gradient accumulation in `accum` parts)
+    equal the single-device whole-batch ones: rtol 1e-5 per element, and for elements much
+    smaller than their tensor (sums that cancel) 1e-5 of the tensor's largest gradient
+    (float32 sums in another order). Returns the largest relative difference seen."""
+    ref_loss, ref_g = _reference_grads()
+    opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
+    tr = trainer(mesh, pipe, opt=opt)
+    loss, g = tr.grads(tr.init_state().params, tr.put_batch(batches(1)[0]))
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-6)
+    g = canonical_layers(jax.device_get(g), CFG, pipe)
+    worst = []
+
+    def check(a: np.ndarray, b: np.ndarray) -> None:
+        scale = np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+        worst.append(float(np.abs(a - b).max() / scale) if scale else 0.0)
+    jax.tree_util.tree_map(check, g, ref_g)
+    return max(worst)
 
 
 def run_module(*args: str, timeout: int = 600, env: dict | None = None,

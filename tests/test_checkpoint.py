@@ -1,5 +1,6 @@
 """Orbax checkpoints: restore onto other meshes, exact resume, preemption, bad checkpoints."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -21,7 +22,13 @@ from jaxmp.sharding import DEFAULT_RULES
 
 TRAIN_PIPE = PipelineSpec(2, 2, 2)  # circular: stored layer order is not canonical
 SERVE_MESHES = ["", "tensor:4", "pipe:2", "fsdp:8", "data:2,tensor:2"]
-PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
+# Prompts of three lengths whose greedy continuations differ (checked below).
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], [100, 101, 102, 103, 104, 105, 106, 107, 108], [7, 9, 9, 3]]
+# The saved weights are the trained ones x SCALE: after two steps a tiny GPT's continuation
+# barely depends on its context (every prompt -> one repeated token), which let a KV-cache
+# position bug pass every generation test. Scaled up, continuations differ per prompt.
+SCALE = 6.0
+NEW = 6
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +38,8 @@ def trained(tmp_path_factory):
     state = tr.init_state()
     for b in batches(2):
         state, _ = tr.step(state, tr.put_batch(b))
+    state = dataclasses.replace(state, params=jax.tree_util.tree_map(lambda a: a * SCALE,
+                                                                     state.params))
     path = str(tmp_path_factory.mktemp("ckpt"))
     ckpts = Checkpoints(path)
     meta = sidecar(RunConfig(), CFG, tr.mesh, DEFAULT_RULES, TRAIN_PIPE)
@@ -54,6 +63,7 @@ def servers(trained):
 
 
 @pytest.mark.parametrize("mesh", SERVE_MESHES)
+@pytest.mark.slow
 def test_restore_on_other_meshes_gives_identical_params_and_logits(trained, servers, mesh):
     path, params = trained
     server = servers[mesh]
@@ -61,27 +71,55 @@ def test_restore_on_other_meshes_gives_identical_params_and_logits(trained, serv
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
     tokens = np.asarray(batches(1)[0]["tokens"][:4, :16])
     np.testing.assert_allclose(np.asarray(server.predict(tokens))[..., :256],
-                               _reference_logits(params, tokens)[..., :256], rtol=1e-5, atol=1e-5)
+                               _reference_logits(params, tokens)[..., :256], rtol=1e-5, atol=1e-4)
 
 
-def test_greedy_generations_identical_across_meshes(servers):
-    outs = {m: [g.tokens for g in s.generate(PROMPTS, 6)] for m, s in servers.items()}
+@pytest.mark.slow
+def test_greedy_generations_identical_across_meshes_and_differ_per_prompt(servers):
+    outs = {m: [g.tokens for g in s.generate(PROMPTS, NEW)] for m, s in servers.items()}
     first = outs[SERVE_MESHES[0]]
     assert all(o == first for o in outs.values()), outs
+    assert len({tuple(t) for t in first}) == len(PROMPTS), first  # context matters
+    assert any(len(set(t)) > 2 for t in first), first  # not one repeated token each
 
 
-def test_kv_cache_generation_equals_recompute(servers):
-    server = servers["tensor:4"]
-    for prompt in PROMPTS[:2]:
-        cached = server.generate([prompt], 8)[0].tokens
-        assert cached == server.generate_by_recompute(prompt, 8)
+def _window_logits(server, gens) -> np.ndarray:
+    """predict's logits over each prompt + its continuation (one padded window: causal,
+    so the padding after a row's end does not change the logits read)."""
+    window = np.zeros((len(gens), CFG.seq_len), np.int32)
+    for i, g in enumerate(gens):
+        window[i, :len(g.prompt) + len(g.tokens)] = g.prompt + g.tokens
+    return np.asarray(server.predict(window))[..., :CFG.vocab_size]
+
+
+@pytest.mark.parametrize("mesh", SERVE_MESHES)
+def test_kv_cache_logits_equal_the_full_forward_at_every_step(servers, mesh):
+    """Each decoded token's logits (KV cache, a batch of three prompt lengths) equal the
+    full forward's logits at its position. Catches a cache position off by one, a cache
+    written into the wrong layer or row, a wrong mask or position embedding, on every
+    serving mesh (pipe: each stage's own cache)."""
+    server = servers[mesh]
+    gens = server.generate(PROMPTS, NEW, return_logits=True)
+    full = _window_logits(server, gens)
+    worst = 0.0
+    for i, g in enumerate(gens):
+        start = len(g.prompt) - 1
+        ref = full[i, start:start + NEW]
+        assert g.logits.shape == ref.shape == (NEW, CFG.vocab_size)
+        worst = max(worst, float(np.abs(g.logits - ref).max()))
+        np.testing.assert_allclose(g.logits, ref, rtol=1e-5, atol=1e-4)
+        assert g.tokens == [int(t) for t in ref.argmax(-1)]  # greedy = argmax of those
+    print(f"{mesh or 'one device'}: max |KV-cache - full forward| logit difference {worst:.2e}")
 
 
 def test_mixed_length_batch_equals_each_alone(servers):
+    """A row's result does not depend on the other rows (their lengths, their padding)."""
     server = servers["data:2,tensor:2"]
-    together = [g.tokens for g in server.generate(PROMPTS, 7)]
-    alone = [server.generate([p], 7)[0].tokens for p in PROMPTS]
-    assert together == alone
+    together = server.generate(PROMPTS, NEW, return_logits=True)
+    for p, g in zip(PROMPTS, together):
+        alone = server.generate([p], NEW, return_logits=True)[0]
+        assert g.tokens == alone.tokens
+        np.testing.assert_allclose(g.logits, alone.logits, rtol=1e-5, atol=1e-4)
 
 
 def test_sampling_is_seeded_and_respects_top_k(servers):
@@ -121,6 +159,7 @@ def test_params_only_restore_does_not_read_optimizer_state(trained, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(server.params), params)
 
 
+@pytest.mark.slow
 def test_export_bf16_params_only(trained, tmp_path):
     path, params = trained
     export_params(path, str(tmp_path / "bf16"), dtype="bfloat16")
@@ -129,7 +168,7 @@ def test_export_bf16_params_only(trained, tmp_path):
     assert got["wte"]["embedding"].dtype == np.dtype("bfloat16")
     np.testing.assert_allclose(got["wte"]["embedding"].astype(np.float32),
                                params["wte"]["embedding"], rtol=1e-2, atol=1e-3)
-    assert len(server.generate(PROMPTS, 3)) == 3
+    assert len(server.generate(PROMPTS, 3)) == len(PROMPTS)
 
 
 def test_checkpoint_errors(trained, tmp_path):
@@ -147,6 +186,7 @@ def test_checkpoint_errors(trained, tmp_path):
         Checkpoints(path, create=False).restore(other.abstract_state())
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_names_step_and_suggests_previous(tmp_path):
     tr = trainer("data:8")
     state = tr.init_state()
@@ -176,6 +216,7 @@ def _cfg(tmp, **kw):
     return RunConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_on_the_same_mesh_and_close_on_another(tmp_path):
     straight = train(_cfg(tmp_path / "a")).losses
     first = train(_cfg(tmp_path / "b", run_until=3)).losses
@@ -187,6 +228,7 @@ def test_resume_is_bit_identical_on_the_same_mesh_and_close_on_another(tmp_path)
     np.testing.assert_allclose(other, straight[3:], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model(tmp_path):
     train(_cfg(tmp_path, steps=1))
     with pytest.raises(ValueError, match="holds a run of gpt .* not of these flags"):
@@ -222,6 +264,7 @@ SMALL = ["--num_layers=2", "--d_model=32", "--num_heads=4", "--seq_len=32", "--b
          "--microbatches=2"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
     proc = _launch([*SMALL, "--steps=100000", "--ckpt_every=100000"], tmp_path)
     _wait_for(proc, r"step +3/")
@@ -237,6 +280,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
     assert Checkpoints(str(tmp_path), create=False).latest_step() == step + 2
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
     big = ["--num_layers=4", "--d_model=1024", "--num_heads=8", "--seq_len=16", "--batch_size=8",
            "--microbatches=2", "--mesh=data:2,tensor:4"]
@@ -254,14 +298,20 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
     assert proc.returncode == 0 and f"resumed from {tmp_path} step 2" in out, out
 
 
+@pytest.mark.slow
 def test_pipe_serving_keeps_layer_weights_on_their_stage(servers):
-    """KV-cache decode on pipe:2 runs through the pipeline: no all-gather of layer weights."""
-    import re
+    """KV-cache decode on pipe:2 runs through the pipeline: no all-gather of the stacked
+    layer weights, nor of any piece, reshaping or cast of them (traced through the program)."""
+    from jaxmp import analysis
+    from jaxmp import hlo_weightflow as weightflow
 
     server = servers["pipe:2"]
-    fn = server._compiled_generate(1, 8, 8, greedy=True)
-    text = fn.lower(server.params, np.zeros((1, 8), np.int32), np.ones((1,), np.int32),
-                    jax.random.key(0), np.float32(0), np.int32(0)).compile().as_text()
-    gathers = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", text)
-    assert not [g for g in gathers if g.startswith(f"{CFG.num_layers},")], gathers
-    assert "collective-permute" in text
+    fn = server._compiled_generate(1, 8, 8, True)
+    compiled = fn.lower(server.params, np.zeros((1, 8), np.int32), np.ones((1,), np.int32),
+                        jax.random.key(0), np.float32(0), np.int32(0)).compile()
+    module = analysis.parse_hlo(compiled.as_text())
+    layers = {n: p for n, p in weightflow.jax_entry_parameters(compiled, module).items()
+              if p.startswith("args[0]['blocks']")}
+    assert len(layers) == 12  # every stacked layer weight is an argument of the program
+    assert weightflow.weight_derived_gathers(module, layers) == []
+    assert analysis.collective_totals(analysis.collectives(module))["collective-permute"]["count"]

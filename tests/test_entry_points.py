@@ -6,6 +6,8 @@ import re
 import pytest
 from helpers import ROOT, run_module
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: the full suite only
+
 METRIC_KEYS = {"step", "loss", "grad_norm", "learning_rate", "step_time_s", "tokens_per_s", "mfu"}
 
 

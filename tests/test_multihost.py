@@ -17,6 +17,8 @@ from jaxmp.checkpoint import Checkpoints
 from jaxmp.distributed import DistributedError, free_port, initialize
 from jaxmp.serve import Server
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: the full suite only
+
 FLAGS = ["--num_layers=2", "--d_model=32", "--num_heads=4", "--seq_len=32", "--batch_size=8",
          "--microbatches=2", "--mesh=data:2,pipe:2,tensor:2", "--log_every=1", "--serve_mesh=",
          "--steps=12"]

@@ -119,3 +119,31 @@ def test_plan_table_bytes_and_totals():
     text = p.format()
     assert "blocks/mlp/fc/kernel" in text and "P(None, None, 'tensor')" in text
     assert f"total: {p.total_params:,} parameters" in text
+
+
+@pytest.mark.slow
+def test_weight_gathers_traced_through_compiled_train_steps():
+    """Which all-gathers gather a weight, traced from the state's parameters through the
+    compiled train step: under FSDP every one (each sharded weight per layer, forward and
+    backward); under the pipeline and tensor parallelism none."""
+    from helpers import batches, trainer
+
+    from jaxmp import analysis
+    from jaxmp import hlo_weightflow as weightflow
+    from jaxmp.pipeline import PipelineSpec
+
+    def traced(mesh: str, pipe: PipelineSpec = PipelineSpec()):
+        compiled = trainer(mesh, pipe, CFG).lower(batches(1)[0]).compile()
+        module = analysis.parse_hlo(compiled.as_text())
+        weights = {n: path for n, path in weightflow.jax_entry_parameters(compiled, module).items()
+                   if path.startswith("args[0].params")}
+        assert len(weights) == 16
+        return module, weightflow.weight_derived_gathers(module, weights)
+
+    module, found = traced("fsdp:8")
+    gathers = analysis.collective_totals(analysis.collectives(module))["all-gather"]
+    assert sum(g.executions for g in found) == gathers["count"] > 0
+    qkv = [g for g in found if g.weights == ("args[0].params['blocks']['attn']['qkv']['kernel']",)]
+    assert sum(g.executions for g in qkv) == 2 * CFG.num_layers
+    assert traced("pipe:4,tensor:2", PipelineSpec(4, 4, 1))[1] == []
+    assert traced("tensor:8")[1] == []
