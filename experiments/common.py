@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 SIMULATE = flags.DEFINE_integer(
     "simulate_devices", 8,
@@ -14,25 +14,6 @@ COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-
-
-def define_model_flags() -> None:
-    """The model and layout flags of train and inspect (DESIGN.md's names)."""
-    flags.DEFINE_enum("model", "gpt", ["gpt", "mlp"], "Model family.")
-    flags.DEFINE_enum("preset", "tiny", ["tiny", "small", "medium", "large", "xl"],
-                      "GPT-2 shape.")
-    flags.DEFINE_integer("num_layers", None, "Override: decoder layers (GPT) or hidden "
-                         "layers (MLP).")
-    flags.DEFINE_integer("d_model", None, "Override: model width (GPT) or hidden width (MLP).")
-    flags.DEFINE_integer("num_heads", None, "Override: attention heads.")
-    flags.DEFINE_integer("seq_len", None, "Override: context length.")
-    flags.DEFINE_integer("vocab_size", None, "Vocabulary (default 256 for bytes, 50257 for "
-                         "token files).")
-    flags.DEFINE_string("mesh", "data:2,pipe:2,tensor:2", "Mesh, e.g. data:2,pipe:2,tensor:2.")
-    flags.DEFINE_integer("microbatches", 4, "Pipeline micro-batches per data shard.")
-    flags.DEFINE_integer("pipeline_repeats", 1, "Circular pipeline rounds (layer groups per "
-                         "stage).")
-    flags.DEFINE_string("rules", "", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
 
 
 def setup_devices() -> None:
@@ -50,6 +31,7 @@ def run_guarded(argv: list[str], body: Callable[[], int | None]) -> int:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         setup_devices()
         return body() or 0

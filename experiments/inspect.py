@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments.common import define_model_flags, run_guarded
+from experiments import flagtree
+from experiments.common import run_guarded
+from jaxmp.config import InspectConfig
 
 F = flags.FLAGS
-define_model_flags()
+flagtree.define(InspectConfig)
+flags.adopt_module_key_flags(flagtree)
 flags.DEFINE_string("plot", None, "Also draw the schedule grid into this PNG (needs matplotlib).")
 
 
@@ -56,22 +59,22 @@ def main(argv: list[str]) -> int:
 
 def inspect() -> None:
     """Print the plan and, with a pipe axis, the schedule grid."""
-    from jaxmp.experiment import RunConfig, build_model_factory, build_rules
-    from jaxmp.mesh import format_mesh, make_mesh
-    from jaxmp.pipeline import PipelineSpec, format_timeline, stage_layers
+    from flax import nnx
+
+    from jaxmp.config import RunConfig
+    from jaxmp.experiment import layout, model_config
+    from jaxmp.mesh import format_mesh
+    from jaxmp.pipeline import format_timeline, stage_layers
     from jaxmp.train import Trainer
 
-    cfg = RunConfig(model=F.model, preset=F.preset, num_layers=F.num_layers,
-                    d_model=F.d_model, num_heads=F.num_heads, seq_len=F.seq_len,
-                    vocab_size=F.vocab_size or 256, mesh=F.mesh, microbatches=F.microbatches,
-                    pipeline_repeats=F.pipeline_repeats, rules=F.rules)
-    model_cfg = cfg.model_config()
-    mesh = make_mesh(cfg.mesh)
-    pipe = PipelineSpec(mesh.shape["pipe"], cfg.microbatches, cfg.pipeline_repeats)
-    pipe.validate(model_cfg.num_layers)
-    trainer = Trainer(build_model_factory(model_cfg, pipe, 0), lambda m, b: 0.0, mesh,
-                      rules=build_rules(cfg))
-    print(f"{cfg.model} on {format_mesh(mesh)}")
+    tree = flagtree.build(InspectConfig)
+    cfg = RunConfig(model=tree.model, layout=tree.layout, data=tree.data)
+    family, model_cfg = model_config(cfg)
+    mesh, pipe, rules = layout(cfg, family, model_cfg)
+    pipe.validate(model_cfg.num_layers, what=family.layers_name)
+    trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(0)), lambda m, b: 0.0, mesh,
+                      rules=rules)
+    print(f"{family.name} on {format_mesh(mesh)}")
     print(trainer.plan().format())
     if pipe.enabled:
         print(f"\npipeline: p={pipe.stages} stages, m={pipe.microbatches} micro-batches, "

@@ -5,11 +5,13 @@
     trainer = jaxmp.Trainer(model_factory, loss_fn, mesh)
 """
 
-from jaxmp.checkpoint import CheckpointError, Checkpoints, export_params
-from jaxmp.layers import MLP, Attention, DecoderBlock, Dense, Embed, LayerNorm, stack_layers
+from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints, export_params
+from jaxmp.config import RunConfig
+from jaxmp.layers import MLP, Attention, DecoderBlock, Dense, Embed, LayerNorm
 from jaxmp.mesh import AXES, MeshError, format_mesh, make_mesh, parse_mesh, simulate_cpu_devices
 from jaxmp.models.gpt import GPT, PRESETS, GPTConfig, lm_loss, preset
 from jaxmp.models.mlp import LayerwiseMLP, MLPConfig, classification_loss
+from jaxmp.models.registry import Family, register
 from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_fraction
 from jaxmp.serve import ServeError, Server
 from jaxmp.sharding import (
@@ -23,13 +25,15 @@ from jaxmp.sharding import (
     logical_axes,
     plan,
 )
+from jaxmp.stack import LayerStack
 from jaxmp.train import OptConfig, Trainer, TrainState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MLP", "Attention", "CheckpointError", "Checkpoints", "DecoderBlock", "Dense", "Embed",
-    "LayerNorm", "Server", "ServeError", "export_params", "stack_layers",
+    "LayerNorm", "Server", "ServeError", "export_params", "CheckpointRecord", "RunConfig",
+    "Family", "register", "LayerStack",
     "AXES", "DEFAULT_RULES", "GPT", "GPTConfig", "LOGICAL_NAMES", "LayerwiseMLP", "MLPConfig",
     "MeshError", "OptConfig", "PRESETS", "PipelineError", "PipelineSpec", "Plan", "Rules",
     "ShardingError", "TrainState", "Trainer", "activation_sharding", "bubble_fraction",

@@ -14,6 +14,7 @@ Restoring reads straight into the target shardings (each device reads its own sl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxmp.sharding import path_str
+from jaxmp.mesh import format_mesh
+from jaxmp.pipeline import PipelineSpec
+from jaxmp.sharding import Rules, path_str
+from jaxmp.stack import LayerStack, reorder
 from jaxmp.train import TrainState
 
 
@@ -48,18 +52,66 @@ def check_shapes(saved: dict[str, list[int]], params: Any, where: str) -> None:
                 "the requested model; use the model flags it was trained with")
 
 
-def permute_layers(tree: Any, stacked: str, saved_order: Sequence[int],
-                   target_order: Sequence[int], shardings: Any) -> Any:
-    """Reorder the stacked-layer axis from the saved storage order to the target's."""
+def _versions() -> dict[str, str]:
+    import flax
+    import orbax.checkpoint
+
+    import jaxmp
+
+    return {"jaxmp": jaxmp.__version__, "jax": jax.__version__, "flax": flax.__version__,
+            "orbax": orbax.checkpoint.__version__}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRecord:
+    """What a checkpoint needs to rebuild its model with no training flags: the `meta` item.
+    Its JSON keeps the names of the first format ("model" for the family, "stacked" for the
+    stack), so checkpoints written before this class existed read the same."""
+    family: str
+    config: dict                  # the family's config, as JSON
+    mesh: str                     # the training mesh
+    rules: dict
+    pipeline: dict                # stages, microbatches, repeats
+    layer_order: list[int]        # storage order of the stacked layers
+    stack: str                    # the parameter subtree that is the LayerStack
+    data: dict = dataclasses.field(default_factory=dict)  # source, seed, batch_size
+    versions: dict = dataclasses.field(default_factory=_versions)
+    step: int | None = None
+    param_shapes: dict | None = None
+    params_only: bool = False
+    param_dtype: str = "float32"
+
+    @classmethod
+    def create(cls, family: str, stack: str, config: Any, mesh: Any, rules: Rules,
+               pipeline: PipelineSpec, data: dict | None = None) -> CheckpointRecord:
+        order = LayerStack(config.num_layers, pipeline).order
+        return cls(family, config.to_json(), format_mesh(mesh), rules.to_json(),
+                   dataclasses.asdict(pipeline), order, stack, dict(data or {}))
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"], d["stacked"] = d.pop("family"), d.pop("stack")
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> CheckpointRecord:
+        d = dict(d)
+        d["family"], d["stack"] = d.pop("model", "gpt"), d.pop("stacked", "blocks")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def reorder_stack(tree: Any, stack: str, saved_order: Sequence[int],
+                  target_order: Sequence[int], shardings: Any) -> Any:
+    """Every leaf under a `stack` key (parameters, Adam moments) from the saved storage
+    order to the target's, laid out with `shardings`."""
     if list(saved_order) == list(target_order):
         return tree
-    where = {layer: q for q, layer in enumerate(saved_order)}
-    idx = jnp.asarray([where[layer] for layer in target_order])
-    n = len(idx)
+    n = len(target_order)
 
     def fix(path: tuple, x: Any) -> Any:
-        hit = any(getattr(k, "key", None) == stacked for k in path)
-        return x[idx] if hit and np.ndim(x) and x.shape[0] == n else x
+        hit = any(getattr(k, "key", None) == stack for k in path)
+        return reorder(x, saved_order, target_order) if hit and np.ndim(x) and x.shape[0] == n else x
     return jax.jit(lambda t: jax.tree_util.tree_map_with_path(fix, t),
                    out_shardings=shardings)(tree)
 
@@ -70,11 +122,11 @@ class Checkpoints:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                  create: bool = True):
         if keep is not None and keep < 1:
-            raise CheckpointError(f"--keep_checkpoints={keep} must be >= 1")
+            raise CheckpointError(f"keep_checkpoints={keep} must be >= 1")
         self.directory = os.path.abspath(directory)
         if not create and not os.path.isdir(self.directory):
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist; "
-                                  "pass the --ckpt_dir a training run wrote")
+                                  "pass the ckpt_dir a training run wrote")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
             cleanup_tmp_directories=create)
@@ -94,7 +146,7 @@ class Checkpoints:
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no complete checkpoint in {self.directory}; train with "
-                                  f"--ckpt_dir={self.directory} first")
+                                  f"ckpt_dir={self.directory} first")
         if step is None:
             return steps[-1]
         if step not in steps:
@@ -102,16 +154,17 @@ class Checkpoints:
                                   f"complete steps: {steps}")
         return step
 
-    def meta(self, step: int | None = None) -> dict:
+    def record(self, step: int | None = None) -> CheckpointRecord:
+        """The record (model, layout, layer order, ...) saved with a step."""
         step = self.resolve(step)
-        out = self._restore(step, meta=ocp.args.JsonRestore())
-        return dict(out["meta"])
+        return CheckpointRecord.from_json(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
 
     # ------------------------------------------------------------ save
-    def save(self, state: TrainState, meta: dict, *, wait: bool = False) -> int:
+    def save(self, state: TrainState, record: CheckpointRecord, *, wait: bool = False) -> int:
         """Start saving `state` at its step (asynchronously unless wait=True)."""
         step = int(jax.device_get(state.step))
-        meta = {**meta, "step": step, "param_shapes": param_shapes(state.params)}
+        meta = dataclasses.replace(record, step=step,
+                                   param_shapes=param_shapes(state.params)).to_json()
         train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
@@ -135,39 +188,42 @@ class Checkpoints:
             raise
         except Exception as e:  # unreadable / truncated files
             earlier = [s for s in self.steps() if s < step]
-            hint = (f"try the previous one with --step={earlier[-1]}" if earlier
+            hint = (f"try the previous one with step={earlier[-1]}" if earlier
                     else "no earlier checkpoint exists")
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                   f"{hint}") from e
 
     def restore(self, abstract: TrainState, *, step: int | None = None,
-                layer_order: Sequence[int] | None = None, stacked: str = "blocks") -> TrainState:
-        """The full TrainState, read into `abstract`'s shardings (any mesh)."""
+                layer_order: Sequence[int] | None = None) -> TrainState:
+        """The full TrainState, read into `abstract`'s shardings (any mesh); with
+        `layer_order` the stacked layers (and their Adam moments) come back in that order."""
         step = self.resolve(step)
-        meta = self.meta(step)
-        check_shapes(meta["param_shapes"], abstract.params, f"checkpoint step {step}")
+        record = self.record(step)
+        check_shapes(record.param_shapes, abstract.params, f"checkpoint step {step}")
         train_abs = {"opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng}
         out = self._restore(step, params=ocp.args.StandardRestore(abstract.params),
                             train=ocp.args.StandardRestore(train_abs))
         state = TrainState(out["train"]["step"], out["params"], out["train"]["opt_state"],
                            out["train"]["rng"])
-        if layer_order is not None and meta.get("layer_order"):
-            shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
-            state = permute_layers(state, stacked, meta["layer_order"], layer_order, shardings)
-        return state
+        return self._reordered(state, abstract, record, layer_order)
 
     def restore_params(self, abstract_params: Any, *, step: int | None = None,
-                       layer_order: Sequence[int] | None = None, stacked: str = "blocks") -> Any:
+                       layer_order: Sequence[int] | None = None) -> Any:
         """Parameters only (the optimizer state is not read)."""
         step = self.resolve(step)
-        meta = self.meta(step)
-        check_shapes(meta["param_shapes"], abstract_params, f"checkpoint step {step}")
+        record = self.record(step)
+        check_shapes(record.param_shapes, abstract_params, f"checkpoint step {step}")
         params = self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
-        if layer_order is not None and meta.get("layer_order"):
-            shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_params)
-            params = permute_layers(params, stacked, meta["layer_order"], layer_order, shardings)
-        return params
+        return self._reordered(params, abstract_params, record, layer_order)
+
+    @staticmethod
+    def _reordered(tree: Any, abstract: Any, record: CheckpointRecord,
+                   layer_order: Sequence[int] | None) -> Any:
+        if layer_order is None or not record.layer_order:
+            return tree
+        shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+        return reorder_stack(tree, record.stack, record.layer_order, layer_order, shardings)
 
 
 def export_params(src: str, dst: str, *, step: int | None = None,
@@ -177,10 +233,10 @@ def export_params(src: str, dst: str, *, step: int | None = None,
     The copy keeps the sidecar, so `Server` loads it like a training checkpoint."""
     source = Checkpoints(src, create=False)
     step = source.resolve(step)
-    meta = source.meta(step)
+    record = source.record(step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target: dict = {}
-    for path, shape in meta["param_shapes"].items():  # rebuild the tree from the sidecar
+    for path, shape in record.param_shapes.items():  # rebuild the tree from the record
         *parents, leaf = path.split("/")
         node = target
         for key in parents:
@@ -193,7 +249,8 @@ def export_params(src: str, dst: str, *, step: int | None = None,
         enable_async_checkpointing=False), item_names=("params", "meta"))
     out.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({**meta, "params_only": True, "param_dtype": dtype or "float32"})),
+        meta=ocp.args.JsonSave(dataclasses.replace(
+            record, params_only=True, param_dtype=dtype or "float32").to_json())),
         force=True)
     out.wait_until_finished()
     out.close()

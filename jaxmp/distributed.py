@@ -37,17 +37,17 @@ def _check(coordinator_address: str | None, num_processes: int | None,
            process_id: int | None) -> None:
     given = [x is not None for x in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
-        raise DistributedError("--coordinator_address, --num_processes and --process_id go "
+        raise DistributedError("coordinator_address, num_processes and process_id go "
                                "together: give all three (or none, to auto-detect)")
     if num_processes is not None and num_processes < 1:
-        raise DistributedError(f"--num_processes={num_processes} must be >= 1")
+        raise DistributedError(f"num_processes={num_processes} must be >= 1")
     if process_id is not None and not 0 <= process_id < (num_processes or 0):
-        raise DistributedError(f"--process_id={process_id} is out of range for "
-                               f"--num_processes={num_processes} (0..{num_processes - 1})")
+        raise DistributedError(f"process_id={process_id} is out of range for "
+                               f"num_processes={num_processes} (0..{num_processes - 1})")
     if coordinator_address is not None:
         host, sep, port = coordinator_address.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise DistributedError(f"--coordinator_address={coordinator_address!r} must be "
+            raise DistributedError(f"coordinator_address={coordinator_address!r} must be "
                                    "HOST:PORT, e.g. 10.0.0.1:1234")
 
 
@@ -66,7 +66,7 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
             if time.monotonic() >= deadline:
                 raise DistributedError(
                     f"coordinator {address} unreachable after {timeout_s:g}s ({e.strerror or e}); "
-                    "start process 0 first and check --coordinator_address") from None
+                    "start process 0 first and check coordinator_address") from None
             time.sleep(0.5)
 
 

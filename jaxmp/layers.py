@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -192,58 +192,6 @@ class DecoderBlock(nnx.Module):
         x = constrain(x + a, ("batch", "length", "embed"))
         x = x + self.mlp(self.ln2(x))
         return constrain(x, ("batch", "length", "embed")), cache
-
-
-# ---------------------------------------------------------------- stacks of equal layers
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def remat(fn: Callable, policy: str) -> Callable:
-    """Wrap a per-layer function in jax.checkpoint according to --remat."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"--remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
-    if policy == "none":
-        return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
-
-
-def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, num: int,
-                 order: Sequence[int] | None = None) -> nnx.Module:
-    """`num` copies of a layer with parameters stacked on a leading `layers` axis.
-
-    Layer i is initialised from fold_in(key, i), whatever the storage order, so a model
-    stored in pipeline order holds exactly the weights of the unpipelined model.
-    `order[q]` is the layer stored at position q (default: identity).
-    """
-    order = list(range(num)) if order is None else list(order)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(order))
-    values = jax.vmap(lambda k: nnx.to_pure_dict(nnx.state(make(nnx.Rngs(k)), nnx.Param)))(keys)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-    stacked = nnx.merge(graphdef, values)
-    for _, var in nnx.iter_graph(stacked):
-        if isinstance(var, nnx.Param):
-            var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
-    return stacked
-
-
-def layer_slices(stacked: nnx.Module) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef of one layer, pure dict of stacked parameters) for scanning over layers."""
-    graphdef, state = nnx.split(stacked)
-    return graphdef, nnx.to_pure_dict(state)
-
-
-def unstack_layers(stacked: dict, num: int) -> list[dict]:
-    """Each layer's parameters from the stacked (layers, ...) arrays, for an unrolled loop.
-    One split, not `num` indexings: the gradient of a split is one concatenation, while
-    the gradient of `a[i]` pads layer i's gradient to the whole stack and the `num` padded
-    arrays are summed (seen on an H100: 17 ms of a 107 ms GPT-2 medium step)."""
-    parts = jax.tree_util.tree_map(lambda a: jnp.split(a, num, axis=0), stacked)
-    return [jax.tree_util.tree_map(lambda p, i=i: p[i][0], parts,
-                                   is_leaf=lambda x: isinstance(x, list)) for i in range(num)]
 
 
 def scale_std(num_layers: int) -> float:

@@ -84,7 +84,7 @@ def simulate_cpu_devices(n: int) -> None:
     Does nothing where an accelerator platform is requested (JAX_PLATFORMS names one).
     """
     if n < 1:
-        raise MeshError(f"--simulate_devices={n}: need at least 1 device")
+        raise MeshError(f"simulate_devices={n}: need at least 1 device")
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():

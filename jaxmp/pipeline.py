@@ -49,20 +49,20 @@ class PipelineSpec:
                  what: str = "decoder layers") -> None:
         p, m, r = self.stages, self.microbatches, self.repeats
         if p < 1 or m < 1 or r < 1:
-            raise PipelineError(f"pipe={p}, --microbatches={m}, --pipeline_repeats={r}: all must be >= 1")
+            raise PipelineError(f"pipe={p}, microbatches={m}, pipeline_repeats={r}: all must be >= 1")
         if num_layers % (p * r):
             raise PipelineError(
-                f"{num_layers} {what} cannot be split into pipe({p}) x --pipeline_repeats({r}) = "
+                f"{num_layers} {what} cannot be split into pipe({p}) x pipeline_repeats({r}) = "
                 f"{p * r} equal groups; use a layer count divisible by {p * r}")
         if r > 1 and m < p:
             raise PipelineError(
-                f"the circular schedule (--pipeline_repeats={r}) needs --microbatches >= pipe size "
+                f"the circular schedule (pipeline_repeats={r}) needs microbatches >= pipe size "
                 f"({m} < {p}): an item leaving the last stage must find stage 0 free; "
-                f"use --microbatches={p} or more, or --pipeline_repeats=1")
+                f"use microbatches={p} or more, or pipeline_repeats=1")
         if batch_per_shard is not None and batch_per_shard % m:
             raise PipelineError(
                 f"the batch per data shard ({batch_per_shard}) is not divisible by "
-                f"--microbatches={m}; choose a batch size so that batch/(data*fsdp) divides by {m}")
+                f"microbatches={m}; choose a batch size so that batch/(data*fsdp) divides by {m}")
 
 
 # ---------------------------------------------------------------- the schedule (pure)
@@ -213,46 +213,26 @@ def _pipeline(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array, spec: Pi
     """
     p, m, r = spec.stages, spec.microbatches, spec.repeats
     if state is not None and m != 1:
-        raise PipelineError(f"per-layer state (KV cache) needs --microbatches=1, not {m}")
+        raise PipelineError(f"per-layer state (KV cache) needs microbatches=1, not {m}")
     L = jax.tree_util.tree_leaves(stacked)[0].shape[0]
     k = L // (p * r)
     b = x.shape[0]
 
-    def to_stages(a: jax.Array, names: tuple) -> jax.Array:  # (L, ...) -> (p, r, k, ...)
-        a = a.reshape(p, r, k, *a.shape[1:])
-        return constrain(a, ("stage", None, None, *names[1:]), kind="params")
-
-    weights = jax.tree_util.tree_map(to_stages, stacked, param_names)
+    weights = _to_stages(stacked, param_names, p, r, k, "params")
     if state is not None:
-        state = jax.tree_util.tree_map(
-            lambda a, n: constrain(a.reshape(p, r, k, *a.shape[1:]), ("stage", None, None, *n[1:])),
-            state, state_names)
+        state = _to_stages(state, state_names, p, r, k, "activations")
 
     # (B, ...) -> (m, B/m, ...): micro-batch i takes rows i, m+i, 2m+i, ... so that every
     # micro-batch keeps the batch's data sharding (no data moves).
     mb = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
-    buf_names = ("stage", None, *x_names)
-    buf = constrain(jnp.broadcast_to(mb[None], (p, *mb.shape)), buf_names)
+    buf = constrain(jnp.broadcast_to(mb[None], (p, *mb.shape)), ("stage", None, *x_names))
     out = constrain(jnp.zeros((p, *mb.shape[1:]), x.dtype), ("stage", *x_names))
     stage = jnp.arange(p)
 
-    def stage_fn(w: Any, h: jax.Array, st: Any = None) -> Any:  # a stage: its k layers
-        if st is None:
-            return jax.lax.scan(lambda c, wl: (layer_fn(wl, c), None), h, w)[0]
-        return jax.lax.scan(lambda c, ws: layer_fn(ws[0], c, ws[1]), h, (w, st))
-
-    run_stages = jax.vmap(stage_fn, spmd_axis_name="pipe")
+    run_stages = jax.vmap(_stage_fn(layer_fn), spmd_axis_name="pipe")
     pick = jax.vmap(lambda w, j: jax.tree_util.tree_map(lambda a: a[j], w))
     put = jax.vmap(lambda w, j, new: jax.tree_util.tree_map(lambda a, n: a.at[j].set(n), w, new))
-
-    def receive(buf: jax.Array, out: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        shifted = constrain(jnp.roll(out, 1, axis=0), ("stage", *x_names))  # s-1 -> s
-        valid, slot = arrival(t, p, m, r)
-        keep = (stage == 0) & valid
-        keep = keep.reshape(p, *([1] * (shifted.ndim - 1)))
-        cur = jax.lax.dynamic_index_in_dim(buf, slot, 1, keepdims=False)
-        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, shifted, cur), slot, 1)
-        return constrain(buf, buf_names), shifted
+    receive = lambda buf, out, t: _receive(buf, out, t, spec, x_names)
 
     def tick(carry: tuple, t: jax.Array):
         buf, out, st = carry
@@ -281,3 +261,32 @@ def _pipeline(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array, spec: Pi
         return y
     state = jax.tree_util.tree_map(lambda a: a.reshape(L, *a.shape[3:]), state)
     return y, state
+
+
+def _to_stages(tree: Any, names: Any, p: int, r: int, k: int, kind: str) -> Any:
+    """Stacked (L, ...) arrays -> (p, r, k, ...), the stage axis split over `pipe`."""
+    return jax.tree_util.tree_map(
+        lambda a, n: constrain(a.reshape(p, r, k, *a.shape[1:]), ("stage", None, None, *n[1:]),
+                               kind=kind), tree, names)
+
+
+def _stage_fn(layer_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One stage's k layers in order (threading per-layer state when there is some)."""
+    def stage(w: Any, h: jax.Array, st: Any = None) -> Any:
+        if st is None:
+            return jax.lax.scan(lambda c, wl: (layer_fn(wl, c), None), h, w)[0]
+        return jax.lax.scan(lambda c, ws: layer_fn(ws[0], c, ws[1]), h, (w, st))
+    return stage
+
+
+def _receive(buf: jax.Array, out: jax.Array, t: jax.Array, spec: PipelineSpec,
+             x_names: tuple[str | None, ...]) -> tuple[jax.Array, jax.Array]:
+    """Shift every stage's output one stage on (s-1 -> s: a collective-permute) and store
+    what leaves the last stage in stage 0's buffer slot for it (arrival)."""
+    p, m, r = spec.stages, spec.microbatches, spec.repeats
+    shifted = constrain(jnp.roll(out, 1, axis=0), ("stage", *x_names))
+    valid, slot = arrival(t, p, m, r)
+    keep = ((jnp.arange(p) == 0) & valid).reshape(p, *([1] * (shifted.ndim - 1)))
+    cur = jax.lax.dynamic_index_in_dim(buf, slot, 1, keepdims=False)
+    buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, shifted, cur), slot, 1)
+    return constrain(buf, ("stage", None, *x_names)), shifted

@@ -21,10 +21,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.checkpoint import Checkpoints
+from jaxmp.data import TextCodec
 from jaxmp.layers import LayerNorm
 from jaxmp.mesh import make_mesh
-from jaxmp.models.gpt import GPT, GPTConfig
-from jaxmp.pipeline import PipelineSpec, storage_order
+from jaxmp.models import registry
+from jaxmp.pipeline import PipelineSpec
 from jaxmp.sharding import (
     DEFAULT_RULES,
     Rules,
@@ -54,46 +55,66 @@ class Generation:
 
 
 class Server:
-    """A GPT restored from `ckpt_dir` onto `mesh` ("tensor:4", "data:2", "" = one device)."""
+    """A generating model (a family with `generates`, e.g. GPT) laid out on a serving mesh
+    ("tensor:4", "data:2", "" = one device): `Server.from_checkpoint(dir, mesh)` restores a
+    checkpoint straight into it; `Server(cfg, mesh, params=...)` serves parameters in hand
+    (canonical layer order)."""
 
-    def __init__(self, ckpt_dir: str, mesh: str | Mesh = "", *, step: int | None = None,
-                 rules: Rules | None = None, devices: Sequence[jax.Device] | None = None):
-        ckpts = Checkpoints(ckpt_dir, create=False)
-        self.step = ckpts.resolve(step)
-        meta = ckpts.meta(self.step)
-        if meta.get("model", "gpt") != "gpt":
-            raise ServeError(f"checkpoint in {ckpt_dir} holds a {meta.get('model')!r} model; "
-                             "serving (generation) needs a GPT checkpoint")
-        self.meta = meta
-        self.cfg = GPTConfig(**meta["config"])
-        if self.cfg.attention == "cudnn" and jax.default_backend() != "gpu":
-            self.cfg = dataclasses.replace(self.cfg, attention="auto")
-        if isinstance(mesh, Mesh):
-            self.mesh = mesh
-        else:
-            n = _mesh_devices(mesh, len(devices or jax.devices()))
-            self.mesh = make_mesh(mesh, devices=list(devices or jax.devices())[:n])
-        self.rules = rules or (Rules.from_json(meta["rules"]) if "rules" in meta else DEFAULT_RULES)
+    def __init__(self, cfg: Any, mesh: str | Mesh = "", *, family: str = "gpt",
+                 params: Any = None, rules: Rules | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        self.family = registry.get(family)
+        if not self.family.generates:
+            raise ServeError(f"a {family!r} model cannot generate; serving needs a token model "
+                             f"({', '.join(n for n in registry.names() if registry.get(n).generates)})")
+        if getattr(cfg, "attention", None) == "cudnn" and jax.default_backend() != "gpu":
+            cfg = dataclasses.replace(cfg, attention="auto")
+        self.cfg, self.codec = cfg, TextCodec(cfg.vocab_size)
+        self.mesh = mesh if isinstance(mesh, Mesh) else _serving_mesh(mesh, devices)
+        self.rules = rules or DEFAULT_RULES
         pipe = PipelineSpec(self.mesh.shape["pipe"], 1, 1)
-        abstract = nnx.eval_shape(lambda: GPT(self.cfg, rngs=nnx.Rngs(0), pipeline=pipe))
-        self.graphdef, abs_params = nnx.split(abstract, nnx.Param)
-        abs_params = nnx.to_pure_dict(abs_params)
-        dtype = meta.get("param_dtype", "float32")
-        specs = param_specs(abs_params, logical_axes(abstract), self.mesh, self.rules)
+        self._abstract = nnx.eval_shape(lambda: self.family.build(cfg, pipe, nnx.Rngs(0)))
+        self.graphdef, abs_params = nnx.split(self._abstract, nnx.Param)
+        self.abstract_params = nnx.to_pure_dict(abs_params)
+        specs = param_specs(self.abstract_params, logical_axes(self._abstract), self.mesh,
+                            self.rules)
         self.param_shardings = named(self.mesh, specs)
-        target = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=s),
-            abs_params, self.param_shardings)
-        t0 = time.perf_counter()
-        params = ckpts.restore_params(
-            target, step=self.step, layer_order=storage_order(self.cfg.num_layers, pipe.stages, 1))
-        self.params = jax.block_until_ready(serving_params(abstract, params, self.cfg.dtype))
-        self.restore_seconds = time.perf_counter() - t0
-        ckpts.close()
-        self._generate = {}
+        self.layer_order = self._abstract.stack.order
+        self.step: int | None = None
+        self.restore_seconds = 0.0
+        self._generate: dict = {}
+        self.params = None if params is None else self._hold(jax.device_put(
+            params, self.param_shardings))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str, mesh: str | Mesh = "", *, step: int | None = None,
+                        rules: Rules | None = None,
+                        devices: Sequence[jax.Device] | None = None) -> Server:
+        """The model of a checkpoint (any training layout) restored onto `mesh`: each
+        device reads its own slice."""
+        ckpts = Checkpoints(ckpt_dir, create=False)
+        try:
+            step = ckpts.resolve(step)
+            record = ckpts.record(step)
+            family = registry.get(record.family)
+            server = cls(family.config_from_json(record.config), mesh, family=record.family,
+                         rules=rules or Rules.from_json(record.rules), devices=devices)
+            target = jax.tree_util.tree_map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(record.param_dtype), sharding=s),
+                server.abstract_params, server.param_shardings)
+            t0 = time.perf_counter()
+            params = ckpts.restore_params(target, step=step, layer_order=server.layer_order)
+            server.params = jax.block_until_ready(server._hold(params))
+            server.step, server.restore_seconds = step, time.perf_counter() - t0
+        finally:
+            ckpts.close()
+        return server
 
     # ------------------------------------------------------------ helpers
-    def _model(self, params: Any) -> GPT:
+    def _hold(self, params: Any) -> Any:
+        return serving_params(self._abstract, params, self.cfg.dtype)
+
+    def _model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
 
     def _batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
@@ -103,17 +124,13 @@ class Server:
 
     def encode(self, text: str) -> list[int]:
         """Byte-level models take text; others take 'ids:1,2,3'."""
-        if text.startswith("ids:"):
-            return [int(t) for t in text[4:].split(",") if t.strip()]
-        if self.cfg.vocab_size != 256:
-            raise ServeError(f"this model has a {self.cfg.vocab_size}-token vocabulary and no "
-                             "tokenizer is bundled; give prompts as token ids, 'ids:464,2068'")
-        return list(text.encode("utf-8"))
+        try:
+            return self.codec.encode(text)
+        except ValueError as e:
+            raise ServeError(str(e)) from None
 
     def decode_text(self, tokens: Sequence[int]) -> str:
-        if self.cfg.vocab_size != 256:
-            return " ".join(map(str, tokens))
-        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+        return self.codec.decode(list(tokens))
 
     # ------------------------------------------------------------ predict
     @functools.cached_property
@@ -192,16 +209,16 @@ class Server:
                 raise ServeError(f"prompt {i} has {len(p)} tokens, longer than the context of "
                                  f"{limit}")
             if len(p) + max_new_tokens > limit:
-                raise ServeError(f"prompt {i} ({len(p)} tokens) + --max_new_tokens="
+                raise ServeError(f"prompt {i} ({len(p)} tokens) + max_new_tokens="
                                  f"{max_new_tokens} overflows the context of {limit}; use "
-                                 f"--max_new_tokens <= {limit - len(p)}")
+                                 f"max_new_tokens <= {limit - len(p)}")
         self._check_ids(np.concatenate([np.asarray(p) for p in ids]))
         if max_new_tokens < 1:
-            raise ServeError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+            raise ServeError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if temperature < 0:
-            raise ServeError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
+            raise ServeError(f"temperature={temperature} must be >= 0 (0 = greedy)")
         if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
-            raise ServeError(f"--top_k={top_k} must be in [1, {self.cfg.vocab_size}] "
+            raise ServeError(f"top_k={top_k} must be in [1, {self.cfg.vocab_size}] "
                              "(the vocabulary size)")
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = _bucket(len(ids), shards)
@@ -248,6 +265,11 @@ def serving_params(model: nnx.Module, params: Any, dtype: Any) -> Any:
         f32 = any(keys[:len(p)] == tuple(p) for p in keep)
         return x if f32 else x.astype(dtype)
     return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _serving_mesh(spec: str, devices: Sequence[jax.Device] | None) -> Mesh:
+    devices = list(devices or jax.devices())
+    return make_mesh(spec, devices=devices[:_mesh_devices(spec, len(devices))])
 
 
 def _mesh_devices(spec: str, available: int) -> int:

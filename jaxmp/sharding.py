@@ -230,11 +230,14 @@ def named(mesh: Mesh, specs: Any) -> Any:
                                   is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
-def shards_of(spec: PartitionSpec, mesh: Mesh) -> int:
+def shards_of(spec: PartitionSpec, mesh: Mesh | Mapping[str, int],
+              axes: Sequence[str] | None = None) -> int:
+    """How many pieces `spec` cuts an array into (over the mesh axes `axes` only, if given)."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
     n = 1
     for entry in spec:
         for axis in (entry,) if isinstance(entry, str) else (entry or ()):
-            n *= mesh.shape[axis]
+            n *= sizes[axis] if axes is None or axis in axes else 1
     return n
 
 

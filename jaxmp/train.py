@@ -37,21 +37,29 @@ class TrainState:
     step: jax.Array       # () int32: optimizer steps taken
     params: Any           # pure dict of float32 arrays
     opt_state: Any
-    rng: jax.Array        # (2,) uint32 raw key, split per step for stochastic layers
+    rng: jax.Array        # raw key data, split per step; seeds the model's random streams
+
+
+def _field(default: Any, help: str, flag: bool = True) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclasses.dataclass(frozen=True)
 class OptConfig:
-    learning_rate: float = 1e-3
-    warmup_steps: int = 10
-    total_steps: int = 100
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    min_lr_ratio: float = 0.1
-    grad_accum_steps: int = 1
+    """AdamW with warm-up + cosine decay and global-norm clipping (the `optimizer` section of
+    the run's config tree: each field is also a command-line flag)."""
+    learning_rate: float = _field(1e-3, "Peak learning rate.")
+    warmup_steps: int = _field(20, "Linear warm-up steps before cosine decay.")
+    total_steps: int = _field(100, "Length of the schedule (a run sets it to --steps).",
+                              flag=False)
+    weight_decay: float = _field(0.1, "AdamW weight decay of the matrices (not biases, norms).")
+    clip_norm: float = _field(1.0, "Clip gradients to this global norm.")
+    b1: float = _field(0.9, "Adam beta1.")
+    b2: float = _field(0.95, "Adam beta2.")
+    eps: float = _field(1e-8, "Adam epsilon.")
+    min_lr_ratio: float = _field(0.1, "Learning rate at the end of the schedule, as a fraction "
+                                 "of the peak.")
+    grad_accum_steps: int = _field(1, "Gradient accumulation steps per update.")
 
     def schedule(self) -> optax.Schedule:
         warm = max(0, min(self.warmup_steps, self.total_steps - 1))
@@ -63,7 +71,7 @@ class OptConfig:
         """AdamW with warmup + cosine decay and global-norm clipping. `decay_mask` (a tree
         of bools like the params) says what is decayed; default: arrays of >= 2 dims."""
         if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate={self.learning_rate} must be > 0")
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
         if decay_mask is None:
             decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
         return optax.chain(
@@ -184,26 +192,34 @@ class Trainer:
         per_accum = b // self.opt.grad_accum_steps
         if b % self.opt.grad_accum_steps or per_accum % shards:
             raise ValueError(
-                f"global batch {b} must split into --grad_accum_steps={self.opt.grad_accum_steps} "
+                f"global batch {b} must split into grad_accum_steps={self.opt.grad_accum_steps} "
                 f"parts each divisible by data*fsdp={shards}; use a batch size divisible by "
                 f"{self.opt.grad_accum_steps * shards}")
         names = ("batch",) + (None,) * (len(x.shape) - 1)
         return spec_for(names, x.shape, self.mesh, self.rules.activations, strict=True)
 
     # ------------------------------------------------------------ the step
-    def _loss(self, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
-        model = nnx.merge(self.graphdef, params, self.rest)
+    def _loss(self, params: Any, batch: Mapping[str, jax.Array],
+              key: jax.Array) -> tuple[jax.Array, Any]:
+        # a fresh copy of the non-parameter variables, made in this trace: the random
+        # streams are re-seeded (mutated) below
+        model = nnx.merge(self.graphdef, params, jax.tree_util.tree_map(jnp.asarray, self.rest))
+        _reseed(model, key)
         out = self.loss_fn(model, batch)
         loss, aux = out if isinstance(out, tuple) else (out, {})
         return loss.astype(jnp.float32), aux
 
-    def _grads(self, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    def _grads(self, params: Any, batch: Mapping[str, jax.Array],
+               rng: jax.Array) -> tuple[jax.Array, Any]:
         """Mean loss and gradients over the batch, in grad_accum_steps parts if asked (the
-        one gradient path of the step and of `grads`). Call under activation_sharding."""
+        one gradient path of the step and of `grads`); `rng` (raw key data) seeds the
+        model's random streams (dropout), part i with fold_in(key, i).
+        Call under activation_sharding."""
         accum = self.opt.grad_accum_steps
+        key = jax.random.wrap_key_data(rng)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if accum == 1:
-            (loss, _), grads = grad_fn(params, batch)
+            (loss, _), grads = grad_fn(params, batch, key)
             return loss, grads
         # (B, ...) -> (A, B/A, ...), rows interleaved so every part keeps the batch's data
         # sharding.
@@ -211,17 +227,18 @@ class Trainer:
             lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
             dict(batch))
 
-        def body(carry, part):
-            (part_loss, _), g = grad_fn(params, part)
+        def body(carry, xs):
+            i, part = xs
+            (part_loss, _), g = grad_fn(params, part, jax.random.fold_in(key, i))
             return jax.tree_util.tree_map(jnp.add, carry, (part_loss, g)), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(body, zero, parts)
+        (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), parts))
         return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
 
     def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
         with activation_sharding(self.mesh, self.rules):
-            loss, grads = self._grads(state.params, batch)
+            loss, grads = self._grads(state.params, batch, state.rng)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -250,15 +267,20 @@ class Trainer:
             self._steps[key] = _Settled(jitted, self.mesh)
         return self._steps[key]
 
-    def grads(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, Any]:
+    def grads(self, params: Any, batch: Mapping[str, Any],
+              rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """(loss, gradients) of one batch as the step computes them (accumulation
-        included), sharded like the parameters (no update)."""
-        def fn(p, b):
+        included), sharded like the parameters (no update). `rng`: raw key data for the
+        model's random streams (default: the first step's)."""
+        rng = jax.random.key_data(jax.random.key(self.seed)) if rng is None else rng
+
+        def fn(p, b, r):
             with activation_sharding(self.mesh, self.rules):
-                return self._grads(p, b)
-        jitted = jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding(batch)),
+                return self._grads(p, b, r)
+        jitted = jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding(batch),
+                                           self.replicated),
                          out_shardings=(self.replicated, self.param_shardings))
-        return settle(self.mesh, jitted(params, batch))
+        return settle(self.mesh, jitted(params, batch, rng))
 
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
         return self.compiled_step(batch)(state, batch)
@@ -276,6 +298,15 @@ class Trainer:
         sh = self.batch_sharding(batch)
         return {k: jax.make_array_from_callback(v.shape, sh[k], lambda idx, v=v: v[idx])
                 for k, v in batch.items()}
+
+
+def _reseed(model: nnx.Module, key: jax.Array) -> None:
+    """Give every random stream of the model (nnx.Rngs held by e.g. nnx.Dropout) a key
+    derived from this step's: a stream per name, the same on every mesh (JAX's random bits
+    do not depend on the sharding)."""
+    tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
+    if tags:
+        nnx.reseed(model, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
 
 
 class _Settled:

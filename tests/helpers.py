@@ -12,8 +12,9 @@ import numpy as np
 from flax import nnx
 
 from jaxmp.mesh import make_mesh
-from jaxmp.models.gpt import GPT, GPTConfig, canonical_layers, lm_loss
+from jaxmp.models.gpt import GPT, GPTConfig, lm_loss
 from jaxmp.pipeline import PipelineSpec
+from jaxmp.stack import LayerStack
 from jaxmp.train import OptConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +60,12 @@ def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_lay
     pipe = PipelineSpec(p, m, r)
     opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
     losses, params, norms = train(trainer(mesh, pipe, cfg, opt), batches())
-    return losses, canonical_layers(params, cfg, pipe), norms
+    return losses, canonical(params, pipe, cfg), norms
+
+
+def canonical(params: dict, pipe: PipelineSpec, cfg: GPTConfig = CFG) -> dict:
+    """GPT parameters (or gradients) with the decoder blocks in canonical layer order."""
+    return LayerStack(cfg.num_layers, pipe).canonical_params(params, "blocks")
 
 
 def assert_same_run(got: tuple, ref: tuple) -> None:
@@ -87,7 +93,7 @@ def assert_same_grads(mesh: str, pipe: PipelineSpec = PipelineSpec(), accum: int
     tr = trainer(mesh, pipe, opt=opt)
     loss, g = tr.grads(tr.init_state().params, tr.put_batch(batches(1)[0]))
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-6)
-    g = canonical_layers(jax.device_get(g), CFG, pipe)
+    g = canonical(jax.device_get(g), pipe)
     worst = []
 
     def check(a: np.ndarray, b: np.ndarray) -> None:

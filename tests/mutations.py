@@ -56,7 +56,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("no_clipping", "global-norm clipping dropped", "jaxmp/train.py",
              "optax.clip_by_global_norm(self.clip_norm),", "optax.identity(),",
              ("tests/test_optimizer.py",)),
-    Mutation("remat_ignored", "--remat block/dots silently ignored", "jaxmp/layers.py",
+    Mutation("remat_ignored", "--remat block/dots silently ignored", "jaxmp/stack.py",
              '    if policy == "none":\n        return fn', "    return fn",
              ("tests/test_optimizer.py", "-k", "remat")),
     Mutation("dp_per_tick", "pipeline reduces data-parallel gradients every tick",
@@ -80,8 +80,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_pipeline.py", "-k", "schedule or storage or order")),
     Mutation("resume_moments_unordered", "restore re-orders the parameters' layers, not Adam's",
              "jaxmp/checkpoint.py",
-             'hit = any(getattr(k, "key", None) == stacked for k in path)',
-             'hit = any(getattr(k, "key", None) == stacked for k in path) and '
+             'hit = any(getattr(k, "key", None) == stack for k in path)',
+             'hit = any(getattr(k, "key", None) == stack for k in path) and '
              'getattr(path[0], "name", "") == "params"',
              ("tests/test_checkpoint_resume.py",)),
     Mutation("layernorm_variance", "LayerNorm variance without subtracting the mean",
@@ -93,7 +93,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "_gelu = jax.checkpoint(functools.partial(jax.nn.gelu, approximate=False))",
              ("tests/test_models.py", "-k", "independent")),
     Mutation("unrolled_layer_order", "--noscan_layers applies the layers in reverse",
-             "jaxmp/layers.py", "is_leaf=lambda x: isinstance(x, list)) for i in range(num)]",
+             "jaxmp/stack.py", "is_leaf=lambda x: isinstance(x, list)) for i in range(num)]",
              "is_leaf=lambda x: isinstance(x, list)) for i in reversed(range(num))]",
              ("tests/test_models.py", "-k", "unrolled")),
     Mutation("serve_norms_bf16", "server casts LayerNorm parameters to bf16 too",

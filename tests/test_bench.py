@@ -5,8 +5,8 @@ import json
 import pytest
 from helpers import run_module
 
-from jaxmp import analysis, hlo
-from jaxmp import hlo_weightflow as weightflow
+from experiments import analysis, hlo
+from experiments import hlo_weightflow as weightflow
 
 MESH = {"data": 1, "fsdp": 1, "pipe": 2, "tensor": 2}  # 4 devices, ids row-major
 
@@ -173,7 +173,7 @@ def test_weight_derivation_stops_at_computed_values():
     """A weight mixed with data (a bias added to a dot's output) or picked by data (an
     embedding lookup) is an activation; a weight scaled by a constant or cut by a counter
     is still the weight."""
-    from jaxmp.hlo_weightflow import DATA, NEUTRAL, Flow
+    from experiments.hlo_weightflow import DATA, NEUTRAL, Flow
 
     w, v = Flow(frozenset({"w"})), Flow(frozenset({"v"}))
     local = weightflow._local
@@ -245,9 +245,9 @@ def test_group_axes_and_shapes():
 
 
 def test_gpu_suite_skips_on_cpu():
-    from experiments import bench_suites
+    from experiments import bench_gpu
 
-    assert bench_suites.gpu_suite(quick=True) is None
+    assert bench_gpu.gpu_suite(quick=True) is None
 
 
 @pytest.mark.slow
@@ -342,14 +342,14 @@ def test_profile_summary_counts_per_call():
 def test_gpu_suite_code_path_on_cpu(tmp_path):
     """The GPU suite's own code, run on one CPU device with a 2-layer model (cpu_ok): what
     the GPU session runs cannot fail on a typo. Checks the table and the roofline maths."""
-    from experiments import bench_suites
-    from experiments.bench import gpu_table
+    from experiments import bench_gpu
 
-    sizes = bench_suites.GpuSizes(
+    sizes = bench_gpu.GpuSizes(
         models=("small",), batches=(("small", 2),), steps=1, generate_batches=(1,), prompt=8,
         new_tokens=8, profile=True, scan_layers=(True, False), hlo_dir=str(tmp_path),
         overrides=(("num_layers", 2), ("d_model", 64), ("num_heads", 4), ("seq_len", 32)))
-    res = bench_suites.gpu_suite(False, "xla", sizes, cpu_ok=True)
+    result = bench_gpu.gpu_suite(False, "xla", sizes, cpu_ok=True)
+    res = result.to_json()["gpu"]
     assert set(res["models"]) == {"small", "small unrolled"}
     scanned, unrolled = res["models"]["small"], res["models"]["small unrolled"]
     assert scanned["loss"] == pytest.approx(unrolled["loss"], rel=1e-4)  # same model, bf16
@@ -362,5 +362,5 @@ def test_gpu_suite_code_path_on_cpu(tmp_path):
     assert "profile" in scanned and scanned["profile"]["top"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hlo_train_small.txt.gz",
                                                           "hlo_train_small_unrolled.txt.gz"]
-    text = gpu_table(res)
+    text = result.table()
     assert "small unrolled" in text and "decode tokens/s batch 1" in text

@@ -11,11 +11,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import CFG, ROOT, batches, trainer
+from helpers import CFG, ROOT, batches, canonical, trainer
 
-from jaxmp.checkpoint import CheckpointError, Checkpoints, export_params
-from jaxmp.experiment import RunConfig, sidecar, train
-from jaxmp.models.gpt import GPT, GPTConfig, canonical_layers
+from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints, export_params
+from jaxmp.config import RunConfig
+from jaxmp.experiment import train
+from jaxmp.models.gpt import GPT, GPTConfig
 from jaxmp.pipeline import PipelineSpec
 from jaxmp.serve import ServeError, Server
 from jaxmp.sharding import DEFAULT_RULES
@@ -42,10 +43,10 @@ def trained(tmp_path_factory):
                                                                      state.params))
     path = str(tmp_path_factory.mktemp("ckpt"))
     ckpts = Checkpoints(path)
-    meta = sidecar(RunConfig(), CFG, tr.mesh, DEFAULT_RULES, TRAIN_PIPE)
+    meta = CheckpointRecord.create("gpt", "blocks", CFG, tr.mesh, DEFAULT_RULES, TRAIN_PIPE)
     ckpts.save(state, meta, wait=True)
     ckpts.close()
-    params = canonical_layers(jax.device_get(state.params), CFG, TRAIN_PIPE)
+    params = canonical(jax.device_get(state.params), TRAIN_PIPE)
     return path, params
 
 
@@ -59,7 +60,7 @@ def _reference_logits(params, tokens):
 
 @pytest.fixture(scope="module")
 def servers(trained):
-    return {mesh: Server(trained[0], mesh) for mesh in SERVE_MESHES}
+    return {mesh: Server.from_checkpoint(trained[0], mesh) for mesh in SERVE_MESHES}
 
 
 @pytest.mark.parametrize("mesh", SERVE_MESHES)
@@ -136,10 +137,10 @@ def test_sampling_is_seeded_and_respects_top_k(servers):
     (dict(prompts=[[]], max_new_tokens=4), "prompt 0 is empty"),
     (dict(prompts=[list(range(17))], max_new_tokens=1), "17 tokens, longer than the context of 16"),
     (dict(prompts=[[1] * 10], max_new_tokens=7), "overflows the context of 16; use "
-                                                 "--max_new_tokens <= 6"),
-    (dict(prompts=[[1]], max_new_tokens=2, temperature=-1.0), "--temperature=-1.0 must be >= 0"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_k=0), r"--top_k=0 must be in \[1, 256\]"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_k=257), r"--top_k=257 must be in \[1, 256\]"),
+                                                 "max_new_tokens <= 6"),
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_k=0), r"top_k=0 must be in \[1, 256\]"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_k=257), r"top_k=257 must be in \[1, 256\]"),
     (dict(prompts=[[300]], max_new_tokens=2), r"token ids must be in \[0, 256\)"),
     (dict(prompts=[], max_new_tokens=2), "no prompts given"),
 ])
@@ -155,7 +156,7 @@ def test_params_only_restore_does_not_read_optimizer_state(trained, tmp_path):
     for step in os.listdir(copy):
         if step.isdigit():
             shutil.rmtree(copy / step / "train")  # serving must not need it
-    server = Server(str(copy), "tensor:2")
+    server = Server.from_checkpoint(str(copy), "tensor:2")
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(server.params), params)
 
 
@@ -163,7 +164,7 @@ def test_params_only_restore_does_not_read_optimizer_state(trained, tmp_path):
 def test_export_bf16_params_only(trained, tmp_path):
     path, params = trained
     export_params(path, str(tmp_path / "bf16"), dtype="bfloat16")
-    server = Server(str(tmp_path / "bf16"), "tensor:2")
+    server = Server.from_checkpoint(str(tmp_path / "bf16"), "tensor:2")
     got = jax.device_get(server.params)
     assert got["wte"]["embedding"].dtype == np.dtype("bfloat16")
     np.testing.assert_allclose(got["wte"]["embedding"].astype(np.float32),
@@ -177,9 +178,9 @@ def test_checkpoint_errors(trained, tmp_path):
         Checkpoints(str(tmp_path / "missing"), create=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint in"):
-        Server(str(tmp_path / "empty"))
+        Server.from_checkpoint(str(tmp_path / "empty"))
     with pytest.raises(CheckpointError, match="no complete checkpoint for step 7"):
-        Server(path, step=7)
+        Server.from_checkpoint(path, step=7)
     other = trainer("data:8", cfg=GPTConfig(num_layers=8, d_model=64, num_heads=8, seq_len=16))
     with pytest.raises(CheckpointError, match=r"parameter 'blocks/attn/out/bias' has shape "
                                               r"\(8, 32\) in the checkpoint but \(8, 64\)"):
@@ -191,7 +192,7 @@ def test_corrupted_checkpoint_names_step_and_suggests_previous(tmp_path):
     tr = trainer("data:8")
     state = tr.init_state()
     ckpts = Checkpoints(str(tmp_path), async_save=False)
-    meta = sidecar(RunConfig(), CFG, tr.mesh, DEFAULT_RULES, PipelineSpec())
+    meta = CheckpointRecord.create("gpt", "blocks", CFG, tr.mesh, DEFAULT_RULES, PipelineSpec())
     for b in batches(2):
         state, _ = tr.step(state, tr.put_batch(b))
         ckpts.save(state, meta, wait=True)
@@ -202,7 +203,7 @@ def test_corrupted_checkpoint_names_step_and_suggests_previous(tmp_path):
                 with open(os.path.join(root, f), "wb") as fh:
                     fh.write(b"garbage")
     with pytest.raises(CheckpointError, match=r"checkpoint step 2 in .* is unreadable .*"
-                                              r"try the previous one with --step=1"):
+                                              r"try the previous one with step=1"):
         Checkpoints(str(tmp_path), create=False).restore(tr.abstract_state())
     restored = Checkpoints(str(tmp_path), create=False).restore(tr.abstract_state(), step=1)
     assert int(restored.step) == 1
@@ -213,7 +214,7 @@ def _cfg(tmp, **kw):
     base = dict(num_layers=4, d_model=32, num_heads=4, seq_len=32, batch_size=8, steps=6,
                 ckpt_every=3, log_every=1, serve_mesh="", ckpt_dir=str(tmp), microbatches=2,
                 warmup_steps=2)
-    return RunConfig(**{**base, **kw})
+    return RunConfig.flat(**{**base, **kw})
 
 
 @pytest.mark.slow
@@ -302,8 +303,8 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
 def test_pipe_serving_keeps_layer_weights_on_their_stage(servers):
     """KV-cache decode on pipe:2 runs through the pipeline: no all-gather of the stacked
     layer weights, nor of any piece, reshaping or cast of them (traced through the program)."""
-    from jaxmp import analysis
-    from jaxmp import hlo_weightflow as weightflow
+    from experiments import analysis
+    from experiments import hlo_weightflow as weightflow
 
     server = servers["pipe:2"]
     fn = server._compiled_generate(1, 8, 8, True)

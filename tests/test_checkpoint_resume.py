@@ -21,8 +21,9 @@ import optax
 import pytest
 from helpers import CFG, ROOT, batches, trainer
 
-from jaxmp.checkpoint import CheckpointError, Checkpoints
-from jaxmp.experiment import RunConfig, sidecar, train
+from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
+from jaxmp.config import RunConfig
+from jaxmp.experiment import train
 from jaxmp.pipeline import PipelineSpec, storage_order
 from jaxmp.sharding import DEFAULT_RULES
 
@@ -36,10 +37,9 @@ TARGETS = {"tensor8-no-pipeline": ("tensor:8", PipelineSpec()),
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
-def _meta(mesh, pipe: PipelineSpec) -> dict:
-    """The sidecar `experiment.train` writes, and whose layer order it restores into."""
-    cfg = RunConfig(microbatches=pipe.microbatches, pipeline_repeats=pipe.repeats)
-    return sidecar(cfg, CFG, mesh, DEFAULT_RULES, pipe)
+def _meta(mesh, pipe: PipelineSpec) -> CheckpointRecord:
+    """The record `experiment.train` writes, and whose layer order it restores into."""
+    return CheckpointRecord.create("gpt", "blocks", CFG, mesh, DEFAULT_RULES, pipe)
 
 
 def canonical(tree, pipe: PipelineSpec):
@@ -83,8 +83,7 @@ def restore(path, target: str, step=None):
     meta = _meta(tr.mesh, TARGETS[target][1])
     ckpts = Checkpoints(path, create=False)
     try:
-        return tr, ckpts.restore(tr.abstract_state(), step=step, layer_order=meta["layer_order"],
-                                 stacked=meta["stacked"])
+        return tr, ckpts.restore(tr.abstract_state(), step=step, layer_order=meta.layer_order)
     finally:
         ckpts.close()
 
@@ -106,7 +105,7 @@ def run(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("resume"))
     ckpts = Checkpoints(path)
     meta = _meta(tr.mesh, TRAIN_PIPE)
-    assert meta["layer_order"] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert meta.layer_order == [0, 2, 4, 6, 1, 3, 5, 7]
     state, saved = tr.init_state(), {}
     for b in data[:2]:
         state, _ = tr.step(state, tr.put_batch(b))
@@ -156,13 +155,13 @@ def test_train_resumes_a_circular_run_on_another_pipe_size(tmp_path):
     like the run that went on. The existing resume tests use r=1 layouts (identity orders)."""
     common = dict(num_layers=8, d_model=32, num_heads=4, seq_len=32, batch_size=8, steps=3,
                   ckpt_every=2, log_every=1, serve_mesh="", warmup_steps=1)
-    straight = train(RunConfig(**common, ckpt_dir=str(tmp_path), mesh=TRAIN_MESH,
-                               microbatches=2, pipeline_repeats=4))
+    straight = train(RunConfig.flat(**common, ckpt_dir=str(tmp_path), mesh=TRAIN_MESH,
+                                    microbatches=2, pipeline_repeats=4))
     assert Checkpoints(str(tmp_path), create=False).steps() == [2, 3]
     shutil.rmtree(tmp_path / "3")  # as if the run had stopped after its step-2 checkpoint
     pipe = PipelineSpec(4, 4, 2)
-    resumed = train(RunConfig(**common, ckpt_dir=str(tmp_path), mesh="pipe:4,tensor:2",
-                              microbatches=pipe.microbatches, pipeline_repeats=pipe.repeats))
+    resumed = train(RunConfig.flat(**common, ckpt_dir=str(tmp_path), mesh="pipe:4,tensor:2",
+                                   microbatches=pipe.microbatches, pipeline_repeats=pipe.repeats))
     assert len(straight.losses) == 3 and len(resumed.losses) == 1
     assert int(resumed.state.step) == 3
     np.testing.assert_allclose(resumed.losses[0], straight.losses[2], rtol=1e-5)
@@ -189,7 +188,7 @@ def test_corrupted_latest_falls_back_to_the_previous_steps_values(run, tmp_path)
     _corrupt(copy / "2")
     with pytest.raises(CheckpointError, match=r"checkpoint step 2 in .* is unreadable") as err:
         restore(str(copy), "pipe4-circular")
-    step = int(re.search(r"--step=(\d+)", str(err.value)).group(1))
+    step = int(re.search(r"step=(\d+)", str(err.value)).group(1))
     assert step == 1
     _, state = restore(str(copy), "pipe4-circular", step=step)
     assert_trees(canonical(state, TARGETS["pipe4-circular"][1]), run["saved"][1])
@@ -199,11 +198,12 @@ KILLED_SAVE = """
 import os, signal, sys, time
 import jax.numpy as jnp
 import numpy as np
-from jaxmp.checkpoint import Checkpoints
+from jaxmp.checkpoint import CheckpointRecord, Checkpoints
 from jaxmp.train import TrainState
 w = jnp.asarray(np.random.default_rng(0).standard_normal(4_000_000, np.float32))
 state = TrainState(jnp.int32(4), {"w": w}, {}, jnp.zeros((2,), jnp.uint32))
-Checkpoints(sys.argv[1]).save(state, {})  # asynchronous: returns before the commit
+record = CheckpointRecord("toy", {}, "", {}, {}, [], "blocks")
+Checkpoints(sys.argv[1]).save(state, record)  # asynchronous: returns before the commit
 while not any(e.startswith("4") for e in os.listdir(sys.argv[1])):  # orbax may create the
     time.sleep(0.001)  # temporary directory in the background; its commit comes >= 50 ms later
 os.kill(os.getpid(), signal.SIGKILL)

@@ -56,8 +56,8 @@ def test_book_figure_7_1_one_hidden_layer_per_stage(tmp_path):
     (["--mesh=data:3"], "needs 3 devices but 8 are present"),
     (["--num_heads=12", "--d_model=48", "--mesh=tensor:8"], "not divisible by mesh axis tensor=8"),
     (["--data=/nonexistent.txt"], "no such file"),
-    (["--pipeline_repeats=2", "--microbatches=1"], "needs --microbatches >= pipe size"),
-    (["--batch_size=12", "--microbatches=4"], "is not divisible by --microbatches=4"),
+    (["--pipeline_repeats=2", "--microbatches=1"], "needs microbatches >= pipe size"),
+    (["--batch_size=12", "--microbatches=4"], "is not divisible by microbatches=4"),
 ])
 def test_bad_flags_give_one_line_errors(flags, msg):
     proc = run_module("experiments.train", "--steps=1", *flags, check=False)

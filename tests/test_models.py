@@ -61,9 +61,9 @@ def test_initial_loss_is_near_uniform_and_context_is_checked():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="--preset='huge': choose one of tiny"):
+    with pytest.raises(ValueError, match="preset='huge': choose one of tiny"):
         preset("huge")
-    with pytest.raises(ValueError, match="--d_model=100 is not divisible by --num_heads=8"):
+    with pytest.raises(ValueError, match="d_model=100 is not divisible by num_heads=8"):
         preset("tiny", d_model=100)
 
 
@@ -126,7 +126,7 @@ def test_gpt_matches_an_independent_reference():
     share the model code, so this is what catches a wrong LayerNorm, attention scale,
     GELU variant, position embedding or tied head."""
     from experiments import bench_reference as ref
-    from experiments.bench_suites import to_reference_params
+    from experiments.bench_speed import to_reference_params
 
     cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=300)
     graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)

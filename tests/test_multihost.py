@@ -55,7 +55,8 @@ def test_only_process_zero_logs_progress(runs):
 
 def test_two_process_checkpoint_restores_in_one_process(runs):
     tmp, _, _ = runs
-    one, two = Server(f"{tmp}/one", "data:2,pipe:2,tensor:2"), Server(f"{tmp}/two", "data:2,tensor:4")
+    one = Server.from_checkpoint(f"{tmp}/one", "data:2,pipe:2,tensor:2")
+    two = Server.from_checkpoint(f"{tmp}/two", "data:2,tensor:4")
     # atol 1e-6: the attention key bias has an exactly-zero gradient, so its entries are
     # float noise (~1e-7) that Adam normalizes; every other entry is held to rtol 1e-5.
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
@@ -108,8 +109,8 @@ def test_launcher_stops_everything_when_a_process_dies(tmp_path):
 def test_distributed_flag_errors():
     with pytest.raises(DistributedError, match="go together"):
         initialize("127.0.0.1:1234", None, None)
-    with pytest.raises(DistributedError, match=r"--process_id=2 is out of range for "
-                                               r"--num_processes=2 \(0\.\.1\)"):
+    with pytest.raises(DistributedError, match=r"process_id=2 is out of range for "
+                                               r"num_processes=2 \(0\.\.1\)"):
         initialize("127.0.0.1:1234", 2, 2)
     with pytest.raises(DistributedError, match="must be HOST:PORT"):
         initialize("localhost", 2, 0)

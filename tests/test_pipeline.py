@@ -177,12 +177,12 @@ def test_mlp_pipelined_matches_single_device(mesh, p, layers):
 # ---------------------------------------------------------------- validation
 def test_validation_errors():
     with pytest.raises(PipelineError, match=r"8 decoder layers cannot be split into pipe\(4\) x "
-                                            r"--pipeline_repeats\(3\) = 12 equal groups"):
+                                            r"pipeline_repeats\(3\) = 12 equal groups"):
         PipelineSpec(4, 4, 3).validate(8)
-    with pytest.raises(PipelineError, match=r"needs --microbatches >= pipe size \(2 < 4\)"):
+    with pytest.raises(PipelineError, match=r"needs microbatches >= pipe size \(2 < 4\)"):
         PipelineSpec(4, 2, 2).validate(8)
     with pytest.raises(PipelineError, match=r"batch per data shard \(6\) is not divisible by "
-                                            r"--microbatches=4"):
+                                            r"microbatches=4"):
         PipelineSpec(2, 4, 1).validate(8, batch_per_shard=6)
     with pytest.raises(PipelineError, match="3 hidden layers cannot be split"):
         mlp.LayerwiseMLP(mlp.MLPConfig(num_layers=3), rngs=nnx.Rngs(0),

@@ -128,8 +128,8 @@ def test_weight_gathers_traced_through_compiled_train_steps():
     backward); under the pipeline and tensor parallelism none."""
     from helpers import batches, trainer
 
-    from jaxmp import analysis
-    from jaxmp import hlo_weightflow as weightflow
+    from experiments import analysis
+    from experiments import hlo_weightflow as weightflow
     from jaxmp.pipeline import PipelineSpec
 
     def traced(mesh: str, pipe: PipelineSpec = PipelineSpec()):

@@ -1,7 +1,8 @@
 """GPT-2 family (pre-LayerNorm, tanh-GELU, learned positions, tied embedding, biases).
 
-Decoder blocks are stacked on a leading `layers` axis and applied with a scan, or with
-the pipeline when the mesh has a `pipe` axis, so compile time does not grow with depth.
+Decoder blocks form a LayerStack (jaxmp.stack): stacked on a leading `layers` axis, applied
+by the pipeline on a `pipe` mesh, else by a scan (compile time independent of depth) or an
+unrolled loop. The family's registry entry is at the end of this module.
 """
 
 from __future__ import annotations
@@ -13,19 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp.layers import (
-    DecoderBlock,
-    Embed,
-    LayerNorm,
-    layer_slices,
-    param,
-    remat,
-    scale_std,
-    stack_layers,
-    unstack_layers,
-)
-from jaxmp.pipeline import PipelineSpec, pipeline_apply, storage_order
-from jaxmp.sharding import constrain, logical_axes
+from jaxmp import data
+from jaxmp.layers import DecoderBlock, Embed, LayerNorm, param, scale_std
+from jaxmp.models.registry import Family, register
+from jaxmp.pipeline import PipelineSpec
+from jaxmp.sharding import constrain
+from jaxmp.stack import LayerStack
 
 NEG_INF = -1e30
 X_NAMES = ("batch", "length", "embed")
@@ -62,12 +56,12 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
         if self.d_model % self.num_heads:
-            raise ValueError(f"--d_model={self.d_model} is not divisible by "
-                             f"--num_heads={self.num_heads}; pick a head count that divides it")
+            raise ValueError(f"d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}; pick a head count that divides it")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype={self.dtype!r}: choose float32 or bfloat16")
+            raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
         if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"--attention={self.attention!r}: choose auto, xla or cudnn")
+            raise ValueError(f"attention={self.attention!r}: choose auto, xla or cudnn")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +79,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 def preset(name: str, **overrides: Any) -> GPTConfig:
     if name not in PRESETS:
-        raise ValueError(f"--preset={name!r}: choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"preset={name!r}: choose one of {', '.join(PRESETS)}")
     cfg = GPTConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
     cfg.validate()
     return cfg
@@ -108,8 +102,9 @@ class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs,
                  pipeline: PipelineSpec = PipelineSpec()):
         cfg.validate()
-        pipeline.validate(cfg.num_layers)
-        self.cfg, self.pipeline = cfg, pipeline
+        self.cfg = cfg
+        self.stack = LayerStack(cfg.num_layers, pipeline, cfg.remat, cfg.scan_layers,
+                                "decoder layers")
         dtype = jnp.dtype(cfg.dtype)
         self.wte = Embed(cfg.padded_vocab, cfg.d_model, rngs=rngs, dtype=dtype)
         real = jnp.arange(cfg.padded_vocab)[:, None] < cfg.vocab_size
@@ -119,11 +114,11 @@ class GPT(nnx.Module):
         make = lambda r: DecoderBlock(cfg.d_model, cfg.num_heads, cfg.mlp_ratio * cfg.d_model,
                                       rngs=r, out_std=out_std, dtype=dtype,
                                       attention=None if cfg.attention == "auto" else cfg.attention)
-        order = storage_order(cfg.num_layers, pipeline.stages, pipeline.repeats)
-        self.blocks = stack_layers(make, rngs.params(), cfg.num_layers, order)
+        self.blocks = self.stack.build(make, rngs.params())
         self.ln_f = LayerNorm(cfg.d_model, dtype=dtype)
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """tokens (B, T) and positions (T,) or (B, T) -> (B, T, D)."""
         x = self.wte(tokens) + jnp.take(self.wpe[...], positions, axis=0).astype(self.wte.dtype)
         return constrain(x, X_NAMES)
 
@@ -140,16 +135,7 @@ class GPT(nnx.Module):
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.seq_len}")
         x = self.embed(tokens, jnp.arange(T))
-        graphdef, stacked = layer_slices(self.blocks)
-        layer = remat(lambda w, h: nnx.merge(graphdef, w)(h)[0], self.cfg.remat)
-        if self.pipeline.enabled:
-            x = pipeline_apply(layer, stacked, x, self.pipeline, logical_axes(self.blocks),
-                               X_NAMES)
-        elif self.cfg.scan_layers:
-            x = jax.lax.scan(lambda h, w: (layer(w, h), None), x, stacked)[0]
-        else:
-            for w in unstack_layers(stacked, self.cfg.num_layers):
-                x = layer(w, x)
+        x = self.stack.apply(self.blocks, x, X_NAMES, lambda block, h: block(h)[0])
         return self.head(x)
 
     def decode(self, tokens: jax.Array, cache: tuple[jax.Array, jax.Array],
@@ -157,17 +143,10 @@ class GPT(nnx.Module):
         """KV-cached forward. tokens (B, t) at positions index[b] + [0, t); cache
         (L, B, S, N, H) keys and values in storage order. Returns logits (B, t, V)."""
         positions = jnp.minimum(index[:, None] + jnp.arange(tokens.shape[1]), self.cfg.seq_len - 1)
-        x = self.wte(tokens) + jnp.take(self.wpe[...], positions, axis=0).astype(self.wte.dtype)
-        x = constrain(x, X_NAMES)
-        graphdef, stacked = layer_slices(self.blocks)
-        layer = lambda w, h, kv: nnx.merge(graphdef, w)(h, kv, index)
-        if self.pipeline.enabled:  # each stage updates its own layers' cache
-            names = (CACHE_NAMES, CACHE_NAMES)
-            x, cache = pipeline_apply(layer, stacked, x, PipelineSpec(self.pipeline.stages),
-                                      logical_axes(self.blocks), X_NAMES, cache, names)
-        else:  # unrolled: per token one kernel sequence, each layer writes its new positions
-            for i, w in enumerate(unstack_layers(stacked, self.cfg.num_layers)):
-                x, cache = nnx.merge(graphdef, w)(x, cache, index, i)
+        x = self.embed(tokens, positions)
+        call = lambda block, h, kv, layer: block(h, kv, index, layer)
+        x, cache = self.stack.apply_with_state(self.blocks, x, X_NAMES, call, cache,
+                                               (CACHE_NAMES, CACHE_NAMES))
         return self.head(x), cache
 
     def init_cache(self, batch: int, length: int | None = None,
@@ -195,13 +174,25 @@ def flops_per_token(cfg: GPTConfig) -> float:
     return 6 * n + 12 * cfg.num_layers * cfg.d_model * cfg.seq_len
 
 
-def canonical_layers(params: dict, cfg: GPTConfig, pipeline: PipelineSpec) -> dict:
-    """Parameters with the stacked layers put back in canonical (layer 0 first) order."""
-    order = storage_order(cfg.num_layers, pipeline.stages, pipeline.repeats)
-    inverse = [0] * len(order)
-    for q, layer in enumerate(order):
-        inverse[layer] = q
-    idx = jnp.asarray(inverse)
-    blocks = jax.tree_util.tree_map(lambda a: a[idx], params["blocks"])
-    return {**params, "blocks": blocks}
+def _config(spec: Any, source: str) -> GPTConfig:
+    """The GPT config of the command line: a preset and its overrides."""
+    vocab = spec.vocab_size or (data.BYTE_VOCAB if data.is_byte_source(source) else GPT2_VOCAB)
+    over = spec.overrides("num_layers", "d_model", "num_heads", "seq_len", "dtype", "remat",
+                          "attention", "scan_layers")
+    return preset(spec.preset, vocab_size=vocab, **over)
 
+
+def _config_from_json(d: dict) -> GPTConfig:
+    return GPTConfig(**d)
+
+
+def _batches(cfg: GPTConfig, source: str, batch_size: int, seed: int) -> data.TokenBatches:
+    return data.TokenBatches.from_source(source, cfg.vocab_size, batch_size, cfg.seq_len, seed)
+
+
+GPT2_VOCAB = 50257
+FAMILY = register(Family(
+    name="gpt", make_config=_config, config_from_json=_config_from_json,
+    build=lambda cfg, pipeline, rngs: GPT(cfg, rngs=rngs, pipeline=pipeline), loss=lm_loss,
+    batches=_batches, stack="blocks", flops_per_token=flops_per_token, generates=True,
+    layers_name="decoder layers"))

@@ -17,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmp.layers import Dense, layer_slices, remat, stack_layers
-from jaxmp.pipeline import PipelineSpec, pipeline_apply, storage_order
-from jaxmp.sharding import constrain, logical_axes
+from jaxmp.data import make_global
+from jaxmp.layers import Dense
+from jaxmp.models.registry import Family, register
+from jaxmp.pipeline import PipelineSpec
+from jaxmp.sharding import constrain
+from jaxmp.stack import LayerStack
 
 X_NAMES = ("batch", "embed")
 
@@ -32,11 +35,14 @@ class MLPConfig:
     num_classes: int = 10
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = True
 
     def validate(self) -> None:
         for name in ("input_dim", "hidden_dim", "num_layers", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MLP {name}={getattr(self, name)} must be >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -57,27 +63,21 @@ class LayerwiseMLP(nnx.Module):
     def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs,
                  pipeline: PipelineSpec = PipelineSpec()):
         cfg.validate()
-        pipeline.validate(cfg.num_layers, what="hidden layers")
-        self.cfg, self.pipeline = cfg, pipeline
+        self.cfg = cfg
+        self.stack = LayerStack(cfg.num_layers, pipeline, cfg.remat, cfg.scan_layers,
+                                "hidden layers")
         dtype = jnp.dtype(cfg.dtype)
         self.inp = Dense((cfg.input_dim,), (cfg.hidden_dim,), (None,), ("embed",), rngs=rngs,
                          std=math.sqrt(1.0 / cfg.input_dim), dtype=dtype)
-        order = storage_order(cfg.num_layers, pipeline.stages, pipeline.repeats)
-        self.hidden = stack_layers(lambda r: Hidden(cfg.hidden_dim, rngs=r, dtype=dtype),
-                                   rngs.params(), cfg.num_layers, order)
+        self.hidden = self.stack.build(lambda r: Hidden(cfg.hidden_dim, rngs=r, dtype=dtype),
+                                       rngs.params())
         self.out = Dense((cfg.hidden_dim,), (cfg.num_classes,), ("embed",), (None,), rngs=rngs,
                          std=math.sqrt(1.0 / cfg.hidden_dim), dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, input_dim) -> logits (B, num_classes) float32."""
         h = constrain(self.inp(x), X_NAMES)
-        graphdef, stacked = layer_slices(self.hidden)
-        layer = remat(lambda w, a: nnx.merge(graphdef, w)(a), self.cfg.remat)
-        if self.pipeline.enabled:
-            h = pipeline_apply(layer, stacked, h, self.pipeline, logical_axes(self.hidden),
-                               X_NAMES)
-        else:
-            h = jax.lax.scan(lambda a, w: (layer(w, a), None), h, stacked)[0]
+        h = self.stack.apply(self.hidden, h, X_NAMES)
         return self.out(h).astype(jnp.float32)
 
 
@@ -99,3 +99,49 @@ def synthetic_batch(cfg: MLPConfig, seed: int, step: int, rows: np.ndarray) -> d
         out_x.append(x)
         out_y.append(int(np.argmax(np.tanh(x @ w1) @ w2)))
     return {"x": np.asarray(out_x, np.float32), "y": np.asarray(out_y, np.int32)}
+
+
+class SyntheticBatches:
+    """The synthetic task's global batches; each process builds only its own rows."""
+
+    unit = "examples"
+
+    def __init__(self, cfg: MLPConfig, batch_size: int, seed: int):
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.tokens_per_step = batch_size
+
+    def example(self) -> dict[str, np.ndarray]:
+        return {"x": np.zeros((self.batch_size, self.cfg.input_dim), np.float32),
+                "y": np.zeros((self.batch_size,), np.int32)}
+
+    def device(self, step: int, shardings: dict) -> dict[str, jax.Array]:
+        made: dict[tuple[int, int, int], dict] = {}  # x and y of the same rows, drawn once
+
+        def rows(key: str):
+            def fn(r: range) -> np.ndarray:
+                ident = (r.start, r.stop, r.step)
+                if ident not in made:
+                    made[ident] = synthetic_batch(self.cfg, self.seed, step, np.asarray(r))
+                return made[ident][key]
+            return fn
+
+        ex = self.example()
+        return {k: make_global(ex[k].shape, shardings[k], rows(k)) for k in ex}
+
+
+def _config(spec: Any, source: str) -> MLPConfig:
+    """The MLP of the command line: --num_layers hidden layers of width --d_model."""
+    over = spec.overrides("num_layers", "dtype", "remat", "scan_layers")
+    if spec.d_model is not None:
+        over["hidden_dim"] = spec.d_model
+    cfg = MLPConfig(**over)
+    cfg.validate()
+    return cfg
+
+
+FAMILY = register(Family(
+    name="mlp", make_config=_config, config_from_json=lambda d: MLPConfig(**d),
+    build=lambda cfg, pipeline, rngs: LayerwiseMLP(cfg, rngs=rngs, pipeline=pipeline),
+    loss=classification_loss,
+    batches=lambda cfg, source, batch_size, seed: SyntheticBatches(cfg, batch_size, seed),
+    stack="hidden", layers_name="hidden layers"))

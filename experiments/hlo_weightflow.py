@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from jaxmp.hlo import (
+from experiments.hlo import (
     ELEMENTWISE,
     HloInstruction,
     HloModule,

@@ -1,4 +1,5 @@
-"""Compiled-program accounting: memory, FLOPs and collectives of an XLA program, and MFU.
+"""Compiled-program accounting for the benchmarks: memory, FLOPs and collectives of an XLA
+program, next to the analytic minima.
 
 Every figure here is read from a compiled program (its optimized HLO text, its memory
 analysis, its input shardings), never typed in. The HLO walker follows the call graph
@@ -9,8 +10,9 @@ XLA's own `compiled.cost_analysis()["flops"]` counts a while body once whatever 
 count (seen with jaxlib 0.10.2: 4 and 8 scanned layers give almost the same figure), so
 `hlo_flops` recounts dots and elementwise work with the loop multipliers.
 
-HLO parsing lives in jaxmp.hlo, the weight dataflow (which all-gathers gather a weight)
-in jaxmp.hlo_weightflow; both are re-exported here.
+HLO parsing lives in experiments.hlo (the names the accounting needs are re-exported
+here), the weight dataflow (which all-gathers gather a weight) in
+experiments.hlo_weightflow; device peaks and MFU in the library (jaxmp.throughput).
 
 The analytic minima next to the compiled figures:
 
@@ -32,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmp.hlo import (
+from experiments.hlo import (
     COLLECTIVES,
     ELEMENTWISE,
     HloModule,
@@ -45,36 +47,6 @@ from jaxmp.hlo import (
     shape_arrays,
     shape_elements,
 )
-
-# Dense bf16 peak FLOP/s per chip (vendor datasheets). H100 SXM and H200 share 989 TFLOP/s.
-PEAK_BF16_FLOPS: dict[str, float] = {"H100": 989e12, "H200": 989e12}
-# HBM bandwidth, bytes/s (vendor datasheets: H100 SXM 80 GB HBM3 3.35 TB/s, H200 141 GB
-# HBM3e 4.8 TB/s). The decode roofline divides this by the bytes read per token.
-HBM_BYTES_PER_S: dict[str, float] = {"H100": 3.35e12, "H200": 4.8e12}
-
-
-def _by_kind(table: Mapping[str, float], device: jax.Device | None) -> float | None:
-    kind = getattr(device or jax.devices()[0], "device_kind", "")
-    return next((v for name, v in table.items() if name in kind), None)
-
-
-def peak_flops(device: jax.Device | None = None) -> float | None:
-    """Dense bf16 peak of `device` (default: the first one), or None if unknown (CPU)."""
-    return _by_kind(PEAK_BF16_FLOPS, device)
-
-
-def memory_bandwidth(device: jax.Device | None = None) -> float | None:
-    """Datasheet memory bandwidth of `device` in bytes/s, or None if unknown (CPU)."""
-    return _by_kind(HBM_BYTES_PER_S, device)
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int,
-        device: jax.Device | None = None) -> float | None:
-    """Model FLOPs utilization: achieved model FLOP/s over the devices' summed peak."""
-    peak = peak_flops(device)
-    if peak is None or tokens_per_s <= 0:
-        return None
-    return tokens_per_s * flops_per_token / (peak * num_devices)
 
 
 # ====================================================================== collectives

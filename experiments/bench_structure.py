@@ -1,0 +1,296 @@
+"""The structure suite: each layout's compiled train step (memory, collectives, FLOPs, which
+all-gathers gather a weight) next to the analytic ideal, read from the compiled program."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from experiments import analysis
+from experiments import hlo_weightflow as weightflow
+from experiments.bench_harness import gpt_trainer, log, single_mesh, tokens_batch
+from experiments.bench_results import Json, Target, count_mib, mib, table
+from experiments.hlo import HloModule
+from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
+from jaxmp.models.gpt import GPTConfig, num_params
+from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_factor
+from jaxmp.sharding import shards_of
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureSizes:
+    num_layers: int = 16
+    d_model: int = 256
+    num_heads: int = 8
+    seq_len: int = 128
+    batch: int = 16
+    vocab_size: int = 256
+
+    def gpt(self, num_layers: int | None = None) -> GPTConfig:
+        return GPTConfig(num_layers=num_layers or self.num_layers, d_model=self.d_model,
+                         num_heads=self.num_heads, seq_len=self.seq_len,
+                         vocab_size=self.vocab_size)
+
+
+STRUCTURE_FULL = StructureSizes()
+STRUCTURE_QUICK = StructureSizes(num_layers=8, d_model=64, num_heads=8, seq_len=32)
+LAYOUTS: tuple[str, ...] = ("data:8", "fsdp:8", "tensor:8", "pipe:8", "data:2,pipe:2,tensor:2",
+                            "fsdp:2,pipe:2,tensor:2", "pipe:4,tensor:2")
+QUICK_MATRIX: tuple[tuple[str, int, int], ...] = (
+    ("data:8", 1, 1), ("tensor:8", 1, 1), ("pipe:4,tensor:2", 4, 2),
+    ("data:2,pipe:2,tensor:2", 4, 1))
+MICROBATCHES = (1, 4, 8)
+REPEATS = (1, 2)
+DP_AXES = ("data", "fsdp", "data+fsdp")
+
+
+# ====================================================================== the result
+@dataclasses.dataclass(frozen=True)
+class StructureResult:
+    model: Json        # the sizes, the parameter count, the one-device figures
+    rows: list[Json]   # one per layout x pipeline setting (structure_row)
+
+    def to_json(self) -> Json:
+        return {"structure_model": self.model, "structure": self.rows}
+
+    def table(self) -> str:
+        head = ["layout", "m", "r", "state MiB", "ideal", "x", "x repl", "temp MiB", "all-reduce",
+                "all-gather", "red-scat", "coll-perm", "all-to-all", "GFLOP/dev", "x ideal",
+                "bubble", "TP x min", "PP x min", "DP x min", "W-gather"]
+        return self._note() + "\n" + table(head, [_table_row(r) for r in self.rows])
+
+    def _note(self) -> str:
+        m = self.model
+        return (
+            f"GPT {m['num_layers']} layers, d={m['d_model']}, T={m['seq_len']}, "
+            f"batch {m['batch']}, {m['params']:,} params; one device: "
+            f"{m['single_device_flops'] / 1e9:.2f} GFLOP/step (XLA cost_analysis, loop "
+            f"bodies once: {m['single_device_xla_cost_analysis_flops'] / 1e9:.2f}), "
+            f"{mib(m['single_device_temp_bytes'])} MiB temporaries.\n"
+            "x: state / (total / devices); x repl: state / (total / (devices / data)). "
+            "collectives: count/MiB per device per step (loops x trip count); TP x min: "
+            "all-reduce bytes over tensor in the layer loops / Megatron minimum; PP x min: "
+            "collective-permute bytes over pipe / one hand-off per tick; DP x min: gradient "
+            "all-reduce / reduce-scatter bytes over data, fsdp / the gradients once; W-gather: "
+            "all-gathers of a weight or a piece, reshaping or cast of one (traced from the "
+            "parameters through the program).")
+
+    def targets(self) -> list[Target]:
+        return [t for r in self.rows for t in _row_targets(r)]
+
+
+def _table_row(r: Json) -> list[Any]:
+    c = r["collectives"]
+    tp, pp, dp = r["tensor_parallel"], r["pipeline"], r["data_parallel"]
+    ratio = lambda d: f"{d['bytes_ratio']:.3f}" if d else "-"
+    return [r["layout"], r["microbatches"], r["repeats"], mib(r["state_bytes_per_device"]),
+            mib(r["ideal_state_bytes_per_device"]), f"{r['state_ratio']:.3f}",
+            f"{r['replica_state_ratio']:.3f}", mib(r["temp_bytes"]), count_mib(c["all-reduce"]),
+            count_mib(c["all-gather"]), count_mib(c["reduce-scatter"]),
+            count_mib(c["collective-permute"]), count_mib(c["all-to-all"]),
+            f"{r['flops_per_device'] / 1e9:.2f}", f"{r['flops_ratio']:.3f}",
+            f"{r['analytic_bubble_factor']:.3f}", ratio(tp), ratio(pp), ratio(dp),
+            r["weight_all_gathers"]["count"]]
+
+
+def _row_targets(r: Json) -> list[Target]:
+    where = f"{r['layout']} m={r['microbatches']} r={r['repeats']}"
+    out = [Target("state bytes <= 1.05 x ideal", where, r["state_ratio"], 1.05,
+                  r["state_ratio"] <= 1.05)]
+    tp = r["tensor_parallel"]
+    if tp:
+        v = tp["bytes_ratio"] / tp["expected_ratio"]
+        out.append(Target("TP all-reduce bytes == Megatron minimum (x bubble factor)", where, v,
+                          1.0, abs(v - 1) < 0.01))
+    if "fsdp" not in r["layout"]:
+        n = r["weight_all_gathers"]["count"]
+        out.append(Target("no all-gather of weights outside FSDP", where, n, 0, n == 0))
+    dp = r["data_parallel"]
+    if dp:
+        out.append(Target("(extra) gradient reduction bytes <= 1.05 x gradients once", where,
+                          dp["bytes_ratio"], 1.05, dp["bytes_ratio"] <= 1.05))
+    if r["microbatches"] > 1 or "pipe" in r["layout"]:
+        v = r["flops_ratio"] / r["analytic_bubble_factor"]
+        out.append(Target("FLOPs per device <= 1.02 x ideal x bubble factor", where, v, 1.02,
+                          v <= 1.02))
+    return out
+
+
+# ====================================================================== the suite
+def structure_suite(quick: bool, layouts: Sequence[str] | None = None) -> StructureResult:
+    """The model description and one row per layout x pipeline setting."""
+    sizes = STRUCTURE_QUICK if quick else STRUCTURE_FULL
+    if layouts:
+        matrix = layout_matrix(layouts, sizes)
+    else:
+        matrix = list(QUICK_MATRIX) if quick else layout_matrix(LAYOUTS, sizes)
+    single = single_device_figures(sizes)
+    model = {**dataclasses.asdict(sizes), "params": num_params(sizes.gpt()), **single}
+    rows = []
+    for layout, m, r in matrix:
+        row = structure_row(sizes, layout, m, r, single["single_device_flops"])
+        log(f"  structure {row['layout']:<24} m={m} r={r}  compiled in {row['compile_s']:.1f}s")
+        rows.append(row)
+    return StructureResult(model, rows)
+
+
+def layout_matrix(layouts: Sequence[str], sizes: StructureSizes,
+                  ) -> list[tuple[str, int, int]]:
+    """(mesh, microbatches, repeats): pipe layouts get every valid m in {1,4,8} x r in {1,2}."""
+    out = []
+    n = len(jax.devices())
+    for layout in layouts:
+        parse_mesh(layout, n)  # raises MeshError with a clear message
+        shape = make_mesh(layout).shape
+        p = shape["pipe"]
+        if p == 1:
+            out.append((layout, 1, 1))
+            continue
+        per_shard = sizes.batch // (shape["data"] * shape["fsdp"])
+        for r in REPEATS:
+            for m in MICROBATCHES:
+                try:
+                    PipelineSpec(p, m, r).validate(sizes.num_layers, per_shard)
+                except PipelineError:
+                    continue
+                out.append((layout, m, r))
+    return out
+
+
+def single_device_figures(sizes: StructureSizes) -> Json:
+    """Loop-aware HLO FLOPs, XLA's cost_analysis FLOPs and temporaries of the one-device
+    train step (the reference every layout is divided against)."""
+    trainer = gpt_trainer(sizes.gpt(), single_mesh())
+    compiled = trainer.lower(tokens_batch(sizes.batch, sizes.seq_len, sizes.vocab_size)).compile()
+    cost = compiled.cost_analysis() or {}
+    return {"single_device_flops": analysis.hlo_flops(compiled.as_text()).flops,
+            "single_device_xla_cost_analysis_flops": float(cost.get("flops", 0.0)),
+            "single_device_temp_bytes": analysis.memory_figures(compiled).temp_bytes}
+
+
+def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
+                  single_flops: float) -> Json:
+    """Compile one layout's train step and read its memory, collectives and FLOPs."""
+    cfg = sizes.gpt()
+    mesh = make_mesh(layout)
+    shape, n = dict(mesh.shape), mesh.size
+    p = shape["pipe"]
+    trainer = gpt_trainer(cfg, mesh, PipelineSpec(p, m, r))
+    t0 = time.perf_counter()
+    compiled = trainer.lower(tokens_batch(sizes.batch, sizes.seq_len, sizes.vocab_size)).compile()
+    compile_s = time.perf_counter() - t0
+    module = analysis.parse_hlo(compiled.as_text())
+    found = analysis.collectives(module, shape)
+    flops = analysis.hlo_flops(module)
+    bubble = bubble_factor(p, m, r) if p > 1 else 1.0
+    plan = trainer.plan()
+    cost = compiled.cost_analysis() or {}
+    return {
+        "layout": format_mesh(mesh), "devices": n, "microbatches": m, "repeats": r,
+        "compile_s": compile_s,
+        **_memory(compiled, trainer.abstract_state(), plan.bytes_per_device, shape, n),
+        "collectives": analysis.collective_totals(found),
+        "collectives_by_axes": _by_axes(found),
+        **_parallel_traffic(found, cfg, sizes.batch, shape, m, r, bubble, plan),
+        "weight_all_gathers": _weight_gathers(compiled, module),
+        "flops_per_device": flops.flops,
+        "dot_flops_per_device": flops.dot_flops,
+        "ideal_flops_per_device": single_flops / n,
+        "flops_ratio": flops.flops / (single_flops / n),
+        "analytic_bubble_factor": bubble,
+        "xla_cost_analysis_flops": float(cost.get("flops", 0.0)),
+        "unknown_trip_counts": flops.unknown_loops,
+    }
+
+
+def _memory(compiled: Any, abstract: Any, param_bytes: int, shape: Mapping[str, int],
+            n: int) -> Json:
+    """The compiled program's memory figures and the train state per device vs the ideal."""
+    mem = analysis.memory_figures(compiled)
+    state_dev = analysis.sharded_bytes(abstract, compiled.input_shardings[0][0])
+    ideal_state = 3 * analysis.tree_bytes(abstract.params) / n  # params + Adam's two moments
+    return {
+        "argument_bytes": mem.argument_bytes, "temp_bytes": mem.temp_bytes,
+        "output_bytes": mem.output_bytes, "alias_bytes": mem.alias_bytes,
+        "peak_estimate_bytes": mem.peak_estimate_bytes,
+        "param_bytes_per_device": param_bytes,
+        "state_bytes_per_device": state_dev,
+        "ideal_state_bytes_per_device": ideal_state,
+        "state_ratio": state_dev / ideal_state,
+        # Data parallelism replicates the state by design: the ideal of the model-parallel
+        # axes alone (fsdp, pipe, tensor) is total / (devices / data).
+        "replica_ideal_state_bytes_per_device": ideal_state * shape["data"],
+        "replica_state_ratio": state_dev / (ideal_state * shape["data"]),
+    }
+
+
+def _by_axes(found: Mapping[analysis.CollectiveKey, tuple[int, int]]) -> dict[str, Json]:
+    """{'op@axes[loop]': {count, bytes}}, sorted by op, axes, inside a loop."""
+    keys = sorted(found, key=lambda k: (k.op, k.axes, k.in_loop))
+    return {f"{k.op}@{k.axes}{'[loop]' if k.in_loop else ''}": _cb(found[k]) for k in keys}
+
+
+def _cb(count_bytes: tuple[int, int] | dict[str, int]) -> dict[str, int]:
+    if isinstance(count_bytes, dict):
+        return {"count": int(count_bytes["count"]), "bytes": int(count_bytes["bytes"])}
+    return {"count": int(count_bytes[0]), "bytes": int(count_bytes[1])}
+
+
+def _parallel_traffic(found: Mapping[analysis.CollectiveKey, tuple[int, int]], cfg: GPTConfig,
+                      batch: int, shape: Mapping[str, int], m: int, r: int, bubble: float,
+                      plan: Any) -> Json:
+    """Each parallelism's compiled traffic against its analytic minimum (None where the
+    layout does not use it): Megatron's all-reduces over tensor, the pipeline's hand-offs
+    over pipe, the gradient reduction over data and fsdp."""
+    p = shape["pipe"]
+    rows = batch // (shape["data"] * shape["fsdp"])
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    tp = None
+    if shape["tensor"] > 1:
+        minimum = analysis.megatron_allreduce(cfg.num_layers / p, rows, cfg.seq_len,
+                                              cfg.d_model, itemsize, m if p > 1 else 1)
+        compiled_tp = analysis.collective_totals(found, axes="tensor", in_loop=True)["all-reduce"]
+        tp = {"compiled_allreduce": _cb(compiled_tp), "megatron_min": _cb(minimum),
+              "bytes_ratio": compiled_tp["bytes"] / minimum[1],
+              "count_ratio": compiled_tp["count"] / minimum[0],
+              "expected_ratio": bubble}
+    pp = None
+    if p > 1:
+        minimum = analysis.pipeline_permutes(p, m, r, rows, cfg.seq_len, cfg.d_model, itemsize)
+        compiled_pp = analysis.collective_totals(found, axes="pipe")["collective-permute"]
+        pp = {"compiled_permute": _cb(compiled_pp), "handoff_min": _cb(minimum),
+              "bytes_ratio": compiled_pp["bytes"] / minimum[1],
+              "count_ratio": compiled_pp["count"] / minimum[0]}
+    dp = _gradient_reduction(found, shape, plan) if shape["data"] * shape["fsdp"] > 1 else None
+    return {"tensor_parallel": tp, "pipeline": pp, "data_parallel": dp}
+
+
+def _gradient_reduction(found: Mapping[analysis.CollectiveKey, tuple[int, int]],
+                        shape: Mapping[str, int], plan: Any) -> Json:
+    """The compiled all-reduce / reduce-scatter bytes over data and fsdp against each
+    device's gradients before that reduction (the parameters split only over pipe and
+    tensor): reducing them once is the minimum traffic."""
+    grad = sum(row.bytes_total // shards_of(row.spec, shape, ("pipe", "tensor"))
+               for row in plan.rows)
+    reduced = {"count": 0, "bytes": 0}
+    for k, (count, nbytes) in found.items():
+        if k.op in ("all-reduce", "reduce-scatter") and k.axes in DP_AXES:
+            reduced["count"] += count
+            reduced["bytes"] += nbytes
+    return {"compiled_gradient_reduction": reduced, "gradient_bytes": grad,
+            "bytes_ratio": reduced["bytes"] / grad}
+
+
+def _weight_gathers(compiled: Any, module: HloModule) -> Json:
+    """All-gathers of a weight or a piece, reshaping or cast of one, traced from the
+    state's parameters through the program (weightflow.weight_derived_gathers)."""
+    weights = {i: path for i, path in weightflow.jax_entry_parameters(compiled, module).items()
+               if path.startswith("args[0].params")}
+    gathers = weightflow.weight_derived_gathers(module, weights)
+    return {"count": sum(g.executions for g in gathers), "bytes": sum(g.bytes for g in gathers),
+            "weights": sorted({w for g in gathers for w in g.weights})}

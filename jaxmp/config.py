@@ -1,0 +1,179 @@
+"""The configuration tree of a run: typed dataclasses, each default in exactly one place.
+
+Entry points generate their absl flags from these classes (`experiments/flagtree.py`), one
+flag per field with the field's flat name (`--mesh`, `--batch_size`, ...: the command-line
+contract of DESIGN.md), its type, default and help. Python users build the same tree:
+
+    cfg = RunConfig(layout=LayoutConfig(mesh="tensor:8"), steps=50)
+    cfg = RunConfig.flat(mesh="tensor:8", steps=50)     # the same, by flag names
+
+The model's own settings (shapes, dtype, ...) live in its family's config class
+(jaxmp.models.gpt.GPTConfig, ...); ModelSpec only carries what the command line chooses:
+the family, a preset and overrides (None = the family's default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxmp.train import OptConfig
+
+
+def opt(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field with its flag's help text (and e.g. choices=...)."""
+    factory = isinstance(default, (list, dict))
+    kw = {"default_factory": lambda: type(default)(default)} if factory else {"default": default}
+    return dataclasses.field(metadata={"help": help, **metadata}, **kw)
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    model: str = opt("gpt", "Model family (gpt, mlp, or one a --family_module registers).")
+    preset: str = opt("tiny", "GPT-2 shape: tiny, small, medium, large, xl.",
+                      choices=("tiny", "small", "medium", "large", "xl"))
+    num_layers: int | None = opt(None, "Override: decoder layers (GPT) or hidden layers (MLP).")
+    d_model: int | None = opt(None, "Override: model width (GPT) or hidden width (MLP).")
+    num_heads: int | None = opt(None, "Override: attention heads.")
+    seq_len: int | None = opt(None, "Override: context length.")
+    vocab_size: int | None = opt(None, "Vocabulary (default 256 for bytes, 50257 for token files).")
+    dtype: str | None = opt(None, "Compute dtype (default float32); parameters stay float32.",
+                            choices=("float32", "bfloat16"))
+    remat: str | None = opt(None, "Rematerialization per layer (default none).",
+                            choices=("none", "block", "dots"))
+    attention: str | None = opt(None, "Training attention kernel (default auto; cudnn: flash "
+                                "attention on NVIDIA GPUs, bf16).", choices=("auto", "xla", "cudnn"))
+    scan_layers: bool | None = opt(None, "Apply the layers with a scan (default; compile time "
+                                   "independent of depth); --noscan_layers unrolls them (faster "
+                                   "steps on GPUs).")
+    family_module: list[str] = opt([], "Python module(s) to import first: they may register "
+                                   "model families (repeatable).")
+
+    def overrides(self, *names: str) -> dict[str, Any]:
+        """The given settings that were set (not None), by name."""
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclasses.dataclass
+class LayoutConfig:
+    mesh: str = opt("data:2,pipe:2,tensor:2", "Mesh, e.g. data:2,pipe:2,tensor:2.")
+    microbatches: int = opt(4, "Pipeline micro-batches per data shard.")
+    pipeline_repeats: int = opt(1, "Circular pipeline rounds (layer groups per stage).")
+    rules: str = opt("", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
+    activation_rules: str = opt("", "Activation rule overrides, e.g. 'batch=data'.")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data: str = opt("builtin", "builtin | path to .txt (bytes) | .bin/.npy uint16 tokens.")
+    batch_size: int = opt(16, "Global batch in sequences (the same on every mesh).")
+    seed: int = opt(0, "Seed of the initialisation and of the data order.")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    ckpt_dir: str | None = opt(None, "Checkpoint directory (default: a new runs/<time>).")
+    ckpt_every: int = opt(100, "Steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = opt(3, "Newest checkpoints kept.")
+    resume: bool | None = opt(None, "Resume from --ckpt_dir (default: when it holds "
+                              "checkpoints; --noresume starts over).")
+    async_checkpoint: bool = opt(True, "Write checkpoints while training continues.")
+
+
+@dataclasses.dataclass
+class LogConfig:
+    metrics_file: str | None = opt(None, "JSON-lines metrics file (process 0 writes it).")
+    log_every: int = opt(10, "Steps between progress lines.")
+    profile_dir: str | None = opt(None, "Write a JAX profiler trace of steps 3-4 here.")
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    serve_mesh: str = opt("tensor:4", "Mesh of the closing serve demo ('' skips it).")
+    serve_prompt: str = opt("def main(", "Prompt of the closing serve demo.")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
+    optimizer: OptConfig = dataclasses.field(default_factory=OptConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+    steps: int = opt(200, "Training steps (also the learning-rate schedule's length).")
+    run_until: int | None = opt(None, "Stop (with a checkpoint) after this step, keeping the "
+                                "learning-rate schedule of --steps; resume later to continue.")
+
+    @classmethod
+    def flat(cls, **settings: Any) -> RunConfig:
+        """A RunConfig from flat names (the flag names), e.g. flat(mesh="tensor:8")."""
+        return replace_flat(cls(), **settings)
+
+    def optimizer_config(self) -> OptConfig:
+        """The optimizer with its schedule as long as the run."""
+        return dataclasses.replace(self.optimizer, total_steps=self.steps)
+
+
+def leaves(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field]]:
+    """Every leaf field of a config class: (path of section names, field), in order.
+    Fields with metadata flag=False (e.g. OptConfig.total_steps) are left out."""
+    out = []
+    for f in dataclasses.fields(cls):
+        section = _section(f)
+        if section is not None:
+            out += [((f.name, *path), leaf) for path, leaf in leaves(section)]
+        elif f.metadata.get("flag", True):
+            out.append(((), f))
+    return out
+
+
+def _section(f: dataclasses.Field) -> type | None:
+    """The dataclass type of a section field (annotations are strings under
+    `from __future__ import annotations`), else None."""
+    if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return None
+    value = f.default_factory()  # type: ignore[misc]
+    return type(value) if dataclasses.is_dataclass(value) else None
+
+
+def replace_flat(tree: Any, **settings: Any) -> Any:
+    """A copy of a config tree with leaf fields set by their flat names."""
+    known = {f.name: path for path, f in leaves(type(tree))}
+    unknown = set(settings) - set(known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(sorted(known))}")
+    for name, value in settings.items():
+        tree = _set(tree, (*known[name], name), value)
+    return tree
+
+
+def _set(tree: Any, path: tuple[str, ...], value: Any) -> Any:
+    if len(path) == 1:
+        return dataclasses.replace(tree, **{path[0]: value})
+    return dataclasses.replace(tree, **{path[0]: _set(getattr(tree, path[0]), path[1:], value)})
+
+
+@dataclasses.dataclass
+class InspectConfig:
+    """What `experiments.inspect` plans: a model in a layout, no training."""
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # byte vs token vocab
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """`experiments.serve`: a checkpoint restored onto a serving mesh, prompts completed."""
+    ckpt_dir: str | None = opt(None, "Checkpoint directory written by experiments.train.")
+    step: int | None = opt(None, "Checkpoint step (default: the newest complete one).")
+    mesh: str = opt("", "Serving mesh, e.g. tensor:4 or data:2,tensor:2 ('' = 1 device).")
+    prompt: list[str] = opt([], "A prompt (repeatable). Text, or 'ids:1,2,3'.")
+    prompt_file: str | None = opt(None, "A file with one prompt per line.")
+    max_new_tokens: int = opt(64, "Tokens to generate per prompt.")
+    temperature: float = opt(0.0, "Sampling temperature (0 = greedy).")
+    top_k: int | None = opt(None, "Sample from the k most likely tokens.")
+    seed: int = opt(0, "Sampling seed.")
+    output_file: str | None = opt(None, "JSON lines: prompt, completion, tokens.")

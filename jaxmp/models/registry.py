@@ -1,0 +1,91 @@
+"""Model families: what training, checkpoints and serving need to know about a model, in
+one record per family. Nothing outside this registry compares family names.
+
+    from jaxmp.models.registry import Family, register
+    register(Family(name="mine", make_config=..., config_from_json=..., build=..., loss=...,
+                    batches=...))
+
+then `python -m experiments.train --family_module=my.module --model=mine` trains it (the
+module is imported before the run, so its `register` call runs). GPT-2 (`gpt`) and the
+book's layer-wise MLP (`mlp`) are the built-in entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxmp.pipeline import PipelineSpec
+
+
+class Batches(Protocol):
+    """The global batches of a run: host examples for compiling, device batches per step."""
+
+    tokens_per_step: int  # what throughput counts per step (tokens, or examples)
+    unit: str             # its name in progress lines ("tok", "examples")
+
+    def example(self) -> dict[str, np.ndarray]: ...
+
+    def device(self, step: int, shardings: Mapping[str, Any]) -> dict[str, jax.Array]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    # (flat model settings from the config tree (config.ModelSpec), data source) -> config;
+    # the config has `num_layers` and `to_json()`
+    make_config: Callable[[Any, str], Any]
+    config_from_json: Callable[[dict], Any]             # a checkpoint's record -> config
+    build: Callable[[Any, PipelineSpec, nnx.Rngs], nnx.Module]  # model in a layout
+    loss: Callable[[nnx.Module, Mapping[str, jax.Array]], Any]
+    batches: Callable[[Any, str, int, int], Batches]    # (config, data, batch size, seed)
+    stack: str = "blocks"           # the parameter subtree that is the model's LayerStack
+    flops_per_token: Callable[[Any], float] | None = None  # None: no MFU in the logs
+    generates: bool = False         # a token model with decode / init_cache (Server)
+    layers_name: str = "layers"     # how errors call its stacked layers
+
+
+_FAMILIES: dict[str, Family] = {}
+_BUILTIN = ("jaxmp.models.gpt", "jaxmp.models.mlp")
+
+
+def register(family: Family) -> Family:
+    """Add a family (a second registration of a name replaces the first: re-imports)."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get(name: str) -> Family:
+    """The family called `name`; an unknown name lists the registered ones."""
+    _load_builtin()
+    if name not in _FAMILIES:
+        raise ValueError(f"model={name!r}: no such model family; registered: "
+                         f"{', '.join(sorted(_FAMILIES))} (a module passed with "
+                         "--family_module can register more)")
+    return _FAMILIES[name]
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_FAMILIES)
+
+
+def import_modules(modules: list[str]) -> None:
+    """Import modules that register families (--family_module)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"family_module={module!r} cannot be imported ({e}); give an "
+                             "importable module path, e.g. mypkg.families") from e
+
+
+def _load_builtin() -> None:
+    for module in _BUILTIN:
+        importlib.import_module(module)
