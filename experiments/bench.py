@@ -21,7 +21,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from experiments.bench_results import Json, SuiteResult, Target, table
-from experiments.common import run_guarded
+from experiments.common import parse_flags, run_guarded
 
 F = flags.FLAGS
 SUITES = ("structure", "compile", "speed", "serve", "gpu")
@@ -161,4 +161,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

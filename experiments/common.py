@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import sys
+import os
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from experiments.cli import fail, parse_flags  # noqa: F401 (entry points import them here)
 
 SIMULATE = flags.DEFINE_integer(
     "simulate_devices", 8,
@@ -25,16 +27,40 @@ def setup_devices() -> None:
                simulate_devices=SIMULATE.value)
 
 
+def die_with_launcher() -> None:
+    """A process started by experiments.launch gets SIGTERM (checkpoint and exit) when the
+    launcher dies, even by SIGKILL (Linux PR_SET_PDEATHSIG); if it is already gone, exit."""
+    launcher = os.environ.get("JAXMP_LAUNCHER_PID")
+    if not launcher:
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the launcher's own forwarding still applies
+    if os.getppid() != int(launcher):
+        fail("the launcher that started this process has exited")
+
+
 def run_guarded(argv: list[str], body: Callable[[], int | None]) -> int:
-    """Set up devices, run `body`; bad input of any kind ends in one `error:` line, exit 2."""
+    """Set up devices, run `body`; bad input of any kind ends in one `error:` line, exit 2.
+    Anything unexpected too (one line naming the exception; JAXMP_TRACEBACK=1 shows the
+    traceback)."""
     from jaxmp.distributed import DistributedError
 
+    die_with_launcher()
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+    if not flags.FLAGS["verbosity"].present:  # quiet by default: orbax logs at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         setup_devices()
         return body() or 0
     except (ValueError, OSError, FloatingPointError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
+    except Exception as e:
+        if os.environ.get("JAXMP_TRACEBACK"):
+            raise
+        fail(f"{type(e).__name__}: {str(e)[:500]} (JAXMP_TRACEBACK=1 shows where)")

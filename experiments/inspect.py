@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from experiments import flagtree
-from experiments.common import run_guarded
+from experiments.common import parse_flags, run_guarded
 from jaxmp.config import InspectConfig
 
 F = flags.FLAGS
@@ -62,11 +62,13 @@ def inspect() -> None:
     from flax import nnx
 
     from jaxmp.config import RunConfig
-    from jaxmp.experiment import layout, model_config
+    from jaxmp.experiment import check_writable, layout, model_config
     from jaxmp.mesh import format_mesh
     from jaxmp.pipeline import format_timeline, stage_layers
     from jaxmp.train import Trainer
 
+    if F.plot:
+        check_writable(F.plot, "plot", directory=False)
     tree = flagtree.build(InspectConfig)
     cfg = RunConfig(model=tree.model, layout=tree.layout, data=tree.data)
     family, model_cfg = model_config(cfg)
@@ -89,4 +91,4 @@ def inspect() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

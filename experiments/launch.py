@@ -6,13 +6,18 @@
 Each process runs `python -m experiments.<module>` with --coordinator_address (a free
 port on 127.0.0.1), --num_processes, --process_id and --simulate_devices added; output
 lines are prefixed with [pN]. If a process dies, the others are stopped and the launcher
-exits non-zero with the failing process's last lines.
+exits non-zero with the failing process's last lines (a bad flag: its `error:` line, exit 2).
+SIGTERM or Ctrl-C to the launcher is forwarded to every process (each checkpoints and
+exits); the launcher waits for them and exits 0 if they all stopped cleanly. If the
+launcher itself is killed, the processes get SIGTERM from the kernel (Linux
+PR_SET_PDEATHSIG), so none is left behind.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,78 +25,127 @@ import time
 
 from absl import app, flags
 
+from experiments.cli import fail, parse_flags
+
 F = flags.FLAGS
 flags.DEFINE_integer("num_processes", 2, "Local processes to start.")
 flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices per process.")
 flags.DEFINE_enum("module", "train", ["train", "serve"], "Entry point each process runs.")
 flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0 = pick a free one).")
 flags.DEFINE_float("grace_s", 10.0, "Seconds the others get to exit after one fails.")
+flags.DEFINE_float("stop_timeout_s", 300.0, "After a forwarded SIGTERM / Ctrl-C: seconds the "
+                   "processes get to checkpoint and exit before they are killed.")
 
 
-def _pump(i: int, proc: subprocess.Popen, tail: collections.deque) -> None:
-    for line in proc.stdout:
-        tail.append(line.rstrip("\n"))
-        if not line.startswith("[Gloo]"):  # gloo's per-connection chatter
-            print(f"[p{i}] {line}", end="", flush=True)
+class Workers:
+    """The started processes, their output pumps and the last lines of each."""
 
+    def __init__(self, argv: list[str]):
+        from jaxmp.distributed import free_port
 
-def main(argv: list[str]) -> int:
-    from jaxmp.distributed import free_port
+        n, port = F.num_processes, F.port or free_port()
+        # the process asks the kernel for SIGTERM when the launcher dies (common.py)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAXMP_LAUNCHER_PID": str(os.getpid())}
+        env.pop("XLA_FLAGS", None)
+        self.procs: list[subprocess.Popen] = []
+        self.tails = [collections.deque(maxlen=20) for _ in range(n)]
+        self.pumps: list[threading.Thread] = []
+        for i in range(n):
+            cmd = [sys.executable, "-m", f"experiments.{F.module}", *argv,
+                   f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
+                   f"--process_id={i}", f"--simulate_devices={F.devices_per_process}"]
+            # own session: a terminal's Ctrl-C reaches the launcher only, which forwards it
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            print(f"[launch] process {i} pid {proc.pid}", flush=True)
+            pump = threading.Thread(target=self._pump, args=(i, proc), daemon=True)
+            pump.start()
+            self.procs.append(proc)
+            self.pumps.append(pump)
 
-    n = F.num_processes
-    if n < 1 or F.devices_per_process < 1:
-        print("error: --num_processes and --devices_per_process must be >= 1", file=sys.stderr)
-        return 2
-    port = F.port or free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
-    procs, tails, pumps = [], [], []
-    for i in range(n):
-        cmd = [sys.executable, "-m", f"experiments.{F.module}", *argv[1:],
-               f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
-               f"--process_id={i}", f"--simulate_devices={F.devices_per_process}"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        print(f"[launch] process {i} pid {proc.pid}", flush=True)
-        tail: collections.deque = collections.deque(maxlen=20)
-        pump = threading.Thread(target=_pump, args=(i, proc, tail), daemon=True)
-        pump.start()
-        procs.append(proc)
-        tails.append(tail)
-        pumps.append(pump)
-    failed = None
-    while failed is None and any(p.poll() is None for p in procs):
-        for i, p in enumerate(procs):
-            if p.poll() not in (None, 0):
-                failed = i
-                break
-        time.sleep(0.2)
-    if failed is None:
-        failed = next((i for i, p in enumerate(procs) if p.returncode != 0), None)
-    if failed is not None:
-        for p in procs:
+    def _pump(self, i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.tails[i].append(line.rstrip("\n"))
+            if not line.startswith("[Gloo]"):  # gloo's per-connection chatter
+                print(f"[p{i}] {line}", end="", flush=True)
+
+    def signal(self, sig: int) -> None:
+        for p in self.procs:
             if p.poll() is None:
-                p.terminate()
-        deadline = time.time() + F.grace_s
-        for p in procs:
+                p.send_signal(sig)
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for every process; kill what is left."""
+        deadline = time.time() + timeout
+        for p in self.procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for t in pumps:
+        for t in self.pumps:
             t.join(timeout=2)
-        code = procs[failed].returncode
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"[launch] process {failed} failed ({how}); stopped the others. Its last lines:",
-              file=sys.stderr)
-        for line in tails[failed]:
-            print(f"[p{failed}] {line}", file=sys.stderr)
-        return 1
-    for t in pumps:
-        t.join(timeout=2)
-    return 0
+
+    def first_failure(self) -> int | None:
+        return next((i for i, p in enumerate(self.procs) if p.poll() not in (None, 0)), None)
+
+
+def main(argv: list[str]) -> int:
+    checks = [("num_processes", F.num_processes >= 1, ">= 1"),
+              ("devices_per_process", F.devices_per_process >= 1, ">= 1"),
+              ("port", 0 <= F.port <= 65535, "in 0..65535"),
+              ("grace_s", F.grace_s > 0, "> 0"), ("stop_timeout_s", F.stop_timeout_s > 0, "> 0")]
+    for name, ok, want in checks:
+        if not ok:
+            fail(f"--{name}={F[name].value} must be {want}")
+    stopped: list[str] = []
+
+    def forward(signum: int, frame: object) -> None:  # no print here: it may re-enter one
+        stopped.append(signal.Signals(signum).name)
+        workers.signal(signum)
+
+    workers = Workers(argv[1:])
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while not stopped and workers.first_failure() is None and any(
+            p.poll() is None for p in workers.procs):
+        time.sleep(0.2)
+    if stopped:
+        print(f"[launch] {stopped[0]}: forwarded to every process; waiting up to "
+              f"{F.stop_timeout_s:.0f}s for them to checkpoint and exit", flush=True)
+        return _after_stop(workers, stopped[0])
+    failed = workers.first_failure()
+    if failed is None:
+        workers.wait(F.grace_s)
+        return 0
+    return _after_failure(workers, failed)
+
+
+def _after_stop(workers: Workers, name: str) -> int:
+    workers.wait(F.stop_timeout_s)
+    codes = [p.returncode for p in workers.procs]
+    if all(c == 0 for c in codes):
+        print(f"[launch] stopped by {name}: every process checkpointed and exited", flush=True)
+        return 0
+    print(f"[launch] stopped by {name}: exit codes {codes}", file=sys.stderr)
+    return 1
+
+
+def _after_failure(workers: Workers, failed: int) -> int:
+    workers.signal(signal.SIGTERM)
+    workers.wait(F.grace_s)
+    code = workers.procs[failed].returncode
+    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+    errors = [line for line in workers.tails[failed] if line.startswith("error:")]
+    if code == 2 and errors:  # a bad input: the process said what, in one line
+        print(f"error: process {failed}: {errors[-1][len('error:'):].strip()}", file=sys.stderr)
+        return 2
+    print(f"[launch] process {failed} failed ({how}); stopped the others. Its last lines:",
+          file=sys.stderr)
+    for line in workers.tails[failed]:
+        print(f"[p{failed}] {line}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,7 @@ import time
 from absl import app, flags
 
 from experiments import flagtree
-from experiments.common import run_guarded
+from experiments.common import parse_flags, run_guarded
 from jaxmp.config import ServeConfig
 
 flagtree.define(ServeConfig)
@@ -23,20 +23,56 @@ def main(argv: list[str]) -> int:
     return run_guarded(argv, serve)
 
 
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 file; a bad byte names the file and line."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise OSError(f"prompt_file={path}: cannot read ({e.strerror})") from None
+    out = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt_file={path} line {n} is not UTF-8 (byte {e.start}: "
+                             f"{raw[e.start:e.start + 1]!r})") from None
+        if line.strip():
+            out.append(line)
+    return out
+
+
+def _check_before_restore(cfg: ServeConfig, prompts: list[str]) -> None:
+    """The request against the checkpoint's model, read from its record: every error
+    before the weights are read or anything is compiled."""
+    from jaxmp.checkpoint import Checkpoints
+    from jaxmp.models import registry
+    from jaxmp.serve import check_request
+
+    ckpts = Checkpoints(cfg.ckpt_dir, create=False)
+    try:
+        record = ckpts.record(cfg.step)
+    finally:
+        ckpts.close()
+    model_cfg = registry.get(record.family).config_from_json(record.config)
+    check_request(model_cfg, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+
+
 def serve() -> None:
     """Restore, generate (once to compile, once timed), print and write the completions."""
+    from jaxmp.experiment import check_writable
     from jaxmp.mesh import format_mesh
     from jaxmp.serve import Server
 
     cfg = flagtree.build(ServeConfig)
     if not cfg.ckpt_dir:
         raise ValueError("--ckpt_dir is required (the directory a training run wrote)")
-    prompts = list(cfg.prompt)
-    if cfg.prompt_file:
-        with open(cfg.prompt_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    prompts = list(cfg.prompt) + (read_prompts(cfg.prompt_file) if cfg.prompt_file else [])
     if not prompts:
         raise ValueError("no prompt: pass --prompt=TEXT (repeatable) or --prompt_file")
+    if cfg.output_file:
+        check_writable(cfg.output_file, "output_file", directory=False)
+    _check_before_restore(cfg, prompts)
     server = Server.from_checkpoint(cfg.ckpt_dir, cfg.mesh, step=cfg.step)
     print(f"restored step {server.step} onto {format_mesh(server.mesh)} in "
           f"{server.restore_seconds:.2f}s", flush=True)
@@ -54,10 +90,10 @@ def serve() -> None:
     n = sum(len(o.tokens) for o in outs)
     print(f"{n} tokens in {dt:.3f}s: {n / dt:,.1f} tokens/s (batch {len(prompts)})")
     if cfg.output_file:
-        with open(cfg.output_file, "w") as f:
+        with open(cfg.output_file, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

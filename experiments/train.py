@@ -11,7 +11,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from experiments import flagtree
-from experiments.common import run_guarded
+from experiments.common import parse_flags, run_guarded
 from jaxmp.config import RunConfig
 
 flagtree.define(RunConfig)
@@ -27,4 +27,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

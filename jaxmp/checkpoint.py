@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,20 @@ def check_shapes(saved: dict[str, list[int]], params: Any, where: str) -> None:
                 f"{where} holds a different model: parameter '{path}' has shape "
                 f"{tuple(a) if a else 'none'} in the checkpoint but {tuple(b) if b else 'none'} in "
                 "the requested model; use the model flags it was trained with")
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a save in progress
+
+
+def remove_leftovers(directory: str) -> list[str]:
+    """Delete what killed saves left behind (never a complete step: orbax renames a step
+    into place only when every item is written). Returns the names removed."""
+    if not os.path.isdir(directory):
+        return []
+    gone = sorted(e for e in os.listdir(directory) if TMP_MARK in e)
+    for entry in gone:
+        shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+    return gone
 
 
 def _versions() -> dict[str, str]:
@@ -127,9 +142,13 @@ class Checkpoints:
         if not create and not os.path.isdir(self.directory):
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist; "
                                   "pass the ckpt_dir a training run wrote")
+        if create and jax.process_index() == 0:
+            remove_leftovers(self.directory)
+        # Leftovers are removed above, synchronously: orbax's own clean-up runs in a thread
+        # that can outlive a short program and print a traceback at interpreter exit.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
-            cleanup_tmp_directories=create)
+            cleanup_tmp_directories=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "train", "meta"))
 
@@ -137,6 +156,11 @@ class Checkpoints:
     def steps(self) -> list[int]:
         self.manager.reload()
         return sorted(self.manager.all_steps())
+
+    def delete(self, steps: Sequence[int]) -> None:
+        """Delete these steps (only ever on the user's explicit request: --overwrite)."""
+        for step in steps:
+            self.manager.delete(step)
 
     def latest_step(self) -> int | None:
         steps = self.steps()

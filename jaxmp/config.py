@@ -78,6 +78,10 @@ class CheckpointConfig:
     resume: bool | None = opt(None, "Resume from --ckpt_dir (default: when it holds "
                               "checkpoints; --noresume starts over).")
     async_checkpoint: bool = opt(True, "Write checkpoints while training continues.")
+    resume_step: int | None = opt(None, "Resume from this step instead of the newest (e.g. "
+                                  "when the newest is unreadable).")
+    overwrite: bool = opt(False, "Allow deleting checkpoints already in --ckpt_dir: those of "
+                          "an old run with --noresume, those after --resume_step.")
 
 
 @dataclasses.dataclass
@@ -114,6 +118,33 @@ class RunConfig:
     def optimizer_config(self) -> OptConfig:
         """The optimizer with its schedule as long as the run."""
         return dataclasses.replace(self.optimizer, total_steps=self.steps)
+
+    def validate(self) -> None:
+        """Every number in range and every combination consistent, before anything starts
+        (what depends on the mesh, the model or the files is checked where those are built)."""
+        at_least = [("steps", self.steps, 1), ("batch_size", self.data.batch_size, 1),
+                    ("seed", self.data.seed, 0), ("microbatches", self.layout.microbatches, 1),
+                    ("pipeline_repeats", self.layout.pipeline_repeats, 1),
+                    ("ckpt_every", self.checkpoint.ckpt_every, 1),
+                    ("keep_checkpoints", self.checkpoint.keep_checkpoints, 1),
+                    ("log_every", self.log.log_every, 1)]
+        at_least += [(n, v, 1) for n, v in (("run_until", self.run_until),
+                                            ("resume_step", self.checkpoint.resume_step))
+                     if v is not None]
+        at_least += [(n, getattr(self.model, n), 1) for n in ("num_layers", "d_model",
+                                                              "num_heads", "seq_len", "vocab_size")
+                     if getattr(self.model, n) is not None]
+        for name, value, low in at_least:
+            if value < low:
+                raise ValueError(f"{name}={value} must be >= {low}")
+        self.optimizer_config().validate()
+        accum = self.optimizer.grad_accum_steps
+        if self.data.batch_size % accum:
+            raise ValueError(f"batch_size={self.data.batch_size} does not split into "
+                             f"grad_accum_steps={accum} equal parts; use a batch size divisible "
+                             f"by {accum}")
+        if self.checkpoint.resume is False and self.checkpoint.resume_step is not None:
+            raise ValueError("resume_step with --noresume: choose one")
 
 
 def leaves(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field]]:

@@ -95,6 +95,8 @@ def load_tokens(source: str, vocab_size: int) -> np.ndarray:
             tokens = _read_bin(source)
         else:
             tokens = np.fromfile(source, np.uint8)
+    if len(tokens) and (low := int(tokens.min())) < 0:
+        raise DataError(f"data={source}: token id {low} is negative; token ids are >= 0")
     if len(tokens) and (top := int(tokens.max())) >= vocab_size:
         raise DataError(f"data={source}: token id {top} >= vocab size {vocab_size}; use a model "
                         f"with vocab_size > {top} or re-tokenize")

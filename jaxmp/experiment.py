@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxmp import throughput
-from jaxmp.checkpoint import CheckpointRecord, Checkpoints
+from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
 from jaxmp.config import LayoutConfig, RunConfig
 from jaxmp.mesh import format_mesh, make_mesh
 from jaxmp.models import registry
@@ -38,9 +39,14 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def log(msg: str) -> None:
-    """Progress lines come from process 0 only."""
+    """Progress lines come from process 0 only. A reader that has gone away (the launcher
+    killed, a closed pipe) must not stop the run before it checkpoints: output then goes
+    nowhere."""
     if jax.process_index() == 0:
-        print(msg, flush=True)
+        try:
+            print(msg, flush=True)
+        except (BrokenPipeError, OSError):
+            sys.stdout = open(os.devnull, "w")
 
 
 # ---------------------------------------------------------------- the run, prepared
@@ -56,6 +62,8 @@ class Run:
     batches: Batches
     ckpts: Checkpoints
     record: CheckpointRecord
+    resume_from: int | None = None  # the checkpoint step to resume from (None: start anew)
+    created_dir: bool = False       # the checkpoint directory is this run's own
 
 
 def build_rules(layout: LayoutConfig) -> Rules:
@@ -81,32 +89,75 @@ def layout(cfg: RunConfig, family: Family, model_cfg: Any) -> tuple[Mesh, Pipeli
     return mesh, pipe, build_rules(cfg.layout)
 
 
-def _check_numbers(cfg: RunConfig) -> None:
-    for name, value in (("batch_size", cfg.data.batch_size), ("steps", cfg.steps),
-                        ("ckpt_every", cfg.checkpoint.ckpt_every),
-                        ("log_every", cfg.log.log_every)):
-        if value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
+def _check_paths(cfg: RunConfig) -> None:
+    """Files the run will write, checked before anything is computed or created."""
     if not cfg.checkpoint.ckpt_dir and jax.process_count() > 1:
         raise ValueError("a multi-process run needs ckpt_dir, on storage every process can reach")
+    if cfg.log.metrics_file:
+        check_writable(cfg.log.metrics_file, "metrics_file", directory=False)
+    if cfg.log.profile_dir:
+        check_writable(cfg.log.profile_dir, "profile_dir", directory=True)
+    if cfg.checkpoint.ckpt_dir:
+        check_writable(cfg.checkpoint.ckpt_dir, "ckpt_dir", directory=True)
+    if cfg.demo.serve_mesh:
+        from jaxmp.mesh import parse_mesh
+
+        parse_mesh(cfg.demo.serve_mesh, None)  # the axes and sizes; the device count later
+
+
+def check_writable(path: str, name: str, *, directory: bool) -> None:
+    """`path` is (or can be created as) a writable directory / file."""
+    if os.path.exists(path):
+        if directory != os.path.isdir(path):
+            kind = "a directory" if directory else "a file"
+            raise ValueError(f"{name}={path} exists and is not {kind}")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{name}={path} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while directory and not os.path.exists(parent):  # directories are created with parents
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"{name}={path} cannot be created: {parent} is not a writable directory")
 
 
 def prepare(cfg: RunConfig) -> Run:
-    """Validate everything and build the run (no step is compiled yet)."""
+    """Validate everything and build the run (no step is compiled yet). What the run will
+    write is checked first; the checkpoint directory is created last, and removed again if
+    the checkpoints in it rule the run out."""
+    cfg.validate()
     check_same_flags(cfg)
-    _check_numbers(cfg)
+    _check_paths(cfg)
     family, model_cfg = model_config(cfg)
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     seed = cfg.data.seed
     trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(seed)), family.loss, mesh,
                       rules=rules, optimizer=cfg.optimizer_config(), seed=seed)
     batches = family.batches(model_cfg, cfg.data.data, cfg.data.batch_size, seed)
-    ckpts = Checkpoints(cfg.checkpoint.ckpt_dir or _fresh_run_dir(),
-                        keep=cfg.checkpoint.keep_checkpoints,
-                        async_save=cfg.checkpoint.async_checkpoint)
+    for example in batches.example().values():  # the batch splits over accumulation and data
+        trainer.batch_spec(example)
     data = {"source": cfg.data.data, "seed": seed, "batch_size": cfg.data.batch_size}
     record = CheckpointRecord.create(family.name, family.stack, model_cfg, mesh, rules, pipe, data)
-    return Run(cfg, family, model_cfg, mesh, pipe, trainer, batches, ckpts, record)
+    path = cfg.checkpoint.ckpt_dir or _fresh_run_dir()
+    created = not os.path.exists(path)
+    ckpts = Checkpoints(path, keep=cfg.checkpoint.keep_checkpoints,
+                        async_save=cfg.checkpoint.async_checkpoint)
+    run = Run(cfg, family, model_cfg, mesh, pipe, trainer, batches, ckpts, record,
+              created_dir=created)
+    try:
+        run.resume_from = resume_plan(run)
+    except BaseException:
+        close_run_dir(run)
+        raise
+    return run
+
+
+def close_run_dir(run: Run) -> None:
+    """Close the checkpoints; a directory this run created and left empty is removed."""
+    run.ckpts.close()
+    path = run.ckpts.directory
+    if run.created_dir and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
 
 
 def _fresh_run_dir() -> str:
@@ -150,24 +201,79 @@ def describe(run: Run) -> None:
     log(run.trainer.plan().format())
 
 
-def resume_or_init(run: Run) -> TrainState:
-    """The newest checkpoint of this run (checked to be the same model), else a new state."""
-    ckpts, resume = run.ckpts, run.cfg.checkpoint.resume
-    latest = ckpts.latest_step()
-    if latest is None or resume is False:
-        if resume:
-            log(f"resume: no checkpoint in {ckpts.directory} yet; starting from scratch")
-        return run.trainer.init_state()
-    saved = ckpts.record(latest)
+def resume_plan(run: Run) -> int | None:
+    """The step to resume from, or None to start anew; whatever the checkpoints already in
+    the directory rule out is an error here, before any compute. Checkpoints are deleted
+    only on an explicit --overwrite."""
+    ck, ckpts = run.cfg.checkpoint, run.ckpts
+    steps, where = ckpts.steps(), f"ckpt_dir={ckpts.directory}"
+    if not steps:
+        if ck.resume or ck.resume_step is not None:
+            raise ValueError(f"{where} holds no checkpoint to resume; check the path, or drop "
+                             "--resume / --resume_step to start a new run")
+        return None
+    if ck.resume is False:
+        if not ck.overwrite:
+            raise ValueError(f"{where} holds checkpoints of an earlier run (steps {steps}); "
+                             "starting over would delete them: resume it, use another "
+                             "--ckpt_dir, or add --overwrite to delete them")
+        log(f"--overwrite: deleting the checkpoints of an earlier run in {ckpts.directory}: "
+            f"steps {steps}")
+        ckpts.delete(steps)
+        return None
+    step = steps[-1] if ck.resume_step is None else ck.resume_step
+    _check_resumable(run, steps, step)
+    return step
+
+
+def _check_resumable(run: Run, steps: list[int], step: int) -> None:
+    ck, cfg, ckpts = run.cfg.checkpoint, run.cfg, run.ckpts
+    where = f"ckpt_dir={ckpts.directory}"
+    if step not in steps:
+        raise ValueError(f"resume_step={step}: {where} has no checkpoint for it; steps: {steps}")
+    later = [s for s in steps if s > step]
+    if later and not ck.overwrite:
+        raise ValueError(f"resume_step={step}: {where} also holds later steps {later}, which "
+                         "this run would overwrite; add --overwrite to delete them")
+    saved = ckpts.record(step)
     if saved.family != run.record.family or saved.config != run.record.config:
         raise ValueError(
-            f"ckpt_dir={ckpts.directory} holds a run of {saved.family} "
-            f"{json.dumps(saved.config)}, not of these flags; use another ckpt_dir or the "
-            "original model flags")
-    state = ckpts.restore(run.trainer.abstract_state(), step=latest,
-                          layer_order=run.record.layer_order)
-    log(f"resumed from {ckpts.directory} step {latest} (trained on {saved.mesh})")
+            f"{where} holds a run of {saved.family} {json.dumps(saved.config)}, not of these "
+            "flags; use another ckpt_dir or the original model flags")
+    if step > cfg.steps:
+        raise ValueError(f"{where} is at step {step}, past steps={cfg.steps}; raise --steps to "
+                         "train on, or use another --ckpt_dir")
+    if cfg.run_until is not None and cfg.run_until <= step:
+        raise ValueError(f"run_until={cfg.run_until} is not after the checkpoint's step {step}")
+    if later:
+        log(f"--overwrite: deleting steps {later}, after --resume_step={step}")
+        ckpts.delete(later)
+
+
+def resume_or_init(run: Run) -> TrainState:
+    """The planned checkpoint (checked to be the same model) restored into this layout, or
+    a new state."""
+    ckpts, step = run.ckpts, run.resume_from
+    if step is None:
+        return run.trainer.init_state()
+    try:
+        state = ckpts.restore(run.trainer.abstract_state(), step=step,
+                              layer_order=run.record.layer_order)
+    except CheckpointError as e:
+        earlier = [s for s in ckpts.steps() if s < step]
+        hint = (f"; resume from step {earlier[-1]} with --resume_step={earlier[-1]} "
+                "--overwrite" if earlier else "")
+        raise CheckpointError(f"{str(e).split('; ')[0]}{hint}") from None
+    log(f"resumed from {ckpts.directory} step {step} (trained on {ckpts.record(step).mesh})")
     return state
+
+
+def _say(msg: str) -> None:
+    """A line to stderr from a signal handler (os.write: no buffered-writer lock)."""
+    try:
+        os.write(2, msg.encode())
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------- parts of the loop
@@ -177,6 +283,8 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self._at = 0.0
+        self.stopping: str | None = None  # the agreed stop (see `agreed`)
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -190,14 +298,38 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            log(f"second {name}: aborting now; the last complete checkpoint is kept")
+            # the same signal again at once is a duplicate (a multi-process job's runtime
+            # and the kernel's parent-death signal can both deliver one), not a second request
+            if time.monotonic() - self._at < 5.0:
+                return
+            _say(f"second {name}: aborting now; the last complete checkpoint is kept\n")
             os._exit(128 + signum)
-        self.requested = name
-        log(f"{name} received: finishing this step, then checkpointing and exiting")
+        # No print here: the handler can run while the main thread is inside print (a
+        # re-entrant write raises); the loop logs the request when it sees it (`agreed`).
+        self.requested, self._at = name, time.monotonic()
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def agreed(self) -> str | None:
+        """Whether to stop after this step, as every process sees it: with several
+        processes a stop any of them received (the signals arrive at slightly different
+        steps) stops all of them after the same step, so their collective checkpoint
+        matches. The request is read once, before the processes compare: a signal that
+        arrives later counts at the next step on every process alike. The loop must act
+        on this answer only (`stopping`), never on `requested`, which a handler may set
+        at any moment."""
+        mine = self.requested
+        stop = bool(mine)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            stop = bool(np.asarray(multihost_utils.process_allgather(np.int32(stop))).any())
+        if stop and not self.stopping:
+            self.stopping = mine or "SIGTERM (another process)"
+            log(f"{self.stopping} received: finishing this step, then checkpointing and exiting")
+        return self.stopping
 
 
 class Pending:
@@ -236,8 +368,13 @@ class Progress:
         self.t_last, self.step_last, self.start = time.perf_counter(), start, start
         fpt = run.family.flops_per_token
         self.flops_per_token = fpt(run.model_cfg) if fpt else None
-        path = run.cfg.log.metrics_file
-        self.file = open(path, "a") if path and jax.process_index() == 0 else None
+        self.path = run.cfg.log.metrics_file
+        self.file = None
+        if self.path and jax.process_index() == 0:
+            try:
+                self.file = open(self.path, "a")
+            except OSError as e:
+                raise OSError(f"metrics_file={self.path}: cannot open ({e.strerror})") from None
 
     def report(self, done: int, m: dict) -> None:
         now = time.perf_counter()
@@ -253,11 +390,15 @@ class Progress:
             + (f"  MFU {util:.1%}" if util is not None else "")
             + ("  (includes compile)" if done == self.start + 1 else ""))
         if self.file:
-            self.file.write(json.dumps({
-                "step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                "learning_rate": float(m["learning_rate"]), "step_time_s": dt,
-                "tokens_per_s": tps, "mfu": util}) + "\n")
-            self.file.flush()
+            row = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                   "learning_rate": float(m["learning_rate"]), "step_time_s": dt,
+                   "tokens_per_s": tps, "mfu": util}
+            try:
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
+            except OSError as e:  # name the metrics file, not the checkpoints, at fault
+                raise OSError(f"metrics_file={self.path}: cannot write step {done} "
+                              f"({e.strerror}); the last checkpoint is intact") from None
 
     def close(self) -> None:
         if self.file:
@@ -295,22 +436,24 @@ class RunResult:
 
 def train(cfg: RunConfig) -> RunResult:
     run = prepare(cfg)
-    describe(run)
-    state = resume_or_init(run)
-    ck = cfg.checkpoint
-    log(f"checkpoints: {run.ckpts.directory} every {ck.ckpt_every} steps, keeping "
-        f"{ck.keep_checkpoints}")
-    start = int(jax.device_get(state.step))
-    end = min(cfg.steps, cfg.run_until) if cfg.run_until else cfg.steps
-    t0, pending, progress = time.perf_counter(), Pending(), Progress(run, start)
-    saved, stop = start, StopSignal()
+    stop, pending = StopSignal(), Pending()
+    progress: Progress | None = None
     try:
+        describe(run)
+        state = resume_or_init(run)
+        ck = cfg.checkpoint
+        log(f"checkpoints: {run.ckpts.directory} every {ck.ckpt_every} steps, keeping "
+            f"{ck.keep_checkpoints}")
+        start = int(jax.device_get(state.step))
+        end = min(cfg.steps, cfg.run_until) if cfg.run_until else cfg.steps
+        t0, progress = time.perf_counter(), Progress(run, start)
         with stop:
             state, saved = _loop(run, state, start, end, pending, progress, stop)
     finally:
-        progress.close()
-        run.ckpts.close()  # waits for an asynchronous save in flight
-    return _finish(run, state, pending.losses, saved, stop.requested, time.perf_counter() - t0)
+        if progress:
+            progress.close()
+        close_run_dir(run)  # waits for an asynchronous save in flight
+    return _finish(run, state, pending.losses, saved, stop.stopping, time.perf_counter() - t0)
 
 
 def _loop(run: Run, state: TrainState, start: int, end: int, pending: Pending,
@@ -326,14 +469,15 @@ def _loop(run: Run, state: TrainState, start: int, end: int, pending: Pending,
         done = step + 1
         pending.add(done, metrics)
         profiler.after(step, state)
-        if done % cfg.checkpoint.ckpt_every == 0 or done == end or stop.requested:
+        stopping = stop.agreed()
+        if done % cfg.checkpoint.ckpt_every == 0 or done == end or stopping:
             pending.check()  # never checkpoint a state whose steps were not checked
-            run.ckpts.save(state, run.record, wait=bool(stop.requested))
+            run.ckpts.save(state, run.record, wait=bool(stopping))
             saved = done
             log(f"checkpoint step {done}: "
-                + ("committed" if stop.requested else "saving in the background"))
-        if stop.requested:
-            log(f"stopped by {stop.requested} after step {done}; checkpoint committed in "
+                + ("committed" if stopping else "saving in the background"))
+        if stopping:
+            log(f"stopped by {stopping} after step {done}; checkpoint committed in "
                 f"{run.ckpts.directory}")
             break
         if done % cfg.log.log_every == 0 or done in (end, start + 1):
@@ -358,9 +502,16 @@ def _finish(run: Run, state: TrainState, losses: list[float], saved: int,
 
 
 def serve_demo(ckpt_dir: str, mesh: str, prompt: str) -> str:
-    """Restore the final checkpoint on another mesh and complete a prompt greedily."""
-    from jaxmp.serve import Server
+    """Restore the final checkpoint on another mesh and complete a prompt greedily. A mesh
+    that needs more devices than there are is replaced by one device, and the log says so."""
+    from jaxmp.mesh import MeshError
+    from jaxmp.serve import Server, mesh_devices
 
+    try:
+        mesh_devices(mesh, len(jax.devices()))
+    except MeshError as e:
+        log(f"serve demo: {e.args[0].split(';')[0]}; serving on one device instead")
+        mesh = ""
     server = Server.from_checkpoint(ckpt_dir, mesh)
     new = min(48, server.cfg.seq_len - len(server.encode(prompt)))
     out = server.generate([prompt], max_new_tokens=new, temperature=0.0)[0]

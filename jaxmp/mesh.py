@@ -21,10 +21,11 @@ class MeshError(ValueError):
     """A mesh string or device layout that cannot be used."""
 
 
-def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+def parse_mesh(spec: str, num_devices: int | None) -> dict[str, int]:
     """Parse "data:2,pipe:2,tensor:2" into {axis: size} over all AXES (omitted axes are 1).
 
-    One size may be -1: it takes the devices left over. The product must equal num_devices.
+    One size may be -1: it takes the devices left over. The product must equal num_devices
+    (num_devices=None checks the syntax only; a -1 axis is then left at -1).
     """
     sizes: dict[str, int] = {}
     spec = (spec or "").strip()
@@ -48,6 +49,8 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     if len(fill) > 1:
         raise MeshError(f"mesh {spec!r} has -1 on {', '.join(fill)}; at most one axis may be -1")
     fixed = math.prod(s for s in sizes.values() if s != -1)
+    if num_devices is None:
+        return {a: sizes.get(a, 1) for a in AXES}
     if fill:
         if num_devices % fixed:
             raise MeshError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -198,28 +199,8 @@ class Server:
                  return_logits: bool = False) -> list[Generation]:
         """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy); with
         return_logits, each Generation also holds the logits its tokens were chosen from."""
-        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        if not ids:
-            raise ServeError("no prompts given")
+        ids = check_request(self.cfg, prompts, max_new_tokens, temperature, top_k)
         limit = self.cfg.seq_len
-        for i, p in enumerate(ids):
-            if not p:
-                raise ServeError(f"prompt {i} is empty; give at least one token")
-            if len(p) > limit:
-                raise ServeError(f"prompt {i} has {len(p)} tokens, longer than the context of "
-                                 f"{limit}")
-            if len(p) + max_new_tokens > limit:
-                raise ServeError(f"prompt {i} ({len(p)} tokens) + max_new_tokens="
-                                 f"{max_new_tokens} overflows the context of {limit}; use "
-                                 f"max_new_tokens <= {limit - len(p)}")
-        self._check_ids(np.concatenate([np.asarray(p) for p in ids]))
-        if max_new_tokens < 1:
-            raise ServeError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if temperature < 0:
-            raise ServeError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
-            raise ServeError(f"top_k={top_k} must be in [1, {self.cfg.vocab_size}] "
-                             "(the vocabulary size)")
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = _bucket(len(ids), shards)
         plen = min(_bucket(max(map(len, ids)), 8), limit)
@@ -236,6 +217,39 @@ class Server:
         return [Generation(p, out[i, :max_new_tokens].tolist(),
                            None if logits is None else np.asarray(logits[i, :max_new_tokens]))
                 for i, p in enumerate(ids)]
+
+
+def check_request(cfg: Any, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
+                  temperature: float = 0.0, top_k: int | None = None) -> list[list[int]]:
+    """The prompts as token ids, after checking a request against a model config (its
+    vocabulary and context): callable before any weights are loaded."""
+    codec = TextCodec(cfg.vocab_size)
+    try:
+        ids = [codec.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    except ValueError as e:
+        raise ServeError(str(e)) from None
+    if not ids:
+        raise ServeError("no prompts given")
+    if max_new_tokens < 1:
+        raise ServeError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ServeError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ServeError(f"top_k={top_k} must be in [1, {cfg.vocab_size}] (the vocabulary size)")
+    limit = cfg.seq_len
+    for i, p in enumerate(ids):
+        if not p:
+            raise ServeError(f"prompt {i} is empty; give at least one token")
+        if len(p) > limit:
+            raise ServeError(f"prompt {i} has {len(p)} tokens, longer than the context of {limit}")
+        if len(p) + max_new_tokens > limit:
+            raise ServeError(f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} "
+                             f"overflows the context of {limit}; use max_new_tokens <= "
+                             f"{limit - len(p)}")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ServeError(f"token ids must be in [0, {cfg.vocab_size}); prompt {i} has "
+                             f"{min(p)}..{max(p)}")
+    return ids
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
@@ -269,11 +283,12 @@ def serving_params(model: nnx.Module, params: Any, dtype: Any) -> Any:
 
 def _serving_mesh(spec: str, devices: Sequence[jax.Device] | None) -> Mesh:
     devices = list(devices or jax.devices())
-    return make_mesh(spec, devices=devices[:_mesh_devices(spec, len(devices))])
+    return make_mesh(spec, devices=devices[:mesh_devices(spec, len(devices))])
 
 
-def _mesh_devices(spec: str, available: int) -> int:
-    """How many devices a serving mesh string needs (-1 takes all available)."""
+def mesh_devices(spec: str, available: int) -> int:
+    """How many devices a serving mesh string needs (-1 takes all available); a MeshError
+    if that is more than `available`."""
     from jaxmp.mesh import parse_mesh
 
     sizes = [p.partition(":")[2] for p in spec.split(",") if p.strip()]

@@ -8,6 +8,7 @@ once, with explicit in/out shardings for the whole state and the batch, the stat
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,11 +68,29 @@ class OptConfig:
             0.0, self.learning_rate, warm, max(self.total_steps, warm + 1),
             self.learning_rate * self.min_lr_ratio)
 
+    def validate(self) -> None:
+        """Every setting in range (a nan or a zero here would train nonsense, not fail)."""
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+        checks = [
+            ("learning_rate", finite(self.learning_rate) and self.learning_rate > 0, "a number > 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("total_steps", self.total_steps >= 1, ">= 1"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
+            ("clip_norm", finite(self.clip_norm) and self.clip_norm > 0, "a number > 0"),
+            ("b1", finite(self.b1) and 0 <= self.b1 < 1, "in [0, 1)"),
+            ("b2", finite(self.b2) and 0 <= self.b2 < 1, "in [0, 1)"),
+            ("eps", finite(self.eps) and self.eps > 0, "a number > 0"),
+            ("min_lr_ratio", finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("grad_accum_steps", self.grad_accum_steps >= 1, ">= 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)} must be {want}")
+
     def optimizer(self, decay_mask: Any = None) -> optax.GradientTransformation:
         """AdamW with warmup + cosine decay and global-norm clipping. `decay_mask` (a tree
         of bools like the params) says what is decayed; default: arrays of >= 2 dims."""
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        self.validate()
         if decay_mask is None:
             decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
         return optax.chain(

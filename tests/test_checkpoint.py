@@ -138,7 +138,7 @@ def test_sampling_is_seeded_and_respects_top_k(servers):
     (dict(prompts=[list(range(17))], max_new_tokens=1), "17 tokens, longer than the context of 16"),
     (dict(prompts=[[1] * 10], max_new_tokens=7), "overflows the context of 16; use "
                                                  "max_new_tokens <= 6"),
-    (dict(prompts=[[1]], max_new_tokens=2, temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=-1.0), "temperature=-1.0 must be a number >= 0"),
     (dict(prompts=[[1]], max_new_tokens=2, top_k=0), r"top_k=0 must be in \[1, 256\]"),
     (dict(prompts=[[1]], max_new_tokens=2, top_k=257), r"top_k=257 must be in \[1, 256\]"),
     (dict(prompts=[[300]], max_new_tokens=2), r"token ids must be in \[0, 256\)"),

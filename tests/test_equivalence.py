@@ -26,6 +26,7 @@ def test_gradients_match_single_device(mesh, accum):
     print(f"{mesh} accum={accum}: largest gradient difference {worst:.1e} of the tensor's max")
 
 
+@pytest.mark.slow
 def test_loss_falls():
     """Three steps on one repeated batch lower its loss, by a margin (a step that does not
     move the parameters, or moves them the wrong way, fails)."""
@@ -42,6 +43,7 @@ def test_grad_accumulation_equals_one_big_batch():
     assert_same_run(run("data:2,tensor:2,fsdp:2", accum=4), run("single"))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_single_device():
     assert_same_run(run("single", accum=2), run("single"))
 

@@ -97,6 +97,7 @@ def test_unrolled_layers_equal_the_scan():
     assert not np.allclose(blocks[0], blocks[1])
 
 
+@pytest.mark.slow
 def test_serving_params_keep_bf16_outputs_exact():
     """The server holds bf16 weights (half the bytes per decoded token) and float32
     LayerNorm parameters: logits equal those computed from the float32 weights, exactly."""
