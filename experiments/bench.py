@@ -43,6 +43,8 @@ flags.DEFINE_bool("gpu_profile", False, "gpu: profile the train step and batch-1
                   "(top ops by device time) into the JSON.")
 flags.DEFINE_list("gpu_scan_layers", ["true", "false"], "gpu: train each preset with scanned "
                   "(true) and/or unrolled (false) layers.")
+flags.DEFINE_string("serve_from", None, "serve: generate with the model of this Hugging Face "
+                    "directory or jaxmp checkpoint instead of a fresh GPT-2 small.")
 flags.DEFINE_string("gpu_hlo_dir", "", "gpu: write each train step's optimized HLO here.")
 
 # Set (before JAX starts) only where a CUDA plugin is installed: a CPU-only jaxlib rejects them.
@@ -103,7 +105,7 @@ def suite_runners(quick: bool, layouts: list[str], attention: str,
     return {"structure": lambda: bench_structure.structure_suite(quick, layouts),
             "compile": lambda: bench_compile.compile_suite(quick),
             "speed": lambda: bench_speed.speed_suite(quick),
-            "serve": lambda: bench_serve.serve_suite(quick),
+            "serve": lambda: bench_serve.serve_suite(quick, F.serve_from),
             "gpu": lambda: bench_gpu.gpu_suite(quick, attention, gpu_sizes())}
 
 

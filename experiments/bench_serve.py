@@ -66,10 +66,13 @@ class ServeResult:
 
     def table(self) -> str:
         c, m = self.checkpoint, self.model
-        line = (f"GPT {m['num_layers']} layers d={m['d_model']} ({m['params']:,} params); "
-                f"checkpoint {mib(c['size_on_disk_bytes'])} MiB on disk: save {c['save_s']:.2f}s, "
-                f"restore train state {c['restore_train_state_s']:.2f}s, restore params for "
-                f"serving {c['restore_params_for_serving_s']:.2f}s")
+        line = f"GPT {m['num_layers']} layers d={m['d_model']} ({m['params']:,} params); "
+        if "source" in c:
+            line += f"served from {c['source']}: loaded in {c['load_s']:.2f}s"
+        else:
+            line += (f"checkpoint {mib(c['size_on_disk_bytes'])} MiB on disk: save "
+                     f"{c['save_s']:.2f}s, restore train state {c['restore_train_state_s']:.2f}s, "
+                     f"restore params for serving {c['restore_params_for_serving_s']:.2f}s")
         kv, rc, up = self.generate_kv_cache, self.generate_recompute, self.kv_speedup
         rows = [[b, f"{kv['tokens_per_s'][b]:,.1f}", f"{rc['tokens_per_s'][b]:,.1f}",
                  f"{up[b]:.1f}", rc["matches_kv_cache"][b]] for b in kv["tokens_per_s"]]
@@ -80,8 +83,12 @@ class ServeResult:
         return []
 
 
-def serve_suite(quick: bool) -> ServeResult:
+def serve_suite(quick: bool, source: str | None = None) -> ServeResult:
+    """Checkpoint save / restore and generation of a fresh GPT-2, or generation of the
+    model in `source` (a Hugging Face directory or a jaxmp checkpoint)."""
     s = SERVE_QUICK if quick else SERVE_FULL
+    if source:
+        return _serve_from(source, s)
     cfg = s.gpt()
     mesh = single_mesh()
     trainer = gpt_trainer(cfg, mesh)
@@ -105,6 +112,21 @@ def serve_suite(quick: bool) -> ServeResult:
     return ServeResult(model={**cfg.to_json(), "params": num_params(cfg)},
                        state_bytes=analysis.tree_bytes(abstract), init_s=init_s, checkpoint=ckpt,
                        generate_kv_cache=kv, generate_recompute=recompute)
+
+
+def _serve_from(source: str, s: ServeSizes) -> ServeResult:
+    server = Server.from_checkpoint(source, "")
+    log(f"  serve: loaded {source} in {server.restore_seconds:.2f}s")
+    cfg = server.cfg
+    prompt = min(s.prompt, cfg.seq_len // 4)  # the sizes, within the model's context
+    s = dataclasses.replace(s, prompt=prompt, new_tokens=min(s.new_tokens, cfg.seq_len - prompt),
+                            recompute_tokens=min(s.recompute_tokens, cfg.seq_len - prompt))
+    kv = kv_generation(server, s.prompt, s.new_tokens, s.batches, s.repeats)
+    return ServeResult(model={**cfg.to_json(), "params": num_params(cfg)},
+                       state_bytes=analysis.tree_bytes(server.params), init_s=0.0,
+                       checkpoint={"source": source, "load_s": server.restore_seconds},
+                       generate_kv_cache=kv, generate_recompute=recompute_record(server, s,
+                                                                                  cfg.vocab_size))
 
 
 def recompute_record(server: Server, s: ServeSizes, vocab_size: int) -> Json:

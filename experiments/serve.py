@@ -42,20 +42,20 @@ def read_prompts(path: str) -> list[str]:
     return out
 
 
-def _check_before_restore(cfg: ServeConfig, prompts: list[str]) -> None:
-    """The request against the checkpoint's model, read from its record: every error
-    before the weights are read or anything is compiled."""
-    from jaxmp.checkpoint import Checkpoints
-    from jaxmp.models import registry
+def _check_before_restore(cfg: ServeConfig, prompts: list[str]) -> dict | None:
+    """The request against the model the directory holds (its record or config.json):
+    every error before the weights are read or anything is compiled. Returns the
+    tokenizer to use (--tokenizer, else the model's own)."""
+    from jaxmp.pretrained import open_source
     from jaxmp.serve import check_request
+    from jaxmp.tokenizer import TextCodec, read_tokenizer
 
-    ckpts = Checkpoints(cfg.ckpt_dir, create=False)
-    try:
-        record = ckpts.record(cfg.step)
-    finally:
-        ckpts.close()
-    model_cfg = registry.get(record.family).config_from_json(record.config)
-    check_request(model_cfg, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+    source = open_source(cfg.ckpt_dir, step=cfg.step, name="ckpt_dir")
+    model_cfg = source.family.config_from_json(source.config)
+    tokenizer = read_tokenizer(cfg.tokenizer) if cfg.tokenizer else source.tokenizer
+    codec = TextCodec(model_cfg.vocab_size, tokenizer)
+    check_request(model_cfg, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, codec)
+    return tokenizer
 
 
 def serve() -> None:
@@ -72,9 +72,10 @@ def serve() -> None:
         raise ValueError("no prompt: pass --prompt=TEXT (repeatable) or --prompt_file")
     if cfg.output_file:
         check_writable(cfg.output_file, "output_file", directory=False)
-    _check_before_restore(cfg, prompts)
-    server = Server.from_checkpoint(cfg.ckpt_dir, cfg.mesh, step=cfg.step)
-    print(f"restored step {server.step} onto {format_mesh(server.mesh)} in "
+    tokenizer = _check_before_restore(cfg, prompts)
+    server = Server.from_checkpoint(cfg.ckpt_dir, cfg.mesh, step=cfg.step, tokenizer=tokenizer)
+    what = f"step {server.step}" if server.step is not None else cfg.ckpt_dir
+    print(f"restored {what} onto {format_mesh(server.mesh)} in "
           f"{server.restore_seconds:.2f}s", flush=True)
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                 seed=cfg.seed)

@@ -95,13 +95,16 @@ class CheckpointRecord:
     param_shapes: dict | None = None
     params_only: bool = False
     param_dtype: str = "float32"
+    tokenizer: dict | None = None   # the JSON of the tokenizer.json the data was made with
+    hf_config: dict | None = None   # config.json of the Hugging Face model it started from
 
     @classmethod
     def create(cls, family: str, stack: str, config: Any, mesh: Any, rules: Rules,
-               pipeline: PipelineSpec, data: dict | None = None) -> CheckpointRecord:
+               pipeline: PipelineSpec, data: dict | None = None, **extra: Any
+               ) -> CheckpointRecord:
         order = LayerStack(config.num_layers, pipeline).order
         return cls(family, config.to_json(), format_mesh(mesh), rules.to_json(),
-                   dataclasses.asdict(pipeline), order, stack, dict(data or {}))
+                   dataclasses.asdict(pipeline), order, stack, dict(data or {}), **extra)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -267,16 +270,22 @@ def export_params(src: str, dst: str, *, step: int | None = None,
             node = node.setdefault(key, {})
         node[leaf] = jax.ShapeDtypeStruct(tuple(shape), jnp.float32, sharding=device)
     params = source.restore_params(target, step=step)
+    source.close()
     if dtype:
         params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    save_params(dst, step, params, record)
+    return step
+
+
+def save_params(dst: str, step: int, params: Any, record: CheckpointRecord) -> None:
+    """A params-only checkpoint (no optimizer state) that Server and --init_from read like
+    a training checkpoint."""
+    dtype = str(jax.tree_util.tree_leaves(params)[0].dtype)
+    meta = dataclasses.replace(record, step=step, params_only=True, param_dtype=dtype,
+                               param_shapes=param_shapes(params))
     out = ocp.CheckpointManager(os.path.abspath(dst), options=ocp.CheckpointManagerOptions(
         enable_async_checkpointing=False), item_names=("params", "meta"))
-    out.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave(dataclasses.replace(
-            record, params_only=True, param_dtype=dtype or "float32").to_json())),
-        force=True)
+    out.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                           meta=ocp.args.JsonSave(meta.to_json())), force=True)
     out.wait_until_finished()
     out.close()
-    source.close()
-    return step

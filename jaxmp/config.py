@@ -29,9 +29,13 @@ def opt(default: Any, help: str, **metadata: Any) -> Any:
 
 @dataclasses.dataclass
 class ModelSpec:
-    model: str = opt("gpt", "Model family (gpt, mlp, or one a --family_module registers).")
-    preset: str = opt("tiny", "GPT-2 shape: tiny, small, medium, large, xl.",
-                      choices=("tiny", "small", "medium", "large", "xl"))
+    model: str | None = opt(None, "Model family: gpt (default), mlp, or one a --family_module "
+                            "registers; with --init_from, the family it holds.")
+    preset: str = opt("tiny", "GPT-2 shape: tiny, small, medium, large, xl (ignored with "
+                      "--init_from).", choices=("tiny", "small", "medium", "large", "xl"))
+    init_from: str | None = opt(None, "Start from these weights: a jaxmp checkpoint directory "
+                                "or a Hugging Face model directory (config.json, safetensors). "
+                                "The optimizer starts fresh; the model comes from it.")
     num_layers: int | None = opt(None, "Override: decoder layers (GPT) or hidden layers (MLP).")
     d_model: int | None = opt(None, "Override: model width (GPT) or hidden width (MLP).")
     num_heads: int | None = opt(None, "Override: attention heads.")
@@ -48,6 +52,10 @@ class ModelSpec:
                                    "steps on GPUs).")
     family_module: list[str] = opt([], "Python module(s) to import first: they may register "
                                    "model families (repeatable).")
+
+    @property
+    def family(self) -> str:
+        return self.model or "gpt"
 
     def overrides(self, *names: str) -> dict[str, Any]:
         """The given settings that were set (not None), by name."""
@@ -68,6 +76,18 @@ class DataConfig:
     data: str = opt("builtin", "builtin | path to .txt (bytes) | .bin/.npy uint16 tokens.")
     batch_size: int = opt(16, "Global batch in sequences (the same on every mesh).")
     seed: int = opt(0, "Seed of the initialisation and of the data order.")
+    tokenizer: str | None = opt(None, "The tokenizer.json (or a directory with one) the token "
+                                "data was made with; kept in the checkpoints so they serve "
+                                "text. Default: the one beside --data, else --init_from's.")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    eval_every: int = opt(0, "Steps between validation-loss evaluations (0: never; also at the "
+                          "end of the run).")
+    eval_batches: int = opt(4, "Batches (of --batch_size) per evaluation, the same each time.")
+    eval_data: str | None = opt(None, "Validation data (default: the built-in corpus's held-out "
+                                "part, or the val.bin beside a train.bin).")
 
 
 @dataclasses.dataclass
@@ -103,6 +123,7 @@ class RunConfig:
     layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
     optimizer: OptConfig = dataclasses.field(default_factory=OptConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
@@ -127,7 +148,9 @@ class RunConfig:
                     ("pipeline_repeats", self.layout.pipeline_repeats, 1),
                     ("ckpt_every", self.checkpoint.ckpt_every, 1),
                     ("keep_checkpoints", self.checkpoint.keep_checkpoints, 1),
-                    ("log_every", self.log.log_every, 1)]
+                    ("log_every", self.log.log_every, 1),
+                    ("eval_every", self.eval.eval_every, 0),
+                    ("eval_batches", self.eval.eval_batches, 1)]
         at_least += [(n, v, 1) for n, v in (("run_until", self.run_until),
                                             ("resume_step", self.checkpoint.resume_step))
                      if v is not None]
@@ -198,7 +221,8 @@ class InspectConfig:
 @dataclasses.dataclass
 class ServeConfig:
     """`experiments.serve`: a checkpoint restored onto a serving mesh, prompts completed."""
-    ckpt_dir: str | None = opt(None, "Checkpoint directory written by experiments.train.")
+    ckpt_dir: str | None = opt(None, "Checkpoint directory written by experiments.train, or a "
+                               "Hugging Face model directory.")
     step: int | None = opt(None, "Checkpoint step (default: the newest complete one).")
     mesh: str = opt("", "Serving mesh, e.g. tensor:4 or data:2,tensor:2 ('' = 1 device).")
     prompt: list[str] = opt([], "A prompt (repeatable). Text, or 'ids:1,2,3'.")
@@ -208,3 +232,5 @@ class ServeConfig:
     top_k: int | None = opt(None, "Sample from the k most likely tokens.")
     seed: int = opt(0, "Sampling seed.")
     output_file: str | None = opt(None, "JSON lines: prompt, completion, tokens.")
+    tokenizer: str | None = opt(None, "A tokenizer.json (or a directory with one) for text "
+                                "prompts and completions (default: the checkpoint's own).")

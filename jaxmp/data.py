@@ -16,36 +16,16 @@ import numpy as np
 from jax.sharding import Sharding
 
 BUILTIN_MAX_BYTES = 16 * 1024 * 1024
+# The built-in corpus's validation split: the next MiB of the same sources, never trained on.
+BUILTIN_VALIDATION = "builtin:validation"
+VALIDATION_BYTES = 1024 * 1024
 LLMC_MAGIC = 20240520  # llm.c token files start with a 256 x int32 header
-BYTE_VOCAB = 256  # text read as bytes: one token per byte
 
 
 def is_byte_source(source: str) -> bool:
     """Whether a data source is read as bytes (the built-in corpus, text files) rather than
     as token ids (.bin / .npy token files): the one place this is decided."""
     return source == "builtin" or not source.endswith((".bin", ".npy"))
-
-
-class TextCodec:
-    """Text <-> token ids of a model: bytes for a 256-token vocabulary (byte-level models);
-    other vocabularies take and give ids ('ids:464,2068'), since no tokenizer is bundled."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.bytes = vocab_size == BYTE_VOCAB
-
-    def encode(self, text: str) -> list[int]:
-        if text.startswith("ids:"):
-            return [int(t) for t in text[4:].split(",") if t.strip()]
-        if not self.bytes:
-            raise DataError(f"this model has a {self.vocab_size}-token vocabulary and no "
-                            "tokenizer is bundled; give prompts as token ids, 'ids:464,2068'")
-        return list(text.encode("utf-8"))
-
-    def decode(self, tokens: list[int]) -> str:
-        if not self.bytes:
-            return " ".join(map(str, tokens))
-        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
 class DataError(ValueError):
@@ -79,6 +59,8 @@ def load_tokens(source: str, vocab_size: int) -> np.ndarray:
     """Tokens from 'builtin', a .txt file (bytes), or a .bin/.npy uint16 token file."""
     if source == "builtin":
         tokens = builtin_corpus()
+    elif source == BUILTIN_VALIDATION:
+        tokens = builtin_corpus(BUILTIN_MAX_BYTES + VALIDATION_BYTES)[BUILTIN_MAX_BYTES:]
     else:
         if not os.path.exists(source):
             raise DataError(f"data={source}: no such file; pass 'builtin' or a path to a "
@@ -103,11 +85,78 @@ def load_tokens(source: str, vocab_size: int) -> np.ndarray:
     return tokens
 
 
+def validation_source(source: str, eval_data: str | None) -> str:
+    """The held-out split of a data source: `eval_data` if given, the built-in corpus's
+    validation part, or the val.bin beside a train.bin (what experiments.prepare writes)."""
+    if eval_data:
+        return eval_data
+    if source == "builtin":
+        return BUILTIN_VALIDATION
+    folder, name = os.path.split(source)
+    if name.startswith("train") and name.endswith((".bin", ".npy")):
+        candidate = os.path.join(folder, "val" + name[len("train"):])
+        if os.path.exists(candidate):
+            return candidate
+    raise DataError(f"data={source} has no validation split; pass eval_data=FILE (a token or "
+                    "text file never trained on; experiments.prepare writes val.bin)")
+
+
+class TokenWriter:
+    """An llm.c token file written as a stream: a 256 x int32 header (magic, version,
+    count), then uint16 tokens (version 1), or uint32 (version 2) for vocabularies over
+    65536. Written under a temporary name and renamed on close, so no reader ever sees
+    half a file."""
+
+    def __init__(self, path: str, vocab_size: int):
+        self.path, self.tmp, self.count = path, path + ".partial", 0
+        self.vocab_size = vocab_size
+        self.dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+        self.file = open(self.tmp, "wb")
+        self.file.write(np.zeros(256, np.int32).tobytes())
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise DataError(f"{self.path}: token ids must be in [0, {self.vocab_size})")
+        self.file.write(tokens.astype(self.dtype).tobytes())
+        self.count += len(tokens)
+
+    def close(self) -> None:
+        header = np.zeros(256, np.int32)
+        header[:3] = (LLMC_MAGIC, 1 if self.dtype == np.uint16 else 2, self.count)
+        self.file.seek(0)
+        self.file.write(header.tobytes())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_token_file(path: str, tokens: np.ndarray, vocab_size: int = 2**16) -> None:
+    """A whole token array as an llm.c token file (see TokenWriter)."""
+    writer = TokenWriter(path, vocab_size)
+    try:
+        writer.write(tokens)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
 def _read_bin(path: str) -> np.ndarray:
     head = np.fromfile(path, np.int32, count=256)
-    if len(head) == 256 and head[0] == LLMC_MAGIC:  # llm.c: header then uint16 tokens
-        n = int(head[2])
-        return np.memmap(path, np.uint16, mode="r", offset=256 * 4, shape=(n,))
+    if len(head) == 256 and head[0] == LLMC_MAGIC:  # llm.c: header then tokens
+        n, dtype = int(head[2]), {1: np.uint16, 2: np.uint32}.get(int(head[1]))
+        if dtype is None:
+            raise DataError(f"data={path}: llm.c token file version {head[1]} is unknown "
+                            "(1: uint16 tokens, 2: uint32)")
+        if os.path.getsize(path) < 256 * 4 + n * np.dtype(dtype).itemsize:
+            raise DataError(f"data={path}: the header says {n} tokens but the file is shorter "
+                            "(a partial write?)")
+        return np.memmap(path, dtype, mode="r", offset=256 * 4, shape=(n,))
     if os.path.getsize(path) % 2:
         raise DataError(f"data={path}: odd file size; a .bin token file holds uint16 tokens")
     return np.memmap(path, np.uint16, mode="r")  # nanoGPT: raw uint16

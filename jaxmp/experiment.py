@@ -26,11 +26,14 @@ from jax.sharding import Mesh
 from jaxmp import throughput
 from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
 from jaxmp.config import LayoutConfig, RunConfig
+from jaxmp.data import is_byte_source, validation_source
 from jaxmp.mesh import format_mesh, make_mesh
 from jaxmp.models import registry
 from jaxmp.models.registry import Batches, Family
 from jaxmp.pipeline import PipelineSpec, bubble_fraction, stage_layers
+from jaxmp.pretrained import Source, open_source
 from jaxmp.sharding import DEFAULT_RULES, Rules, parse_rule_overrides
+from jaxmp.tokenizer import TextCodec, read_tokenizer
 from jaxmp.train import Trainer, TrainState
 
 
@@ -64,6 +67,8 @@ class Run:
     record: CheckpointRecord
     resume_from: int | None = None  # the checkpoint step to resume from (None: start anew)
     created_dir: bool = False       # the checkpoint directory is this run's own
+    source: Source | None = None    # pretrained weights to start from (--init_from)
+    eval_batches: Batches | None = None  # the validation split (--eval_every)
 
 
 def build_rules(layout: LayoutConfig) -> Rules:
@@ -72,10 +77,35 @@ def build_rules(layout: LayoutConfig) -> Rules:
 
 
 def model_config(cfg: RunConfig) -> tuple[Family, Any]:
-    """The family and its config, from the model section (family modules imported first)."""
+    """The family and its config, from the model section (family modules imported first)
+    or from the weights --init_from names."""
+    family, model_cfg, _ = _model(cfg)
+    return family, model_cfg
+
+
+def _model(cfg: RunConfig) -> tuple[Family, Any, Source | None]:
     registry.import_modules(cfg.model.family_module)
-    family = registry.get(cfg.model.model)
-    return family, family.make_config(cfg.model, cfg.data.data)
+    if not cfg.model.init_from:
+        family = registry.get(cfg.model.family)
+        return family, family.make_config(cfg.model, cfg.data.data), None
+    source = open_source(cfg.model.init_from)
+    if cfg.model.model and cfg.model.model != source.family.name:
+        raise ValueError(f"model={cfg.model.model} but init_from={cfg.model.init_from} holds a "
+                         f"{source.family.name} model; drop --model")
+    return source.family, source.model_config(cfg.model), source
+
+
+def _tokenizer(cfg: RunConfig, source: Source | None, model_cfg: Any) -> dict | None:
+    """The tokenizer the run's checkpoints carry: --tokenizer, else the tokenizer.json
+    beside the data (experiments.prepare writes one), else the pretrained model's."""
+    path = cfg.data.tokenizer
+    if path is None and not is_byte_source(cfg.data.data):
+        beside = os.path.join(os.path.dirname(os.path.abspath(cfg.data.data)), "tokenizer.json")
+        path = beside if os.path.isfile(beside) else None
+    tokenizer = read_tokenizer(path) if path else (source.tokenizer if source else None)
+    if tokenizer is not None and hasattr(model_cfg, "vocab_size"):
+        TextCodec(model_cfg.vocab_size, tokenizer)  # no larger than the model's vocabulary
+    return tokenizer
 
 
 def layout(cfg: RunConfig, family: Family, model_cfg: Any) -> tuple[Mesh, PipelineSpec, Rules]:
@@ -99,6 +129,10 @@ def _check_paths(cfg: RunConfig) -> None:
         check_writable(cfg.log.profile_dir, "profile_dir", directory=True)
     if cfg.checkpoint.ckpt_dir:
         check_writable(cfg.checkpoint.ckpt_dir, "ckpt_dir", directory=True)
+        if cfg.model.init_from and (os.path.abspath(cfg.model.init_from)
+                                    == os.path.abspath(cfg.checkpoint.ckpt_dir)):
+            raise ValueError("init_from and ckpt_dir are the same directory; to continue that "
+                             "run use --ckpt_dir alone (it resumes), else give a new ckpt_dir")
     if cfg.demo.serve_mesh:
         from jaxmp.mesh import parse_mesh
 
@@ -128,7 +162,7 @@ def prepare(cfg: RunConfig) -> Run:
     cfg.validate()
     check_same_flags(cfg)
     _check_paths(cfg)
-    family, model_cfg = model_config(cfg)
+    family, model_cfg, source = _model(cfg)
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     seed = cfg.data.seed
     trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(seed)), family.loss, mesh,
@@ -136,20 +170,34 @@ def prepare(cfg: RunConfig) -> Run:
     batches = family.batches(model_cfg, cfg.data.data, cfg.data.batch_size, seed)
     for example in batches.example().values():  # the batch splits over accumulation and data
         trainer.batch_spec(example)
+    evals = _eval_batches(cfg, family, model_cfg)
     data = {"source": cfg.data.data, "seed": seed, "batch_size": cfg.data.batch_size}
-    record = CheckpointRecord.create(family.name, family.stack, model_cfg, mesh, rules, pipe, data)
+    record = CheckpointRecord.create(
+        family.name, family.stack, model_cfg, mesh, rules, pipe, data,
+        tokenizer=_tokenizer(cfg, source, model_cfg), hf_config=source and source.hf_config)
     path = cfg.checkpoint.ckpt_dir or _fresh_run_dir()
     created = not os.path.exists(path)
     ckpts = Checkpoints(path, keep=cfg.checkpoint.keep_checkpoints,
                         async_save=cfg.checkpoint.async_checkpoint)
     run = Run(cfg, family, model_cfg, mesh, pipe, trainer, batches, ckpts, record,
-              created_dir=created)
+              created_dir=created, source=source, eval_batches=evals)
     try:
         run.resume_from = resume_plan(run)
     except BaseException:
         close_run_dir(run)
         raise
     return run
+
+
+def _eval_batches(cfg: RunConfig, family: Family, model_cfg: Any) -> Batches | None:
+    """The validation batches of --eval_every (checked before anything is computed)."""
+    if not cfg.eval.eval_every:
+        return None
+    if family.eval_batches is None:
+        raise ValueError(f"eval_every={cfg.eval.eval_every}: the {family.name} family has no "
+                         "validation split; leave eval_every at 0")
+    source = validation_source(cfg.data.data, cfg.eval.eval_data)
+    return family.eval_batches(model_cfg, source, cfg.data.batch_size, cfg.data.seed)
 
 
 def close_run_dir(run: Run) -> None:
@@ -254,6 +302,16 @@ def resume_or_init(run: Run) -> TrainState:
     """The planned checkpoint (checked to be the same model) restored into this layout, or
     a new state."""
     ckpts, step = run.ckpts, run.resume_from
+    if step is None and run.source is not None:
+        tr = run.trainer
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            tr.abstract_params, tr.param_shardings)
+        t0 = time.perf_counter()
+        params = run.source.load(target, run.record.layer_order, run.model_cfg)
+        log(f"initialised from {run.source.kind} {run.source.path} in "
+            f"{time.perf_counter() - t0:.2f}s (fresh optimizer state)")
+        return tr.state_from_params(params)
     if step is None:
         return run.trainer.init_state()
     try:
@@ -264,7 +322,8 @@ def resume_or_init(run: Run) -> TrainState:
         hint = (f"; resume from step {earlier[-1]} with --resume_step={earlier[-1]} "
                 "--overwrite" if earlier else "")
         raise CheckpointError(f"{str(e).split('; ')[0]}{hint}") from None
-    log(f"resumed from {ckpts.directory} step {step} (trained on {ckpts.record(step).mesh})")
+    log(f"resumed from {ckpts.directory} step {step} (trained on {ckpts.record(step).mesh})"
+        + (f"; init_from={run.source.path} is not read" if run.source else ""))
     return state
 
 
@@ -339,6 +398,7 @@ class Pending:
     def __init__(self) -> None:
         self.queue: list[tuple[int, dict]] = []
         self.losses: list[float] = []
+        self.eval_losses: list[tuple[int, float]] = []  # (step, validation loss)
         self.last: dict = {}
 
     def add(self, step: int, metrics: dict) -> None:
@@ -376,7 +436,7 @@ class Progress:
             except OSError as e:
                 raise OSError(f"metrics_file={self.path}: cannot open ({e.strerror})") from None
 
-    def report(self, done: int, m: dict) -> None:
+    def report(self, done: int, m: dict, eval_loss: float | None = None) -> None:
         now = time.perf_counter()
         dt = (now - self.t_last) / max(1, done - self.step_last)
         self.t_last, self.step_last = now, done
@@ -388,11 +448,14 @@ class Progress:
             f"{tps:,.0f} {self.run.batches.unit}/s  {dt * 1e3:.1f} ms/step  "
             f"ETA {dt * (self.steps - done):.0f}s"
             + (f"  MFU {util:.1%}" if util is not None else "")
+            + (f"  eval_loss {eval_loss:.4f}" if eval_loss is not None else "")
             + ("  (includes compile)" if done == self.start + 1 else ""))
         if self.file:
             row = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                    "learning_rate": float(m["learning_rate"]), "step_time_s": dt,
                    "tokens_per_s": tps, "mfu": util}
+            if eval_loss is not None:
+                row["eval_loss"] = eval_loss
             try:
                 self.file.write(json.dumps(row) + "\n")
                 self.file.flush()
@@ -432,6 +495,7 @@ class RunResult:
     ckpt_dir: str | None = None
     stopped_by: str | None = None
     completion: str | None = None
+    eval_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
 
 def train(cfg: RunConfig) -> RunResult:
@@ -453,7 +517,10 @@ def train(cfg: RunConfig) -> RunResult:
         if progress:
             progress.close()
         close_run_dir(run)  # waits for an asynchronous save in flight
-    return _finish(run, state, pending.losses, saved, stop.stopping, time.perf_counter() - t0)
+    result = _finish(run, state, pending.losses, saved, stop.stopping,
+                     time.perf_counter() - t0)
+    result.eval_losses = pending.eval_losses
+    return result
 
 
 def _loop(run: Run, state: TrainState, start: int, end: int, pending: Pending,
@@ -463,6 +530,7 @@ def _loop(run: Run, state: TrainState, start: int, end: int, pending: Pending,
     example = run.batches.example()
     shardings, step_fn = run.trainer.batch_sharding(example), run.trainer.compiled_step(example)
     profiler, saved = Profiler(cfg.log.profile_dir, start), start
+    evaluate = Evaluator(run) if run.eval_batches is not None else None
     for step in range(start, end):
         profiler.before(step)
         state, metrics = step_fn(state, run.batches.device(step, shardings))
@@ -480,11 +548,30 @@ def _loop(run: Run, state: TrainState, start: int, end: int, pending: Pending,
             log(f"stopped by {stopping} after step {done}; checkpoint committed in "
                 f"{run.ckpts.directory}")
             break
-        if done % cfg.log.log_every == 0 or done in (end, start + 1):
+        eval_loss = None
+        if evaluate and (done % cfg.eval.eval_every == 0 or done == end):
+            eval_loss = evaluate(state.params)
+            pending.eval_losses.append((done, eval_loss))
+        if done % cfg.log.log_every == 0 or done in (end, start + 1) or eval_loss is not None:
             pending.check()
-            progress.report(done, pending.last)
+            progress.report(done, pending.last, eval_loss)
     pending.check()
     return state, saved
+
+
+class Evaluator:
+    """The validation loss: the same eval_batches batches every time, on the training
+    mesh, through the step's own layout (pipeline, accumulation parts)."""
+
+    def __init__(self, run: Run):
+        example = run.eval_batches.example()
+        self.fn = run.trainer.compiled_eval(example)
+        shardings = run.trainer.batch_sharding(example)
+        self.batches = [run.eval_batches.device(i, shardings)
+                        for i in range(run.cfg.eval.eval_batches)]
+
+    def __call__(self, params: Any) -> float:
+        return float(np.mean(jax.device_get([self.fn(params, b) for b in self.batches])))
 
 
 def _finish(run: Run, state: TrainState, losses: list[float], saved: int,
@@ -513,6 +600,10 @@ def serve_demo(ckpt_dir: str, mesh: str, prompt: str) -> str:
         log(f"serve demo: {e.args[0].split(';')[0]}; serving on one device instead")
         mesh = ""
     server = Server.from_checkpoint(ckpt_dir, mesh)
+    if not server.codec.text and not prompt.startswith("ids:"):
+        log(f"serve demo skipped: this model's {server.cfg.vocab_size}-token vocabulary has no "
+            "tokenizer (pass --tokenizer to train, or serve_prompt='ids:...')")
+        return ""
     new = min(48, server.cfg.seq_len - len(server.encode(prompt)))
     out = server.generate([prompt], max_new_tokens=new, temperature=0.0)[0]
     text = server.decode_text(out.tokens)

@@ -22,7 +22,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.checkpoint import Checkpoints
-from jaxmp.data import TextCodec
 from jaxmp.layers import LayerNorm
 from jaxmp.mesh import make_mesh
 from jaxmp.models import registry
@@ -36,6 +35,7 @@ from jaxmp.sharding import (
     param_specs,
     spec_for,
 )
+from jaxmp.tokenizer import TextCodec
 
 
 class ServeError(ValueError):
@@ -63,14 +63,15 @@ class Server:
 
     def __init__(self, cfg: Any, mesh: str | Mesh = "", *, family: str = "gpt",
                  params: Any = None, rules: Rules | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, tokenizer: dict | None = None):
         self.family = registry.get(family)
         if not self.family.generates:
             raise ServeError(f"a {family!r} model cannot generate; serving needs a token model "
                              f"({', '.join(n for n in registry.names() if registry.get(n).generates)})")
         if getattr(cfg, "attention", None) == "cudnn" and jax.default_backend() != "gpu":
             cfg = dataclasses.replace(cfg, attention="auto")
-        self.cfg, self.codec = cfg, TextCodec(cfg.vocab_size)
+        self.cfg, self.codec = cfg, TextCodec(cfg.vocab_size, tokenizer)
+        self.tokenizer = tokenizer  # the JSON of a tokenizer.json, or None
         self.mesh = mesh if isinstance(mesh, Mesh) else _serving_mesh(mesh, devices)
         self.rules = rules or DEFAULT_RULES
         pipe = PipelineSpec(self.mesh.shape["pipe"], 1, 1)
@@ -89,17 +90,23 @@ class Server:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str, mesh: str | Mesh = "", *, step: int | None = None,
-                        rules: Rules | None = None,
-                        devices: Sequence[jax.Device] | None = None) -> Server:
-        """The model of a checkpoint (any training layout) restored onto `mesh`: each
-        device reads its own slice."""
+                        rules: Rules | None = None, devices: Sequence[jax.Device] | None = None,
+                        tokenizer: dict | None = None) -> Server:
+        """The model of a checkpoint (any training layout), or of a Hugging Face model
+        directory, restored onto `mesh`: each device reads its own slice. `tokenizer`
+        (the JSON of a tokenizer.json) replaces the one the checkpoint carries."""
+        from jaxmp import hf
+
+        if hf.is_hf_directory(ckpt_dir):
+            return cls._from_hf(ckpt_dir, mesh, rules, devices, tokenizer)
         ckpts = Checkpoints(ckpt_dir, create=False)
         try:
             step = ckpts.resolve(step)
             record = ckpts.record(step)
             family = registry.get(record.family)
             server = cls(family.config_from_json(record.config), mesh, family=record.family,
-                         rules=rules or Rules.from_json(record.rules), devices=devices)
+                         rules=rules or Rules.from_json(record.rules), devices=devices,
+                         tokenizer=tokenizer or record.tokenizer)
             target = jax.tree_util.tree_map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(record.param_dtype), sharding=s),
                 server.abstract_params, server.param_shardings)
@@ -109,6 +116,24 @@ class Server:
             server.step, server.restore_seconds = step, time.perf_counter() - t0
         finally:
             ckpts.close()
+        return server
+
+    @classmethod
+    def _from_hf(cls, path: str, mesh: str | Mesh, rules: Rules | None,
+                 devices: Sequence[jax.Device] | None, tokenizer: dict | None) -> Server:
+        from jaxmp.pretrained import open_source
+
+        source = open_source(path, name="ckpt_dir")
+        cfg = source.family.config_from_json(source.config)
+        server = cls(cfg, mesh, family=source.family.name, rules=rules, devices=devices,
+                     tokenizer=tokenizer or source.tokenizer)
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
+            server.abstract_params, server.param_shardings)
+        t0 = time.perf_counter()
+        params = source.load(target, server.layer_order, cfg)
+        server.params = jax.block_until_ready(server._hold(params))
+        server.restore_seconds = time.perf_counter() - t0
         return server
 
     # ------------------------------------------------------------ helpers
@@ -199,7 +224,7 @@ class Server:
                  return_logits: bool = False) -> list[Generation]:
         """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy); with
         return_logits, each Generation also holds the logits its tokens were chosen from."""
-        ids = check_request(self.cfg, prompts, max_new_tokens, temperature, top_k)
+        ids = check_request(self.cfg, prompts, max_new_tokens, temperature, top_k, self.codec)
         limit = self.cfg.seq_len
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = _bucket(len(ids), shards)
@@ -220,10 +245,11 @@ class Server:
 
 
 def check_request(cfg: Any, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
-                  temperature: float = 0.0, top_k: int | None = None) -> list[list[int]]:
+                  temperature: float = 0.0, top_k: int | None = None,
+                  codec: TextCodec | None = None) -> list[list[int]]:
     """The prompts as token ids, after checking a request against a model config (its
-    vocabulary and context): callable before any weights are loaded."""
-    codec = TextCodec(cfg.vocab_size)
+    vocabulary and context) and text codec: callable before any weights are loaded."""
+    codec = codec or TextCodec(cfg.vocab_size)
     try:
         ids = [codec.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     except ValueError as e:

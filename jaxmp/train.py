@@ -201,6 +201,16 @@ class Trainer:
             state = jax.jit(self._init_state_fn(), out_shardings=self.state_shardings)()
         return settle(self.mesh, state)
 
+    def state_from_params(self, params: Any) -> TrainState:
+        """A fresh state (step 0, new optimizer moments) around given parameters (laid out
+        like `param_shardings`): fine-tuning from pretrained weights."""
+        def init(p: Any) -> TrainState:
+            rng = jax.random.key_data(jax.random.key(self.seed))
+            return TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p), rng)
+        jitted = jax.jit(init, in_shardings=(self.param_shardings,),
+                         out_shardings=self.state_shardings)
+        return settle(self.mesh, jitted(params))
+
     # ------------------------------------------------------------ batches
     def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
         return {k: NamedSharding(self.mesh, self.batch_spec(v)) for k, v in batch.items()}
@@ -240,11 +250,7 @@ class Trainer:
         if accum == 1:
             (loss, _), grads = grad_fn(params, batch, key)
             return loss, grads
-        # (B, ...) -> (A, B/A, ...), rows interleaved so every part keeps the batch's data
-        # sharding.
-        parts = jax.tree_util.tree_map(
-            lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
-            dict(batch))
+        parts = _accumulation_parts(batch, accum)
 
         def body(carry, xs):
             i, part = xs
@@ -273,6 +279,32 @@ class Trainer:
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": self.opt.schedule()(state.step), "finite": finite}
         return new_state, metrics
+
+    def _eval(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Mean loss of a batch with the model in evaluation mode (no dropout), in the
+        step's accumulation parts (the same activation memory as training)."""
+        def loss(part: Mapping[str, jax.Array]) -> jax.Array:
+            model = nnx.merge(self.graphdef, params,
+                              jax.tree_util.tree_map(jnp.asarray, self.rest))
+            model.eval()
+            out = self.loss_fn(model, part)
+            return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
+        with activation_sharding(self.mesh, self.rules):
+            accum = self.opt.grad_accum_steps
+            if accum == 1:
+                return loss(batch)
+            return jnp.mean(jax.lax.map(loss, _accumulation_parts(batch, accum)))
+
+    def compiled_eval(self, batch: Mapping[str, Any]):
+        """The jitted evaluation (params, batch) -> mean loss, for batches like `batch`."""
+        key = ("eval",) + tuple(sorted((k, tuple(v.shape), str(v.dtype))
+                                       for k, v in batch.items()))
+        if key not in self._steps:
+            jitted = jax.jit(self._eval, in_shardings=(self.param_shardings,
+                                                       self.batch_sharding(batch)),
+                             out_shardings=self.replicated)
+            self._steps[key] = _Settled(jitted, self.mesh)
+        return self._steps[key]
 
     def compiled_step(self, batch: Mapping[str, Any]):
         """The jitted step for batches shaped like `batch` (compiled once per shape)."""
@@ -317,6 +349,14 @@ class Trainer:
         sh = self.batch_sharding(batch)
         return {k: jax.make_array_from_callback(v.shape, sh[k], lambda idx, v=v: v[idx])
                 for k, v in batch.items()}
+
+
+def _accumulation_parts(batch: Mapping[str, jax.Array], accum: int) -> dict:
+    """(B, ...) -> (A, B/A, ...), rows interleaved so every part keeps the batch's data
+    sharding."""
+    return jax.tree_util.tree_map(
+        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+        dict(batch))
 
 
 def _reseed(model: nnx.Module, key: jax.Array) -> None:

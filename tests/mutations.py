@@ -103,6 +103,24 @@ MUTATIONS: tuple[Mutation, ...] = (
              "jaxmp/sharding.py", '"length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe"},',
              '"length": ("pipe", "tensor"), "layers": "pipe"},',
              ("tests/test_sharding.py", "tests/test_pipeline.py", "-k", "weight_gathers or pipe4 or pipe8")),
+    Mutation("hf_qkv_heads_major", "c_attn split as (heads, 3, head_dim) instead of (3, heads, "
+             "head_dim)", "jaxmp/models/gpt_hf.py",
+             'layer("attn/qkv/kernel", "attn.c_attn.weight", (d, 3 * d), (d, 3, n, h)),',
+             'layer("attn/qkv/kernel", "attn.c_attn.weight", (d, 3 * d), (d, n, 3, h)),',
+             ("tests/test_hf.py", "-k", "logits or greedy")),
+    Mutation("hf_layer_order", "import ignores the pipeline's storage order", "jaxmp/hf.py",
+             "t.key.format(i=layer_order[q])", "t.key.format(i=q)",
+             ("tests/test_hf.py", "-k", "storage_order")),
+    Mutation("hf_rows_offset", "a shard reads its rows from the start of the tensor",
+             "jaxmp/hf.py", "r0, r1 = first.start * lead, first.stop * lead",
+             "r0, r1 = 0, (first.stop - first.start) * lead",
+             ("tests/test_hf.py", "-k", "sharded_import or storage_order")),
+    Mutation("eval_on_train", "validation loss computed on the training data",
+             "jaxmp/experiment.py",
+             "source = validation_source(cfg.data.data, cfg.eval.eval_data)",
+             "source = cfg.data.data",
+             ("tests/test_finetune.py", "-k", "finetune_on")),
+
 )
 
 

@@ -16,10 +16,12 @@ from flax import nnx
 
 from jaxmp import data
 from jaxmp.layers import DecoderBlock, Embed, LayerNorm, param, scale_std
+from jaxmp.models.gpt_hf import GPT2
 from jaxmp.models.registry import Family, register
 from jaxmp.pipeline import PipelineSpec
 from jaxmp.sharding import constrain
 from jaxmp.stack import LayerStack
+from jaxmp.tokenizer import BYTE_VOCAB
 
 NEG_INF = -1e30
 X_NAMES = ("batch", "length", "embed")
@@ -176,7 +178,7 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 def _config(spec: Any, source: str) -> GPTConfig:
     """The GPT config of the command line: a preset and its overrides."""
-    vocab = spec.vocab_size or (data.BYTE_VOCAB if data.is_byte_source(source) else GPT2_VOCAB)
+    vocab = spec.vocab_size or (BYTE_VOCAB if data.is_byte_source(source) else GPT2_VOCAB)
     over = spec.overrides("num_layers", "d_model", "num_heads", "seq_len", "dtype", "remat",
                           "attention", "scan_layers")
     return preset(spec.preset, vocab_size=vocab, **over)
@@ -194,5 +196,5 @@ GPT2_VOCAB = 50257
 FAMILY = register(Family(
     name="gpt", make_config=_config, config_from_json=_config_from_json,
     build=lambda cfg, pipeline, rngs: GPT(cfg, rngs=rngs, pipeline=pipeline), loss=lm_loss,
-    batches=_batches, stack="blocks", flops_per_token=flops_per_token, generates=True,
-    layers_name="decoder layers"))
+    batches=_batches, eval_batches=_batches, stack="blocks", flops_per_token=flops_per_token,
+    generates=True, layers_name="decoder layers", hf=GPT2))

@@ -49,6 +49,9 @@ class Family:
     flops_per_token: Callable[[Any], float] | None = None  # None: no MFU in the logs
     generates: bool = False         # a token model with decode / init_cache (Server)
     layers_name: str = "layers"     # how errors call its stacked layers
+    hf: Any = None                  # jaxmp.hf.HFFormat: Hugging Face import / export
+    # (config, validation source, batch size, seed) -> validation batches (None: no eval)
+    eval_batches: Callable[[Any, str, int, int], Batches] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -69,6 +72,17 @@ def get(name: str) -> Family:
                          f"{', '.join(sorted(_FAMILIES))} (a module passed with "
                          "--family_module can register more)")
     return _FAMILIES[name]
+
+
+def for_hf(model_type: str) -> Family:
+    """The family that reads Hugging Face checkpoints of `model_type` (config.json's)."""
+    _load_builtin()
+    for family in _FAMILIES.values():
+        if family.hf is not None and family.hf.model_type == model_type:
+            return family
+    known = sorted(f.hf.model_type for f in _FAMILIES.values() if f.hf is not None)
+    raise ValueError(f"model_type={model_type!r} (config.json): no jaxmp family reads it; "
+                     f"supported: {', '.join(known)}")
 
 
 def names() -> list[str]:

@@ -1,0 +1,44 @@
+"""Tokenize text into the token files experiments.train reads (train.bin, val.bin, and the
+tokenizer.json beside them, which training then keeps in its checkpoints).
+
+    python -m experiments.prepare --input=corpus/ --tokenizer=gpt2/ --output=data/mine
+    python -m experiments.train --init_from=gpt2 --data=data/mine/train.bin --eval_every=50
+
+--input is a file or directory (repeatable): .txt/.md/... files are one document each,
+.jsonl files one document per line ("text"). Without --tokenizer, text is bytes.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from experiments.common import parse_flags, run_guarded
+
+F = flags.FLAGS
+flags.DEFINE_multi_string("input", [], "A text file or a directory of them (repeatable).")
+flags.DEFINE_string("tokenizer", None, "tokenizer.json, or a directory holding one (e.g. a "
+                    "Hugging Face model directory); default: bytes.")
+flags.DEFINE_string("output", None, "Directory for train.bin, val.bin and tokenizer.json.")
+flags.DEFINE_float("val_fraction", 0.01, "Share of documents held out for validation.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def prepare() -> None:
+    from jaxmp.experiment import check_writable
+    from jaxmp.prepare import prepare as run
+
+    if not F.input or not F.output:
+        raise ValueError("--input and --output are required")
+    check_writable(F.output, "output", directory=True)
+    out = run(F.input, F.tokenizer, F.output, val_fraction=F.val_fraction,
+              progress=F.progress)
+    print(f"{out.documents} documents -> {out.train} ({out.train_tokens:,} tokens), "
+          f"{out.val} ({out.val_tokens:,} tokens)")
+
+
+def main(argv: list[str]) -> int:
+    return run_guarded(argv, prepare)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
