@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import analysis
+from experiments import analysis, bench_http
 from experiments.bench_harness import (
     directory_bytes,
     gpt_trainer,
@@ -53,6 +53,7 @@ class ServeResult:
     checkpoint: Json          # save / restore seconds, size on disk
     generate_kv_cache: Json   # bench_harness.kv_generation
     generate_recompute: Json  # recompute_record
+    http: Json | None = None  # bench_http.http_record: the completions server under load
 
     @property
     def kv_speedup(self) -> dict[str, float]:
@@ -76,11 +77,12 @@ class ServeResult:
         kv, rc, up = self.generate_kv_cache, self.generate_recompute, self.kv_speedup
         rows = [[b, f"{kv['tokens_per_s'][b]:,.1f}", f"{rc['tokens_per_s'][b]:,.1f}",
                  f"{up[b]:.1f}", rc["matches_kv_cache"][b]] for b in kv["tokens_per_s"]]
-        return "\n".join([line, table(["batch", "KV tokens/s", "recompute tokens/s", "speed-up",
-                                       "same tokens"], rows), rc["note"]])
+        parts = [line, table(["batch", "KV tokens/s", "recompute tokens/s", "speed-up",
+                              "same tokens"], rows), rc["note"]]
+        return "\n".join(parts + ([bench_http.http_table(self.http)] if self.http else []))
 
     def targets(self) -> list[Target]:
-        return []
+        return bench_http.http_targets(self.http) if self.http else []
 
 
 def serve_suite(quick: bool, source: str | None = None) -> ServeResult:
@@ -109,9 +111,10 @@ def serve_suite(quick: bool, source: str | None = None) -> ServeResult:
             f"{save_s:.2f}s, restored the train state in {ckpt['restore_train_state_s']:.2f}s")
         kv = kv_generation(server, s.prompt, s.new_tokens, s.batches, s.repeats)
         recompute = recompute_record(server, s, cfg.vocab_size)
+        http = bench_http.http_record(server)
     return ServeResult(model={**cfg.to_json(), "params": num_params(cfg)},
                        state_bytes=analysis.tree_bytes(abstract), init_s=init_s, checkpoint=ckpt,
-                       generate_kv_cache=kv, generate_recompute=recompute)
+                       generate_kv_cache=kv, generate_recompute=recompute, http=http)
 
 
 def _serve_from(source: str, s: ServeSizes) -> ServeResult:
@@ -125,8 +128,9 @@ def _serve_from(source: str, s: ServeSizes) -> ServeResult:
     return ServeResult(model={**cfg.to_json(), "params": num_params(cfg)},
                        state_bytes=analysis.tree_bytes(server.params), init_s=0.0,
                        checkpoint={"source": source, "load_s": server.restore_seconds},
-                       generate_kv_cache=kv, generate_recompute=recompute_record(server, s,
-                                                                                  cfg.vocab_size))
+                       generate_kv_cache=kv,
+                       generate_recompute=recompute_record(server, s, cfg.vocab_size),
+                       http=bench_http.http_record(server))
 
 
 def recompute_record(server: Server, s: ServeSizes, vocab_size: int) -> Json:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from absl import app, flags
@@ -67,6 +68,8 @@ def serve() -> None:
     cfg = flagtree.build(ServeConfig)
     if not cfg.ckpt_dir:
         raise ValueError("--ckpt_dir is required (the directory a training run wrote)")
+    if cfg.http is not None:
+        return serve_http(cfg)
     prompts = list(cfg.prompt) + (read_prompts(cfg.prompt_file) if cfg.prompt_file else [])
     if not prompts:
         raise ValueError("no prompt: pass --prompt=TEXT (repeatable) or --prompt_file")
@@ -94,6 +97,85 @@ def serve() -> None:
         with open(cfg.output_file, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+
+
+def check_http(cfg: ServeConfig) -> None:
+    """The HTTP settings, before anything is loaded."""
+    import ipaddress
+    import socket
+
+    if not 0 < cfg.http < 65536:
+        raise ValueError(f"--http={cfg.http} must be a port in 1..65535")
+    for name in ("slots", "max_queue", "max_body_bytes", "decode_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be >= 1")
+    from jaxmp.mesh import parse_mesh
+
+    sizes = parse_mesh(cfg.mesh, None)
+    shards = sizes["data"] * sizes["fsdp"]
+    if shards > 0 and cfg.slots % shards:
+        raise ValueError(f"--slots={cfg.slots} must be a multiple of data*fsdp={shards} of "
+                         f"--mesh={cfg.mesh}")
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(cfg.host)).is_loopback
+    except (OSError, ValueError):
+        raise ValueError(f"--host={cfg.host} is not an address this machine can bind") from None
+    if not loopback and not cfg.api_key and not cfg.allow_public:
+        raise ValueError(f"--host={cfg.host} would serve the network without an API key; add "
+                         "--api_key=KEY, or --allow_public to do it anyway")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ValueError("--http needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    with socket.socket() as sock:  # the port is free (a clear error now, not after loading)
+        try:
+            sock.bind((cfg.host, cfg.http))
+        except OSError as e:
+            raise ValueError(f"--http={cfg.http}: cannot listen on {cfg.host} "
+                             f"({e.strerror})") from None
+
+
+def serve_http(cfg: ServeConfig) -> None:
+    """The OpenAI completions API on --host:--http until SIGTERM / Ctrl-C, which stops
+    accepting, lets the requests in flight finish, and exits 0."""
+    import uvicorn
+
+    from jaxmp.engine import Engine
+    from jaxmp.http import HTTPLimits, make_app
+    from jaxmp.mesh import format_mesh
+    from jaxmp.pretrained import open_source
+    from jaxmp.serve import Server
+    from jaxmp.tokenizer import read_tokenizer
+
+    check_http(cfg)
+    source = open_source(cfg.ckpt_dir, step=cfg.step, name="ckpt_dir")
+    tokenizer = read_tokenizer(cfg.tokenizer) if cfg.tokenizer else source.tokenizer
+    server = Server.from_checkpoint(cfg.ckpt_dir, cfg.mesh, step=cfg.step, tokenizer=tokenizer)
+    engine = Engine(server, slots=cfg.slots, max_queue=cfg.max_queue, max_len=cfg.max_len,
+                    decode_steps=cfg.decode_steps)
+    t0 = time.perf_counter()
+    engine.warm_up()
+    engine.start()
+    limits = HTTPLimits(api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
+                        model_name=os.path.basename(os.path.abspath(cfg.ckpt_dir)))
+    print(f"serving http://{cfg.host}:{cfg.http} ({server.family.name} on "
+          f"{format_mesh(server.mesh)}, {cfg.slots} slots; compiled in "
+          f"{time.perf_counter() - t0:.1f}s)", flush=True)
+    import signal
+
+    stopped: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # uvicorn handles the signal (stop accepting, finish the requests in flight) and then
+        # re-raises it to the handler it found: this one, so the exit is a clean 0
+        signal.signal(sig, lambda signum, frame: stopped.append(signal.Signals(signum).name))
+    try:
+        uvicorn.run(make_app(engine, limits), host=cfg.host, port=cfg.http, log_level="warning",
+                    timeout_graceful_shutdown=None)
+    finally:
+        engine.stop()
+    print(f"stopped{' by ' + stopped[0] if stopped else ''}: every request in flight was "
+          "answered", flush=True)
 
 
 if __name__ == "__main__":

@@ -234,3 +234,18 @@ class ServeConfig:
     output_file: str | None = opt(None, "JSON lines: prompt, completion, tokens.")
     tokenizer: str | None = opt(None, "A tokenizer.json (or a directory with one) for text "
                                 "prompts and completions (default: the checkpoint's own).")
+    http: int | None = opt(None, "Serve the OpenAI completions API on this port instead of "
+                           "completing --prompt (needs the serve extra: FastAPI, uvicorn).")
+    host: str = opt("127.0.0.1", "HTTP: address to bind (a non-loopback one needs --api_key "
+                    "or --allow_public).")
+    api_key: str | None = opt(None, "HTTP: require 'Authorization: Bearer <key>'.")
+    allow_public: bool = opt(False, "HTTP: allow binding a non-loopback address without "
+                             "--api_key.")
+    slots: int = opt(8, "HTTP: decode slots (requests generated at once; a multiple of the "
+                     "mesh's data size).")
+    max_queue: int = opt(64, "HTTP: requests waiting beyond the slots; more get 429.")
+    max_len: int | None = opt(None, "HTTP: cache positions per slot, prompt + new tokens "
+                              "(default: the model's context; shorter is faster per step).")
+    decode_steps: int = opt(8, "HTTP: decode steps per compiled call (more: less overhead per "
+                            "token; fewer: new requests join sooner).")
+    max_body_bytes: int = opt(1 << 20, "HTTP: largest request body.")

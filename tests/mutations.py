@@ -121,6 +121,13 @@ MUTATIONS: tuple[Mutation, ...] = (
              "source = cfg.data.data",
              ("tests/test_finetune.py", "-k", "finetune_on")),
 
+    Mutation("engine_slot_zero", "every prefill writes its cache rows into slot 0",
+             "jaxmp/engine.py", "at = (0, slots[g], 0, 0, 0)", "at = (0, 0, 0, 0, 0)",
+             ("tests/test_http.py", "-k", "sixteen")),
+    Mutation("echo_logprob_shift", "prompt log-probabilities scored against the wrong token",
+             "jaxmp/engine.py", "nxt = jnp.roll(tokens, -1, axis=1)", "nxt = tokens",
+             ("tests/test_http.py", "-k", "echo")),
+
 )
 
 

@@ -103,6 +103,7 @@ def test_layer_stack_orders_round_trip():
     np.testing.assert_array_equal(stack.to_canonical(stored)["w"], canonical["w"])
 
 
+@pytest.mark.slow
 def test_circular_stack_decodes_like_a_plain_one():
     """A GPT built for the circular schedule (r=2: layers stored out of order) decodes with
     the same logits and cache as the r=1 model of the same weights, on a pipe mesh.

@@ -58,6 +58,7 @@ def test_greedy_continuation_equals_transformers(server):
     assert out[0].tokens == GOLDEN["greedy"].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["tensor:4", "pipe:2,tensor:2"])
 def test_sharded_import_gives_the_same_logits(mesh):
     """Each device's shard read from its own rows (heads over tensor, layers over pipe)."""

@@ -80,6 +80,7 @@ def _loss_and_grads(cfg, tokens):
     return jax.jit(jax.value_and_grad(f))(params)
 
 
+@pytest.mark.slow
 def test_unrolled_layers_equal_the_scan():
     """--noscan_layers (the GPU path) computes the same loss and gradients as the scan:
     catches a wrong layer order, a dropped layer, or gradients lost in the unstacking."""
