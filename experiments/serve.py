@@ -144,13 +144,11 @@ def serve_http(cfg: ServeConfig) -> None:
     from jaxmp.engine import Engine
     from jaxmp.http import HTTPLimits, make_app
     from jaxmp.mesh import format_mesh
-    from jaxmp.pretrained import open_source
     from jaxmp.serve import Server
     from jaxmp.tokenizer import read_tokenizer
 
     check_http(cfg)
-    source = open_source(cfg.ckpt_dir, step=cfg.step, name="ckpt_dir")
-    tokenizer = read_tokenizer(cfg.tokenizer) if cfg.tokenizer else source.tokenizer
+    tokenizer = read_tokenizer(cfg.tokenizer) if cfg.tokenizer else None  # None: the model's
     server = Server.from_checkpoint(cfg.ckpt_dir, cfg.mesh, step=cfg.step, tokenizer=tokenizer)
     engine = Engine(server, slots=cfg.slots, max_queue=cfg.max_queue, max_len=cfg.max_len,
                     decode_steps=cfg.decode_steps)

@@ -135,17 +135,6 @@ class TokenWriter:
             os.remove(self.tmp)
 
 
-def write_token_file(path: str, tokens: np.ndarray, vocab_size: int = 2**16) -> None:
-    """A whole token array as an llm.c token file (see TokenWriter)."""
-    writer = TokenWriter(path, vocab_size)
-    try:
-        writer.write(tokens)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-
-
 def _read_bin(path: str) -> np.ndarray:
     head = np.fromfile(path, np.int32, count=256)
     if len(head) == 256 and head[0] == LLMC_MAGIC:  # llm.c: header then tokens

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +95,7 @@ class _Slot:
     handle: Handle
     position: int        # where the next token goes
     key: np.ndarray      # raw PRNG key data of the request
+    prompt: list[Token | None] | None = None  # the prompt's scores (echo), if asked
     text: str = ""
 
 
@@ -360,8 +360,7 @@ class Engine:
                 h.put(Done("length", "", prompt_tokens))
                 continue
             slot = free[g]
-            self.active[slot] = _Slot(h, len(r.prompt), keys[g])
-            self.active[slot].prompt = prompt_tokens  # type: ignore[attr-defined]
+            self.active[slot] = _Slot(h, len(r.prompt), keys[g], prompt_tokens)
             self._emit(slot, *(np.asarray(x)[g] for x in first))
 
     def _step(self, emit: bool = True) -> None:
@@ -409,7 +408,7 @@ class Engine:
         s = self.active.pop(slot)
         if text is None:
             text = self.server.decode_text(s.handle.tokens)
-        s.handle.put(Done(reason, text, getattr(s, "prompt", None), error))
+        s.handle.put(Done(reason, text, s.prompt, error))
 
 
 def _geometric(start: int, factor: int, last: int) -> list[int]:
@@ -442,15 +441,3 @@ def check(cfg: Any, r: Request, max_len: int | None = None) -> None:
         raise ServeError(f"top_p={r.top_p} must be in (0, 1]")
     if r.top_k < 0:
         raise ServeError(f"top_k={r.top_k} must be >= 0 (0: no limit)")
-
-
-def wait(handle: Handle, timeout: float | None = None) -> tuple[list[Token], Done]:
-    """Every event of a handle: (tokens, done)."""
-    tokens: list[Token] = []
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        event = handle.events.get(timeout=left)
-        if isinstance(event, Done):
-            return tokens, event
-        tokens.append(event)

@@ -251,17 +251,13 @@ async def _gather(request: Any, handles: list[Handle]) -> list[tuple[list[Token]
     return out
 
 
-def _token_text(codec: Any, token: int) -> str:
-    return codec.decode([token])
-
-
 def _logprob_block(codec: Any, ids: list[int], entries: list[Token | None], k: int,
                    offset: int) -> dict:
     """OpenAI's logprobs object for tokens `ids` (entries[i] None: no log-prob, the first
     prompt token)."""
     block: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tok, entry in zip(ids, entries):
-        text = _token_text(codec, tok)
+        text = codec.decode([tok])
         block["tokens"].append(text)
         block["text_offset"].append(offset)
         offset += len(text)
@@ -270,7 +266,7 @@ def _logprob_block(codec: Any, ids: list[int], entries: list[Token | None], k: i
             block["top_logprobs"].append(None)
         else:
             block["token_logprobs"].append(entry.logprob)
-            block["top_logprobs"].append({_token_text(codec, i): lp for i, lp in entry.top[:k]}
+            block["top_logprobs"].append({codec.decode([i]): lp for i, lp in entry.top[:k]}
                                          if k else {})
     return block
 

@@ -44,17 +44,17 @@ class Source:
         pretrained model allows: compute settings, and a shorter context (Hugging Face)."""
         cfg = dict(self.config)
         for field in SHAPE:
-            value = getattr(spec, field, None)
+            value = getattr(spec, field)
             if value is not None and value != cfg.get(field):
                 raise ValueError(f"{field}={value} differs from {name}={self.path}'s "
                                  f"{cfg.get(field)}; drop it (the pretrained model fixes it)")
-        if (seq := getattr(spec, "seq_len", None)) is not None and seq != cfg.get("seq_len"):
+        if (seq := spec.seq_len) is not None and seq != cfg.get("seq_len"):
             if self.directory is None or seq > cfg["seq_len"]:
                 what = ("at most" if self.directory else "exactly")
                 raise ValueError(f"seq_len={seq}: {name}={self.path} allows {what} "
                                  f"{cfg['seq_len']} positions")
             cfg["seq_len"] = seq
-        cfg.update(spec.overrides(*FREE) if hasattr(spec, "overrides") else {})
+        cfg.update(spec.overrides(*FREE))
         model_cfg = self.family.config_from_json(cfg)
         if hasattr(model_cfg, "validate"):
             model_cfg.validate()
