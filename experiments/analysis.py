@@ -37,6 +37,7 @@ import numpy as np
 from experiments.hlo import (
     COLLECTIVES,
     ELEMENTWISE,
+    HloInstruction,
     HloModule,
     Site,
     _balanced,
@@ -45,6 +46,7 @@ from experiments.hlo import (
     collective_kind,
     parse_hlo,
     shape_arrays,
+    shape_bytes,
     shape_elements,
 )
 
@@ -151,10 +153,54 @@ def collectives(module: HloModule | str, mesh_shape: Mapping[str, int] | None = 
         nbytes = float(collective_bytes(site, kind))
         if kind == "collective-permute" and groups is not None and n:
             nbytes *= len(groups) / n  # only the devices in a source-target pair send
+        if kind == "all-reduce" and groups:
+            scattered = _scattered_bytes(site, module, len(groups[0]))
+            if scattered:  # (a combined all-reduce may be partly a reduce-scatter)
+                main = "reduce-scatter" if 2 * scattered >= nbytes else "all-reduce"
+                return {CollectiveKey(k, axes, site.in_loop): (float(k == main), b)
+                        for k, b in (("reduce-scatter", scattered),
+                                     ("all-reduce", nbytes - scattered)) if b or k == main}
         return {CollectiveKey(kind, axes, site.in_loop): (1, nbytes)}
 
     stats, _ = accumulate(module, leaf)
     return {k: (int(round(v[0])), int(round(v[1]))) for k, v in stats.items()}
+
+
+def _scattered_bytes(site: Site, module: HloModule, group_size: int) -> float:
+    """Bytes of an all-reduce that are a reduce-scatter in effect: arrays of which every use
+    keeps only its own 1/group_size share (results of that size; a dynamic-slice, alone or
+    in fusions, takes it). XLA's CPU backend lowers a reduce-scatter that way; its GPU and
+    TPU pipelines turn the pair back into one reduce-scatter (ReduceScatterCreator), so
+    it is counted as one. For a combined (tuple) all-reduce, each array is judged by the
+    uses of its get-tuple-element."""
+    ins, comp = site.instruction, site.computation
+    if group_size < 2:
+        return 0.0
+
+    def users(name: str) -> list[HloInstruction]:
+        return [u for u in comp.instructions if name in u.operands]
+
+    def slices(u: HloInstruction) -> bool:
+        if u.opcode == "dynamic-slice":
+            return True
+        callee = re.search(r"\bcalls=%([\w.\-]+)", u.attrs)
+        body = module.computations.get(callee.group(1)) if callee else None
+        return (u.opcode == "fusion" and body is not None
+                and any(i.opcode == "dynamic-slice" for i in body.instructions))
+
+    def scattered(name: str, shape: str) -> bool:
+        share = shape_bytes(shape) / group_size
+        uses = users(name)
+        return (bool(uses) and all(shape_bytes(u.shape) == share for u in uses)
+                and any(slices(u) for u in uses))
+
+    if not ins.shape.startswith("("):
+        return float(shape_bytes(ins.shape)) if scattered(ins.name, ins.shape) else 0.0
+    total = 0.0
+    for u in users(ins.name):
+        if u.opcode == "get-tuple-element" and scattered(u.name, u.shape):
+            total += shape_bytes(u.shape)
+    return total
 
 
 def collective_totals(found: Mapping[CollectiveKey, tuple[int, int]], *,

@@ -43,9 +43,9 @@ def single_mesh() -> jax.sharding.Mesh:
 
 
 def gpt_trainer(cfg: GPTConfig, mesh: jax.sharding.Mesh, pipe: PipelineSpec = PipelineSpec(),
-                opt: OptConfig = OptConfig()) -> Trainer:
+                opt: OptConfig = OptConfig(), **trainer_options: Any) -> Trainer:
     return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, mesh,
-                   optimizer=opt)
+                   optimizer=opt, **trainer_options)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ from experiments.hlo import HloModule
 from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
 from jaxmp.models.gpt import GPTConfig, num_params
 from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_factor
-from jaxmp.sharding import shards_of
+from jaxmp.sharding import DEFAULT_RULES, shards_of
+from jaxmp.train import OptConfig, Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,18 @@ LAYOUTS: tuple[str, ...] = ("data:8", "fsdp:8", "tensor:8", "pipe:8", "data:2,pi
 QUICK_MATRIX: tuple[tuple[str, int, int], ...] = (
     ("data:8", 1, 1), ("tensor:8", 1, 1), ("pipe:4,tensor:2", 4, 2),
     ("data:2,pipe:2,tensor:2", 4, 1))
+# Rows of the layout options (LayoutConfig): (mesh, m, r, option). "sp": sequence
+# parallelism; "gather-once": pipeline_fsdp_gather_once; "accum2": 2 accumulation parts
+# (gradients reduced once over data); "replicated-state": --noshard_state (the old layout).
+OPTION_ROWS: tuple[tuple[str, int, int, str], ...] = (
+    ("tensor:8", 1, 1, "sp"), ("pipe:4,tensor:2", 8, 2, "sp"),
+    ("fsdp:2,pipe:2,tensor:2", 1, 1, "gather-once"), ("fsdp:2,pipe:2,tensor:2", 4, 1, "gather-once"),
+    ("fsdp:2,pipe:2,tensor:2", 8, 1, "gather-once"), ("fsdp:2,pipe:2,tensor:2", 1, 1, ""),
+    ("fsdp:2,pipe:2,tensor:2", 4, 1, ""),
+    ("data:8", 1, 1, "accum2"), ("data:8", 1, 1, "replicated-state"))
+QUICK_OPTION_ROWS: tuple[tuple[str, int, int, str], ...] = (
+    ("tensor:8", 1, 1, "sp"), ("fsdp:2,pipe:2,tensor:2", 4, 1, "gather-once"))
+OPTIONS = ("", "sp", "gather-once", "accum2", "replicated-state")
 MICROBATCHES = (1, 4, 8)
 REPEATS = (1, 2)
 DP_AXES = ("data", "fsdp", "data+fsdp")
@@ -59,7 +72,7 @@ class StructureResult:
         return {"structure_model": self.model, "structure": self.rows}
 
     def table(self) -> str:
-        head = ["layout", "m", "r", "state MiB", "ideal", "x", "x repl", "temp MiB", "all-reduce",
+        head = ["layout", "option", "m", "r", "state MiB", "ideal", "x", "x repl", "temp MiB", "all-reduce",
                 "all-gather", "red-scat", "coll-perm", "all-to-all", "GFLOP/dev", "x ideal",
                 "bubble", "TP x min", "PP x min", "DP x min", "W-gather"]
         return self._note() + "\n" + table(head, [_table_row(r) for r in self.rows])
@@ -72,23 +85,28 @@ class StructureResult:
             f"{m['single_device_flops'] / 1e9:.2f} GFLOP/step (XLA cost_analysis, loop "
             f"bodies once: {m['single_device_xla_cost_analysis_flops'] / 1e9:.2f}), "
             f"{mib(m['single_device_temp_bytes'])} MiB temporaries.\n"
-            "x: state / (total / devices); x repl: state / (total / (devices / data)). "
+            "x: state / (total / devices) (parameters and Adam moments, split over data and "
+            "fsdp at rest unless replicated-state); x repl: state / (total / (devices / data)). "
             "collectives: count/MiB per device per step (loops x trip count); TP x min: "
             "all-reduce bytes over tensor in the layer loops / Megatron minimum; PP x min: "
-            "collective-permute bytes over pipe / one hand-off per tick; DP x min: gradient "
+            "collective-permute bytes over pipe / one hand-off per tick (sp: all-gather + "
+            "reduce-scatter bytes / Megatron-SP's, 10 per layer); DP x min: gradient "
             "all-reduce / reduce-scatter bytes over data, fsdp / the gradients once; W-gather: "
             "all-gathers of a weight or a piece, reshaping or cast of one (traced from the "
-            "parameters through the program).")
+            "parameters through the program). An all-reduce whose every use keeps only its "
+            "own share is counted as the reduce-scatter it is (XLA's CPU backend lowers "
+            "reduce-scatters so; GPU/TPU XLA emits one).")
 
     def targets(self) -> list[Target]:
-        return [t for r in self.rows for t in _row_targets(r)]
+        return [t for r in self.rows for t in _row_targets(r)] + _option_targets(self.rows)
 
 
 def _table_row(r: Json) -> list[Any]:
     c = r["collectives"]
     tp, pp, dp = r["tensor_parallel"], r["pipeline"], r["data_parallel"]
     ratio = lambda d: f"{d['bytes_ratio']:.3f}" if d else "-"
-    return [r["layout"], r["microbatches"], r["repeats"], mib(r["state_bytes_per_device"]),
+    return [r["layout"], r.get("option", ""), r["microbatches"], r["repeats"],
+            mib(r["state_bytes_per_device"]),
             mib(r["ideal_state_bytes_per_device"]), f"{r['state_ratio']:.3f}",
             f"{r['replica_state_ratio']:.3f}", mib(r["temp_bytes"]), count_mib(c["all-reduce"]),
             count_mib(c["all-gather"]), count_mib(c["reduce-scatter"]),
@@ -99,17 +117,28 @@ def _table_row(r: Json) -> list[Any]:
 
 
 def _row_targets(r: Json) -> list[Target]:
-    where = f"{r['layout']} m={r['microbatches']} r={r['repeats']}"
-    out = [Target("state bytes <= 1.05 x ideal", where, r["state_ratio"], 1.05,
-                  r["state_ratio"] <= 1.05)]
+    where = _where(r)
+    out = []
+    if r.get("option") != "replicated-state":
+        out.append(Target("state bytes <= 1.05 x ideal", where, r["state_ratio"], 1.05,
+                          r["state_ratio"] <= 1.05))
     tp = r["tensor_parallel"]
     if tp:
         v = tp["bytes_ratio"] / tp["expected_ratio"]
-        out.append(Target("TP all-reduce bytes == Megatron minimum (x bubble factor)", where, v,
-                          1.0, abs(v - 1) < 0.01))
+        what = ("SP all-gather + reduce-scatter bytes == Megatron-SP's (x bubble factor)"
+                if r.get("option") == "sp" else
+                "TP all-reduce bytes == Megatron minimum (x bubble factor)")
+        out.append(Target(what, where, v, 1.0, abs(v - 1) < 0.01))
     if "fsdp" not in r["layout"]:
-        n = r["weight_all_gathers"]["count"]
-        out.append(Target("no all-gather of weights outside FSDP", where, n, 0, n == 0))
+        # ZeRO-1 gathers the compute copy of the parameters (split over data at rest) once
+        # per step; anything else gathering a weight is a layout bug.
+        gathered = r["weight_all_gathers"]["bytes"]
+        zero = "data" in r["layout"] and r.get("option") != "replicated-state"
+        allowed = r["param_bytes_per_device"] if zero else 0
+        out.append(Target("weights all-gathered outside FSDP only by ZeRO-1, once per step "
+                          "(bytes / compute copy)", where,
+                          gathered / r["param_bytes_per_device"], allowed and 1.0,
+                          gathered <= allowed))
     dp = r["data_parallel"]
     if dp:
         out.append(Target("(extra) gradient reduction bytes <= 1.05 x gradients once", where,
@@ -121,6 +150,56 @@ def _row_targets(r: Json) -> list[Target]:
     return out
 
 
+def _where(r: Json) -> str:
+    option = f" {r['option']}" if r.get("option") else ""
+    return f"{r['layout']} m={r['microbatches']} r={r['repeats']}{option}"
+
+
+def _option_targets(rows: list[Json]) -> list[Target]:
+    """Targets that compare rows: gather-once traffic independent of m; sequence
+    parallelism's activation saving against Korthikanti et al.'s prediction."""
+    out = []
+    once = {r["microbatches"]: r for r in rows if r.get("option") == "gather-once"}
+    if len(once) > 1:
+        lo, hi = once[min(once)], once[max(once)]
+        for what, key in (("all-gather", "all_gather"), ("gradient reduction", "reduction")):
+            a, b = lo["fsdp_traffic"][key], hi["fsdp_traffic"][key]
+            v = b / a if a else float("inf")
+            out.append(Target(f"gather-once: fsdp {what} bytes m={max(once)} / m={min(once)} "
+                              "within 5%", lo["layout"], v, 1.05, abs(v - 1) <= 0.05))
+    for r in rows:
+        if r.get("option") != "sp":
+            continue
+        base = next((b for b in rows if not b.get("option") and b["layout"] == r["layout"]
+                     and b["microbatches"] == r["microbatches"]
+                     and b["repeats"] == r["repeats"]), None)
+        if base is None:
+            continue
+        saved = base["temp_bytes"] - r["temp_bytes"]
+        v = saved / r["sp_predicted_saving_bytes"]
+        r["sp_measured_saving_bytes"] = saved
+        out.append(Target("SP activation saving / Korthikanti prediction within 25%", _where(r),
+                          v, 1.0, abs(v - 1) <= 0.25))
+    return out
+
+
+def sp_predicted_saving(cfg: GPTConfig, rows: int, shape: Mapping[str, int], m: int,
+                        r: int = 1) -> float:
+    """Korthikanti et al. (2022) eq. 2 vs 4: sequence parallelism divides by t the
+    activations kept between the tensor-parallel regions, per layer 10*s*b*h bytes in
+    16-bit terms of which 2*s*b*h are dropout masks (none here): 4 arrays of s*b*h
+    (the two norm inputs, the two projection inputs), for the layers of a stage and all
+    its micro-batches. With a pipeline, the residual-stream arrays the pipeline itself
+    keeps are split too (its input of every tick, saved for the backward pass, and its
+    input and output buffers of the data shard's rows): ticks*rows/m + 2*rows rows."""
+    t, p = shape["tensor"], shape["pipe"]
+    row = cfg.seq_len * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+    kept = cfg.num_layers / p * 4 * rows * row
+    if p > 1:
+        kept += ((r * m + p - 1) * rows / m + 2 * rows) * row
+    return kept * (1 - 1 / t)
+
+
 # ====================================================================== the suite
 def structure_suite(quick: bool, layouts: Sequence[str] | None = None) -> StructureResult:
     """The model description and one row per layout x pipeline setting."""
@@ -129,12 +208,16 @@ def structure_suite(quick: bool, layouts: Sequence[str] | None = None) -> Struct
         matrix = layout_matrix(layouts, sizes)
     else:
         matrix = list(QUICK_MATRIX) if quick else layout_matrix(LAYOUTS, sizes)
+        matrix = [(*row, "") for row in matrix]
+        matrix += [row for row in (QUICK_OPTION_ROWS if quick else OPTION_ROWS)
+                   if row not in matrix]
     single = single_device_figures(sizes)
     model = {**dataclasses.asdict(sizes), "params": num_params(sizes.gpt()), **single}
     rows = []
-    for layout, m, r in matrix:
-        row = structure_row(sizes, layout, m, r, single["single_device_flops"])
-        log(f"  structure {row['layout']:<24} m={m} r={r}  compiled in {row['compile_s']:.1f}s")
+    for layout, m, r, *option in matrix:
+        row = structure_row(sizes, layout, m, r, single["single_device_flops"], *option)
+        log(f"  structure {row['layout']:<24} m={m} r={r} {row['option']:<16} compiled in "
+            f"{row['compile_s']:.1f}s")
         rows.append(row)
     return StructureResult(model, rows)
 
@@ -162,10 +245,15 @@ def layout_matrix(layouts: Sequence[str], sizes: StructureSizes,
     return out
 
 
+def _trainer(sizes: StructureSizes, mesh: Any, pipe: PipelineSpec = PipelineSpec(),
+             **options: Any) -> Trainer:
+    return gpt_trainer(sizes.gpt(), mesh, pipe, **options)
+
+
 def single_device_figures(sizes: StructureSizes) -> Json:
     """Loop-aware HLO FLOPs, XLA's cost_analysis FLOPs and temporaries of the one-device
     train step (the reference every layout is divided against)."""
-    trainer = gpt_trainer(sizes.gpt(), single_mesh())
+    trainer = _trainer(sizes, single_mesh())
     compiled = trainer.lower(tokens_batch(sizes.batch, sizes.seq_len, sizes.vocab_size)).compile()
     cost = compiled.cost_analysis() or {}
     return {"single_device_flops": analysis.hlo_flops(compiled.as_text()).flops,
@@ -174,13 +262,21 @@ def single_device_figures(sizes: StructureSizes) -> Json:
 
 
 def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
-                  single_flops: float) -> Json:
-    """Compile one layout's train step and read its memory, collectives and FLOPs."""
+                  single_flops: float, option: str = "") -> Json:
+    """Compile one layout's train step (with one of OPTIONS) and read its memory,
+    collectives and FLOPs."""
+    if option not in OPTIONS:
+        raise ValueError(f"structure option {option!r}: choose one of {OPTIONS}")
     cfg = sizes.gpt()
     mesh = make_mesh(layout)
     shape, n = dict(mesh.shape), mesh.size
     p = shape["pipe"]
-    trainer = gpt_trainer(cfg, mesh, PipelineSpec(p, m, r))
+    rules = DEFAULT_RULES.override(activations={"sequence": "tensor"} if option == "sp"
+                                   else None)
+    trainer = _trainer(sizes, mesh,
+                       PipelineSpec(p, m, r, fsdp_gather_once=option == "gather-once"),
+                       opt=OptConfig(grad_accum_steps=2 if option == "accum2" else 1),
+                       rules=rules, shard_state=option != "replicated-state")
     t0 = time.perf_counter()
     compiled = trainer.lower(tokens_batch(sizes.batch, sizes.seq_len, sizes.vocab_size)).compile()
     compile_s = time.perf_counter() - t0
@@ -190,13 +286,18 @@ def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
     bubble = bubble_factor(p, m, r) if p > 1 else 1.0
     plan = trainer.plan()
     cost = compiled.cost_analysis() or {}
+    rows = sizes.batch // (shape["data"] * shape["fsdp"])
     return {
-        "layout": format_mesh(mesh), "devices": n, "microbatches": m, "repeats": r,
-        "compile_s": compile_s,
+        "layout": format_mesh(mesh), "option": option, "devices": n, "microbatches": m,
+        "repeats": r, "compile_s": compile_s,
         **_memory(compiled, trainer.abstract_state(), plan.bytes_per_device, shape, n),
         "collectives": analysis.collective_totals(found),
         "collectives_by_axes": _by_axes(found),
-        **_parallel_traffic(found, cfg, sizes.batch, shape, m, r, bubble, plan),
+        **_parallel_traffic(found, cfg, sizes.batch, shape, m, r, bubble, plan, option),
+        "fsdp_traffic": {"all_gather": _axis_bytes(found, "fsdp", ("all-gather",)),
+                         "reduction": _axis_bytes(found, "fsdp", ("all-reduce", "reduce-scatter"))},
+        "sp_predicted_saving_bytes": (sp_predicted_saving(cfg, rows, shape, m, r)
+                                      if option == "sp" else None),
         "weight_all_gathers": _weight_gathers(compiled, module),
         "flops_per_device": flops.flops,
         "dot_flops_per_device": flops.dot_flops,
@@ -241,9 +342,15 @@ def _cb(count_bytes: tuple[int, int] | dict[str, int]) -> dict[str, int]:
     return {"count": int(count_bytes[0]), "bytes": int(count_bytes[1])}
 
 
+def _axis_bytes(found: Mapping[analysis.CollectiveKey, tuple[int, int]], axis: str,
+               ops: tuple[str, ...]) -> int:
+    """Bytes of the given collectives over mesh axis `axis` (alone or with others)."""
+    return sum(b for k, (_, b) in found.items() if k.op in ops and axis in k.axes.split("+"))
+
+
 def _parallel_traffic(found: Mapping[analysis.CollectiveKey, tuple[int, int]], cfg: GPTConfig,
                       batch: int, shape: Mapping[str, int], m: int, r: int, bubble: float,
-                      plan: Any) -> Json:
+                      plan: Any, option: str = "") -> Json:
     """Each parallelism's compiled traffic against its analytic minimum (None where the
     layout does not use it): Megatron's all-reduces over tensor, the pipeline's hand-offs
     over pipe, the gradient reduction over data and fsdp."""
@@ -254,7 +361,12 @@ def _parallel_traffic(found: Mapping[analysis.CollectiveKey, tuple[int, int]], c
     if shape["tensor"] > 1:
         minimum = analysis.megatron_allreduce(cfg.num_layers / p, rows, cfg.seq_len,
                                               cfg.d_model, itemsize, m if p > 1 else 1)
-        compiled_tp = analysis.collective_totals(found, axes="tensor", in_loop=True)["all-reduce"]
+        loop = analysis.collective_totals(found, axes="tensor", in_loop=True)
+        compiled_tp = loop["all-reduce"]
+        if option == "sp":  # 4 reduce-scatters + 6 all-gathers per layer replace 4 all-reduces
+            minimum = (minimum[0] * 10 // 4, minimum[1] * 10 // 4)
+            compiled_tp = {k: loop["all-gather"][k] + loop["reduce-scatter"][k]
+                           for k in ("count", "bytes")}
         tp = {"compiled_allreduce": _cb(compiled_tp), "megatron_min": _cb(minimum),
               "bytes_ratio": compiled_tp["bytes"] / minimum[1],
               "count_ratio": compiled_tp["count"] / minimum[0],

@@ -75,9 +75,12 @@ def inspect() -> None:
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     pipe.validate(model_cfg.num_layers, what=family.layers_name)
     trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(0)), lambda m, b: 0.0, mesh,
-                      rules=rules)
+                      rules=rules, shard_state=cfg.layout.shard_state)
     print(f"{family.name} on {format_mesh(mesh)}")
     print(trainer.plan().format())
+    rest = "split over data and fsdp" if cfg.layout.shard_state else "--noshard_state"
+    print(f"train state between steps (parameters + Adam moments, {rest}): "
+          f"{trainer.state_bytes_per_device():,} bytes per device")
     if pipe.enabled:
         print(f"\npipeline: p={pipe.stages} stages, m={pipe.microbatches} micro-batches, "
               f"r={pipe.repeats} repeat(s)")

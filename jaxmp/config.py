@@ -69,6 +69,17 @@ class LayoutConfig:
     pipeline_repeats: int = opt(1, "Circular pipeline rounds (layer groups per stage).")
     rules: str = opt("", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
     activation_rules: str = opt("", "Activation rule overrides, e.g. 'batch=data'.")
+    shard_state: bool = opt(True, "Keep parameters and optimizer state split over data and "
+                            "fsdp between steps (ZeRO-1 with sharded master weights): the "
+                            "step gathers the parameters once and reduce-scatters the "
+                            "gradients once. --noshard_state replicates them over data.")
+    sequence_parallel: bool = opt(False, "Split activations between the tensor-parallel "
+                                  "regions (residual stream, norms) along the sequence over "
+                                  "tensor (Megatron sequence parallelism; the activation rule "
+                                  "sequence=tensor).")
+    pipeline_fsdp_gather_once: bool = opt(False, "With fsdp and pipe: gather each stage's "
+                                          "weights over fsdp once per step, not every tick "
+                                          "(costs the stage's unsharded weights in memory).")
 
 
 @dataclasses.dataclass
@@ -168,6 +179,13 @@ class RunConfig:
                              f"by {accum}")
         if self.checkpoint.resume is False and self.checkpoint.resume_step is not None:
             raise ValueError("resume_step with --noresume: choose one")
+        if self.layout.sequence_parallel:
+            from jaxmp.sharding import parse_rule_overrides
+
+            axes = parse_rule_overrides(self.layout.activation_rules).get("sequence")
+            if axes not in (None, ("tensor",)):
+                raise ValueError(f"sequence_parallel and activation_rules 'sequence="
+                                 f"{'+'.join(axes)}' disagree; give one of them")
 
 
 def leaves(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field]]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmp.serve import ServeError, Server, _bucket
+from jaxmp.serve import ServeError, Server, bucket
 from jaxmp.sharding import activation_sharding, spec_for
 
 TOP = 5  # alternatives reported per token (OpenAI's logprobs maximum)
@@ -177,13 +177,13 @@ class Engine:
 
         def steps(params, cache, tokens, positions, temperature, top_k, top_p, keys):
             with activation_sharding(server.mesh, server.rules):
-                model = server._model(params)
+                _, decode = server._decoder(params)
                 keys = jax.random.wrap_key_data(keys)
 
                 def one(carry, _):
                     cache, tok, pos = carry
                     pos = jnp.minimum(pos, last)
-                    logits, cache = model.decode(tok[:, None], cache, pos)
+                    logits, cache = decode(tok[:, None], cache, pos)
                     step_keys = jax.vmap(jax.random.fold_in)(keys, pos)
                     out = self._sample(logits[:, 0], temperature, top_k, top_p, step_keys)
                     return (cache, out[0], pos + 1), out
@@ -318,7 +318,7 @@ class Engine:
     def _admit_group(self, handles: list[Handle]) -> None:
         try:
             group = next(g for g in self.groups() if g >= len(handles))
-            length = _bucket(max(len(h.request.prompt) for h in handles), 8)
+            length = bucket(max(len(h.request.prompt) for h in handles), 8)
             self._prefill(handles, group, min(length, self.max_len))
         except Exception as e:
             for h in handles:

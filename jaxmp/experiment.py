@@ -72,8 +72,11 @@ class Run:
 
 
 def build_rules(layout: LayoutConfig) -> Rules:
+    activations = parse_rule_overrides(layout.activation_rules)
+    if layout.sequence_parallel:  # (RunConfig.validate checks it agrees with the rules)
+        activations["sequence"] = ("tensor",)
     return DEFAULT_RULES.override(params=parse_rule_overrides(layout.rules),
-                                  activations=parse_rule_overrides(layout.activation_rules))
+                                  activations=activations)
 
 
 def model_config(cfg: RunConfig) -> tuple[Family, Any]:
@@ -111,7 +114,8 @@ def _tokenizer(cfg: RunConfig, source: Source | None, model_cfg: Any) -> dict | 
 def layout(cfg: RunConfig, family: Family, model_cfg: Any) -> tuple[Mesh, PipelineSpec, Rules]:
     """Mesh, pipeline and rules of the layout section, checked against the model."""
     mesh = make_mesh(cfg.layout.mesh)
-    pipe = PipelineSpec(mesh.shape["pipe"], cfg.layout.microbatches, cfg.layout.pipeline_repeats)
+    pipe = PipelineSpec(mesh.shape["pipe"], cfg.layout.microbatches, cfg.layout.pipeline_repeats,
+                        fsdp_gather_once=cfg.layout.pipeline_fsdp_gather_once)
     if pipe.enabled:
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         per_shard = cfg.data.batch_size // max(1, cfg.optimizer.grad_accum_steps) // shards
@@ -166,7 +170,8 @@ def prepare(cfg: RunConfig) -> Run:
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     seed = cfg.data.seed
     trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(seed)), family.loss, mesh,
-                      rules=rules, optimizer=cfg.optimizer_config(), seed=seed)
+                      rules=rules, optimizer=cfg.optimizer_config(), seed=seed,
+                      shard_state=cfg.layout.shard_state)
     batches = family.batches(model_cfg, cfg.data.data, cfg.data.batch_size, seed)
     for example in batches.example().values():  # the batch splits over accumulation and data
         trainer.batch_spec(example)

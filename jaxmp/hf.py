@@ -173,9 +173,9 @@ def check_keys(directory: HFDirectory, fmt: HFFormat, tensors: list[Tensor],
     where, present = directory.path, {}
     for key in sorted(directory.files):
         names = (key, fmt.optional_prefix + key)  # the hub's GPT-2 leaves "transformer." out
-        if any(p.fullmatch(n) for p in ignored for n in names):
-            continue
         name = next((n for n in names if n in expected), None)
+        if name is None and any(p.fullmatch(n) for p in ignored for n in names):
+            continue  # not a weight of this config (a buffer, a tied copy)
         if name is None:
             raise HFError(f"{where}: unexpected weight '{key}' for a {fmt.model_type} model "
                           "of this config; is config.json the one these weights were saved "

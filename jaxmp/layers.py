@@ -123,14 +123,14 @@ class Attention(nnx.Module):
         With `layer`, the cache is the whole stack (L, B, S, N, H) and only this layer's
         new positions are written (no copy of the layer's slab)."""
         names = ("batch", "length", "heads", "kv")
-        qkv = self.qkv(x)  # (B, T, 3, N, H)
+        qkv = gathered(self.qkv, x)  # (B, T, 3, N, H)
         q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
         if cache is None:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                              implementation=self.implementation)
         else:
             t = x.shape[1]
-            cache = tuple(_write_cache(c, new, index, layer) for c, new in zip(cache, (k, v)))
+            cache = tuple(write_cache(c, new, index, layer) for c, new in zip(cache, (k, v)))
             k_all, v_all = (c if layer is None else c[layer] for c in cache)  # (B, S, N, H)
             q_pos = index[:, None] + jnp.arange(t)[None, :]  # (B, T)
             mask = jnp.arange(k_all.shape[1])[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
@@ -140,18 +140,40 @@ class Attention(nnx.Module):
         return self.out(y), cache
 
 
-def _write_cache(cache: jax.Array, new: jax.Array, index: jax.Array,
-                 layer: int | None) -> jax.Array:
+def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array, layer: int | None,
+                 names: Names = ("batch", "length", "heads", "kv")) -> jax.Array:
     """Write new (B, T, N, H) at positions index[b] + [0, T) of cache (B, S, N, H), or of
-    layer `layer` of a stacked cache (L, B, S, N, H)."""
+    layer `layer` of a stacked cache (L, B, S, N, H); positions past the cache's end are
+    dropped. A scatter of just those rows, in place: a vmapped dynamic-update-slice over
+    the batch axis of the stacked cache made XLA transpose and rewrite the whole cache at
+    every layer of every token."""
     new = new.astype(cache.dtype)
-    names = ("batch", "length", "heads", "kv")
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    pos = index[:, None] + jnp.arange(t)[None, :]  # (B, T)
     if layer is None:
-        put = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, 0))
-        return constrain(put(cache, new, index), names)
-    put = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n[None], (layer, i, 0, 0)),
-                   in_axes=(1, 0, 0), out_axes=1)
-    return constrain(put(cache, new, index), ("layers", *names))
+        return constrain(cache.at[rows, pos].set(new, mode="drop"), names)
+    return constrain(cache.at[layer, rows, pos].set(new, mode="drop"), ("layers", *names))
+
+
+# The residual stream between the tensor-parallel regions: (batch, sequence, embed).
+RESIDUAL: Names = ("batch", "sequence", "embed")
+
+
+def gather_sequence(x: jax.Array) -> jax.Array:
+    """The whole sequence of a residual-stream activation, as a column-parallel projection
+    takes it: with sequence parallelism (sequence=tensor) an all-gather over `tensor`,
+    else a no-op."""
+    return constrain(x, ("batch", "length", "embed"))
+
+
+def gathered(dense: Dense, x: jax.Array) -> jax.Array:
+    """A column-parallel projection of a residual-stream activation: the whole sequence
+    gathered, then projected. Rematerialized, so the backward pass keeps x as it is split
+    (and gathers it again) rather than the gathered copy: sequence parallelism's memory
+    saving (Korthikanti et al. 2022, section 4.2.2). Without it, nothing is recomputed
+    (the projection's gradients need only its inputs)."""
+    return jax.checkpoint(lambda h: dense(gather_sequence(h)))(constrain(x, RESIDUAL))
 
 
 class MLP(nnx.Module):
@@ -164,7 +186,7 @@ class MLP(nnx.Module):
                           dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = constrain(self.fc(x), ("batch", "length", "mlp"))
+        h = constrain(gathered(self.fc, x), ("batch", "length", "mlp"))
         return self.proj(_gelu(h))
 
 
@@ -187,11 +209,11 @@ class DecoderBlock(nnx.Module):
     def __call__(self, x: jax.Array, cache: KVCache | None = None,
                  index: jax.Array | None = None,
                  layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, RESIDUAL)
         a, cache = self.attn(self.ln1(x), cache, index, layer)
-        x = constrain(x + a, ("batch", "length", "embed"))
+        x = constrain(x + a, RESIDUAL)  # with sequence parallelism: a reduce-scatter
         x = x + self.mlp(self.ln2(x))
-        return constrain(x, ("batch", "length", "embed")), cache
+        return constrain(x, RESIDUAL), cache
 
 
 def scale_std(num_layers: int) -> float:

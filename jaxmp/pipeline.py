@@ -22,13 +22,14 @@ functions with traced tick numbers, so the tests of the schedule test the real i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxmp.sharding import constrain, current_mesh, mapped_axes
+from jaxmp.sharding import constrain, current_mesh, mapped, mapped_axes
 
 
 class PipelineError(ValueError):
@@ -40,6 +41,11 @@ class PipelineSpec:
     stages: int = 1        # p: size of the `pipe` mesh axis
     microbatches: int = 1  # m
     repeats: int = 1       # r: rounds of the circular schedule
+    # Under FSDP: gather each stage's weights over `fsdp` once per step (and reduce their
+    # gradients once), not at every tick; costs the stage's whole (unsharded over fsdp)
+    # weights and their gradients per device for the step (MaxText's
+    # pipeline_fsdp_ag_once).
+    fsdp_gather_once: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -181,20 +187,25 @@ def pipeline_apply(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array,
     With a `data` mesh axis, each data replica runs the pipeline on its own rows with its
     own copy of the weights (a broadcast along a new leading axis split over `data`): the
     weight gradients then accumulate locally over the ticks and are summed over `data`
-    once per step (the broadcast's transpose), not once per tick.
+    once per step (the broadcast's transpose), not once per tick. With
+    `spec.fsdp_gather_once` the same is done over `fsdp`: the copy is gathered over `fsdp`
+    once, before the first tick, and its gradients reduced once, after the last.
     """
     mesh = current_mesh()
-    d = mesh.shape["data"] if mesh is not None else 1
+    axes = tuple(a for a in ("data",) + (("fsdp",) if spec.fsdp_gather_once else ())
+                 if mesh is not None and mesh.shape[a] > 1 and a not in mapped())
+    d = math.prod(mesh.shape[a] for a in axes) if axes else 1
     b = x.shape[0]
     if d == 1 or state is not None or b % d:
         return _pipeline(layer_fn, stacked, x, spec, param_names, x_names, state, state_names)
-    xs = constrain(x.reshape(d, b // d, *x.shape[1:]), x_names, lead_axis="data")
+    lead = axes if len(axes) > 1 else axes[0]
+    xs = constrain(x.reshape(d, b // d, *x.shape[1:]), x_names, lead_axis=lead)
     reps = jax.tree_util.tree_map(
         lambda a, n: constrain(jnp.broadcast_to(a[None], (d, *a.shape)), n, kind="params",
-                               lead_axis="data"), stacked, param_names)
-    with mapped_axes("data"):
+                               lead_axis=lead), stacked, param_names)
+    with mapped_axes(*axes):
         ys = jax.vmap(lambda w, h: _pipeline(layer_fn, w, h, spec, param_names, x_names),
-                      spmd_axis_name="data")(reps, xs)
+                      spmd_axis_name=lead)(reps, xs)
     return constrain(ys.reshape(b, *x.shape[1:]), x_names)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -42,7 +42,7 @@ class ServeError(ValueError):
     """A request the server cannot answer."""
 
 
-def _bucket(n: int, lo: int = 1) -> int:
+def bucket(n: int, lo: int = 1) -> int:
     """Next power of two >= max(n, lo)."""
     return max(lo, 1 << max(0, (n - 1).bit_length()))
 
@@ -143,6 +143,13 @@ class Server:
     def _model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
 
+    def _decoder(self, params: Any) -> tuple[nnx.Module, Callable[..., Any]]:
+        """(model, decode) for a loop of decode calls: decode(tokens, cache, index) with the
+        layer weights split once, before the loop (LayerStack.split)."""
+        model = self._model(params)
+        layers = model.stack.split(getattr(model, self.family.stack))
+        return model, functools.partial(model.decode, layers=layers)
+
     def _batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         names = ("batch",) + (None,) * (len(shape) - 1)
         return NamedSharding(self.mesh, spec_for(names, shape, self.mesh,
@@ -196,17 +203,17 @@ class Server:
 
         def fn(params, tokens, lengths, key, temperature, top_k):
             with activation_sharding(self.mesh, self.rules):
-                model = self._model(params)
+                model, decode = self._decoder(params)
                 cache = model.init_cache(batch, cache_len)
                 zero = jnp.zeros((batch,), jnp.int32)
-                logits, cache = model.decode(tokens, cache, zero)  # prefill (B, P, V)
+                logits, cache = decode(tokens, cache, zero)  # prefill (B, P, V)
                 last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
                 def body(carry, i):
                     logits, cache = carry
                     tok = (jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else
                            _sample(logits, jax.random.fold_in(key, i), temperature, top_k))
-                    nxt, cache = model.decode(tok[:, None], cache, lengths + i)
+                    nxt, cache = decode(tok[:, None], cache, lengths + i)
                     return (nxt[:, 0], cache), (tok, logits if return_logits else None)
 
                 _, (toks, seen) = jax.lax.scan(body, (last, cache), jnp.arange(new))
@@ -227,9 +234,9 @@ class Server:
         ids = check_request(self.cfg, prompts, max_new_tokens, temperature, top_k, self.codec)
         limit = self.cfg.seq_len
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        batch = _bucket(len(ids), shards)
-        plen = min(_bucket(max(map(len, ids)), 8), limit)
-        new = min(_bucket(max_new_tokens, 8), limit)
+        batch = bucket(len(ids), shards)
+        plen = min(bucket(max(map(len, ids)), 8), limit)
+        new = min(bucket(max_new_tokens, 8), limit)
         tokens = np.zeros((batch, plen), np.int32)
         lengths = np.ones((batch,), np.int32)
         for i, p in enumerate(ids):

@@ -19,9 +19,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# `length` is the sequence inside attention and the MLP; `sequence` is the sequence of the
+# activations between them (the residual stream, norms), which sequence parallelism splits
+# over `tensor` (the activation rule sequence=tensor, --sequence_parallel).
 LOGICAL_NAMES: tuple[str, ...] = (
-    "batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers", "stage",
+    "batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers", "stage", "sequence",
+    "kv_heads",
 )
+# Names a mesh axis may fail to divide without an error: the dimension is then replicated
+# over it (grouped-query attention's KV heads on a `tensor` axis larger than their count;
+# the plan says so).
+REPLICABLE: frozenset[str] = frozenset({"kv_heads"})
 
 Names = tuple[str | None, ...]
 RuleTable = tuple[tuple[str, tuple[str, ...]], ...]
@@ -85,9 +93,11 @@ class Rules:
 # vocab-parallelism over `tensor`. The position table (`length` rows) is split the same way.
 DEFAULT_RULES = Rules.create(
     params={"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": ("pipe", "tensor"),
-            "length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe"},
+            "length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe",
+            "kv_heads": "tensor"},
     activations={"batch": ("data", "fsdp"), "mlp": "tensor", "heads": "tensor",
-                 "vocab": ("pipe", "tensor"), "stage": "pipe", "layers": "pipe"},
+                 "vocab": ("pipe", "tensor"), "stage": "pipe", "layers": "pipe",
+                 "kv_heads": "tensor"},
 )
 
 
@@ -126,7 +136,7 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, tabl
                 continue
             split = math.prod(mesh.shape[a] for a in axes) * n
             if size % split:
-                if strict:
+                if strict and name not in REPLICABLE:
                     raise ShardingError(
                         f"{what}: dimension {dim} ({name}={size}) is not divisible by mesh axis "
                         f"{axis}={n}{' after ' + '+'.join(axes) if axes else ''}; choose a mesh "
@@ -169,11 +179,16 @@ def mapped_axes(*axes: str) -> Iterator[None]:
         _MAPPED.reset(token)
 
 
+def mapped() -> frozenset[str]:
+    """The mesh axes an enclosing vmap maps (see `mapped_axes`)."""
+    return _MAPPED.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activations",
-              lead_axis: str | None = None) -> jax.Array:
+              lead_axis: str | tuple[str, ...] | None = None) -> jax.Array:
     """Constrain an array by logical names (activation rules, or kind="params" for weights
     reshaped inside the step); a no-op outside `activation_sharding`. With `lead_axis`,
-    x has one more leading dimension than `names`, split over that mesh axis."""
+    x has one more leading dimension than `names`, split over that mesh axis (or axes)."""
     ctx = _CONTEXT.get()
     if ctx is None:
         return x
@@ -181,12 +196,24 @@ def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activation
     if mesh.size == 1:
         return x
     table = rules.params if kind == "params" else rules.activations
-    exclude = _MAPPED.get() | ({lead_axis} if lead_axis else set())
+    lead = (lead_axis,) if isinstance(lead_axis, str) else tuple(lead_axis or ())
+    exclude = _MAPPED.get() | set(lead)
     shape = x.shape[1:] if lead_axis else x.shape
     spec = spec_for(names, shape, mesh, table, strict=False, exclude=exclude)
     if lead_axis:
         spec = PartitionSpec(lead_axis, *spec)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def current_spec(names: Sequence[str | None], shape: Sequence[int],
+                 kind: str = "activations") -> PartitionSpec | None:
+    """The spec `constrain` would give an array (None outside `activation_sharding`)."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return None
+    mesh, rules = ctx
+    table = rules.params if kind == "params" else rules.activations
+    return spec_for(names, shape, mesh, table, strict=False, exclude=_MAPPED.get())
 
 
 def current_mesh() -> Mesh | None:
@@ -225,6 +252,38 @@ def param_specs(params: Any, axes: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
+STATE_AXES: tuple[str, ...] = ("data", "fsdp")
+
+
+def spread_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+                axes: Sequence[str] = STATE_AXES) -> PartitionSpec:
+    """`spec` with each mesh axis of `axes` it does not use yet added to a dimension it
+    divides (the one with the most elements left per device; as the minor part of that
+    dimension's split, so gathering the axis back gives `spec` without moving data across
+    the other axes). The layout of the optimizer state and master weights at rest (ZeRO-1
+    over `data`; over `fsdp` for the parameters FSDP's rules leave whole, e.g. biases).
+    An axis that divides no dimension is left out (the array stays replicated over it)."""
+    entries: list[tuple[str, ...]] = [
+        () if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+    entries += [()] * (len(shape) - len(entries))
+    used = {a for e in entries for a in e}
+    for axis in axes:
+        n = mesh.shape.get(axis, 1)
+        if n == 1 or axis in used:
+            continue
+        local = [size // math.prod(mesh.shape[a] for a in e) for size, e in zip(shape, entries)]
+        fits = [d for d, size in enumerate(local) if size % n == 0 and size >= n]
+        if not fits:
+            continue
+        best = max(fits, key=lambda d: (local[d], -d))
+        entries[best] = (*entries[best], axis)
+        used.add(axis)
+    out: list[Any] = [None if not e else e[0] if len(e) == 1 else e for e in entries]
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
 def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda s: isinstance(s, PartitionSpec))
@@ -258,6 +317,7 @@ class Plan:
 
     rows: tuple[PlanRow, ...]
     mesh_shape: dict[str, int]
+    rules: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # params'
 
     @property
     def total_bytes(self) -> int:
@@ -281,7 +341,25 @@ class Plan:
         mesh = ",".join(f"{a}:{n}" for a, n in self.mesh_shape.items() if n > 1) or "1 device"
         total = (f"total: {self.total_params:,} parameters, {self.total_bytes:,} bytes; "
                  f"{self.bytes_per_device:,} bytes per device on {mesh}")
-        return "\n".join([line(head), *(line(r) for r in body), total])
+        return "\n".join([line(head), *(line(r) for r in body), total, *self.notes])
+
+    @property
+    def notes(self) -> list[str]:
+        """Dimensions left replicated because their mesh axis does not divide them."""
+        found: dict[tuple[str, int, str], list[str]] = {}
+        for r in self.rows:
+            for name, size in zip(r.names, r.shape):
+                if name not in REPLICABLE:
+                    continue
+                for a in self.rules.get(name, ()):
+                    if self.mesh_shape.get(a, 1) > 1 and a not in _spec_axes(r.spec):
+                        found.setdefault((name, size, a), []).append(r.path)
+        return [f"note: {name}={size} is replicated over {a} ({a}={self.mesh_shape[a]} does not "
+                f"divide it): {', '.join(paths)}" for (name, size, a), paths in found.items()]
+
+
+def _spec_axes(spec: PartitionSpec) -> set[str]:
+    return {a for e in spec for a in ((e,) if isinstance(e, str) else (e or ()))}
 
 
 def _spec_text(spec: PartitionSpec) -> str:
@@ -301,4 +379,4 @@ def plan(params: Any, axes: Any, mesh: Mesh, rules: Rules) -> Plan:
         nbytes = math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
         rows.append(PlanRow(path_str(path), tuple(np.shape(x)), str(np.dtype(x.dtype)), n, spec,
                             nbytes, nbytes // shards_of(spec, mesh)))
-    return Plan(tuple(rows), dict(mesh.shape))
+    return Plan(tuple(rows), dict(mesh.shape), dict(rules.params))

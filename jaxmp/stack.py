@@ -105,14 +105,27 @@ class LayerStack:
             x = layer(w, x)
         return x
 
+    def split(self, stacked: nnx.Module) -> list[Any] | None:
+        """Each layer's weights as arrays of their own, for `apply_with_state(layers=...)`
+        (None on a pipe mesh, where each stage keeps its slice of the stack). Call it once,
+        outside a token loop: a layer's slice of the stack is a copy on XLA's CPU backend
+        (not an operand the matmul reads in place), so slicing inside the loop reads and
+        writes every weight once more per token. The barrier keeps XLA from sinking the
+        slices back into the loop."""
+        if self.pipeline.enabled:
+            return None
+        return jax.lax.optimization_barrier(unstack(_split(stacked)[1], self.num_layers))
+
     def apply_with_state(self, stacked: nnx.Module, x: jax.Array, x_names: tuple[str | None, ...],
-                         fn: StateFn, state: Any, state_names: Any) -> tuple[jax.Array, Any]:
+                         fn: StateFn, state: Any, state_names: Any,
+                         layers: list[Any] | None = None) -> tuple[jax.Array, Any]:
         """Run x through every layer with per-layer state stacked like the weights (a KV
         cache; no remat, one micro-batch). On a pipe mesh each stage updates its own layers'
-        state; otherwise the layers are unrolled and each writes into the whole stack."""
+        state; otherwise the layers are unrolled and each writes into the whole stack
+        (`layers`: the weights already split by `split`)."""
         graphdef, weights = _split(stacked)
         if not self.pipeline.enabled:
-            for i, w in enumerate(unstack(weights, self.num_layers)):
+            for i, w in enumerate(layers or unstack(weights, self.num_layers)):
                 x, state = fn(nnx.merge(graphdef, w), x, state, i)
             return x, state
         # One micro-batch and one round: a circular stack (r > 1) is stored in another order,

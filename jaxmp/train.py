@@ -24,11 +24,14 @@ from jaxmp.sharding import (
     Plan,
     Rules,
     activation_sharding,
+    constrain,
     logical_axes,
+    mapped_axes,
     named,
     param_specs,
     plan,
     spec_for,
+    spread_spec,
 )
 
 
@@ -150,8 +153,9 @@ class Trainer:
 
     def __init__(self, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn,
                  mesh: Mesh, *, rules: Rules = DEFAULT_RULES,
-                 optimizer: OptConfig = OptConfig(), seed: int = 0):
+                 optimizer: OptConfig = OptConfig(), seed: int = 0, shard_state: bool = True):
         self.mesh, self.rules, self.loss_fn, self.opt = mesh, rules, loss_fn, optimizer
+        self.shard_state = shard_state
         self._factory = model if not isinstance(model, nnx.Module) else None
         abstract = nnx.eval_shape(model) if self._factory else model
         self.graphdef, abs_params, self.rest = nnx.split(abstract, nnx.Param, ...)
@@ -162,21 +166,39 @@ class Trainer:
         self.abstract_params = nnx.to_pure_dict(abs_params)
         self.axes = logical_axes(abs_params)
         self.param_specs = param_specs(self.abstract_params, self.axes, mesh, rules)
+        # param_shardings: the layout the model computes with. At rest (in the state), with
+        # shard_state, parameters and optimizer moments are also split over `data` and
+        # `fsdp` (ZeRO-1 with sharded master weights): the step gathers the compute copy
+        # once and reduce-scatters the gradients once.
         self.param_shardings = named(mesh, self.param_specs)
+        rest = (jax.tree_util.tree_map(lambda sp, a: spread_spec(sp, a.shape, mesh),
+                                       self.param_specs, self.abstract_params,
+                                       is_leaf=lambda x: isinstance(x, PartitionSpec))
+                if shard_state else self.param_specs)
+        rest_shardings = named(mesh, rest)
         self.tx = optimizer.optimizer(decay_mask(abs_params))
         self.seed = seed
         self._model = None if self._factory else model
         replicated = NamedSharding(mesh, PartitionSpec())
         abs_opt = jax.eval_shape(self.tx.init, self.abstract_params)
-        opt_sh = _mirror_shardings(abs_opt, self.abstract_params, self.param_shardings,
-                                   replicated)
-        self.state_shardings = TrainState(replicated, self.param_shardings, opt_sh, replicated)
+        opt_sh = _mirror_shardings(abs_opt, self.abstract_params, rest_shardings, replicated)
+        self.state_shardings = TrainState(replicated, rest_shardings, opt_sh, replicated)
         self._steps: dict[Any, Any] = {}
         self.replicated = replicated
+        self._has_random_streams = any(isinstance(v, nnx.RngStream)
+                                       for _, v in nnx.iter_graph(abstract))
 
     # ------------------------------------------------------------ state
     def plan(self) -> Plan:
         return plan(self.abstract_params, self.axes, self.mesh, self.rules)
+
+    def state_bytes_per_device(self) -> int:
+        """Bytes one device holds of the train state between steps (parameters, optimizer
+        state, step and key), in the layout the state is kept in."""
+        shapes = jax.tree_util.tree_leaves(jax.eval_shape(self._init_state_fn()))
+        shardings = jax.tree_util.tree_leaves(self.state_shardings)
+        return sum(math.prod(sh.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+                   for a, sh in zip(shapes, shardings))
 
     def abstract_state(self) -> TrainState:
         """The state as ShapeDtypeStructs with their shardings (for restoring)."""
@@ -250,20 +272,47 @@ class Trainer:
         if accum == 1:
             (loss, _), grads = grad_fn(params, batch, key)
             return loss, grads
-        parts = _accumulation_parts(batch, accum)
 
-        def body(carry, xs):
-            i, part = xs
-            (part_loss, _), g = grad_fn(params, part, jax.random.fold_in(key, i))
-            return jax.tree_util.tree_map(jnp.add, carry, (part_loss, g)), None
+        def accumulate(p: Any, rows: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+            def body(carry, xs):
+                i, part = xs
+                (part_loss, _), g = grad_fn(p, part, jax.random.fold_in(key, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (part_loss, g)), None
 
-        zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), parts))
-        return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+            zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, p))
+            parts = _accumulation_parts(rows, accum)
+            (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), parts))
+            return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+
+        d = self.mesh.shape["data"]
+        b = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        if d == 1 or self._has_random_streams or b % (d * accum):
+            return accumulate(params, batch)
+        # Each data replica accumulates its own rows' gradients (a leading replica axis split
+        # over `data`) and the replicas are summed once, after the last part: one gradient
+        # reduction per step instead of one per part. (Not with random streams: a vmapped
+        # dropout would draw the same mask for every replica, unlike one device.)
+        reps = jax.tree_util.tree_map(
+            lambda a, n: constrain(jnp.broadcast_to(a[None], (d, *a.shape)), n, kind="params",
+                                   lead_axis="data"), params, self.axes)
+        rows = jax.tree_util.tree_map(
+            lambda x: constrain(x.reshape(d, b // d, *x.shape[1:]),
+                                ("batch",) + (None,) * (x.ndim - 1), lead_axis="data"),
+            dict(batch))
+        with mapped_axes("data"):
+            loss, grads = jax.vmap(accumulate, spmd_axis_name="data")(reps, rows)
+        return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), (loss, grads))
+
+    def _compute_params(self, params: Any) -> Any:
+        """The compute copy of parameters stored at rest (one all-gather per step over the
+        axes the state adds; a no-op without shard_state)."""
+        return jax.lax.with_sharding_constraint(params, self.param_shardings)
 
     def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
         with activation_sharding(self.mesh, self.rules):
-            loss, grads = self._grads(state.params, batch, state.rng)
+            loss, grads = self._grads(self._compute_params(state.params), batch, state.rng)
+            # reduce-scatter: each device keeps the gradient rows its state holds
+            grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -282,7 +331,10 @@ class Trainer:
 
     def _eval(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Mean loss of a batch with the model in evaluation mode (no dropout), in the
-        step's accumulation parts (the same activation memory as training)."""
+        step's accumulation parts (the same activation memory as training). `params` are
+        laid out as the state holds them."""
+        params = self._compute_params(params)
+
         def loss(part: Mapping[str, jax.Array]) -> jax.Array:
             model = nnx.merge(self.graphdef, params,
                               jax.tree_util.tree_map(jnp.asarray, self.rest))
@@ -296,11 +348,11 @@ class Trainer:
             return jnp.mean(jax.lax.map(loss, _accumulation_parts(batch, accum)))
 
     def compiled_eval(self, batch: Mapping[str, Any]):
-        """The jitted evaluation (params, batch) -> mean loss, for batches like `batch`."""
+        """The jitted evaluation (state params, batch) -> mean loss, for batches like `batch`."""
         key = ("eval",) + tuple(sorted((k, tuple(v.shape), str(v.dtype))
                                        for k, v in batch.items()))
         if key not in self._steps:
-            jitted = jax.jit(self._eval, in_shardings=(self.param_shardings,
+            jitted = jax.jit(self._eval, in_shardings=(self.state_shardings.params,
                                                        self.batch_sharding(batch)),
                              out_shardings=self.replicated)
             self._steps[key] = _Settled(jitted, self.mesh)
@@ -321,14 +373,15 @@ class Trainer:
     def grads(self, params: Any, batch: Mapping[str, Any],
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """(loss, gradients) of one batch as the step computes them (accumulation
-        included), sharded like the parameters (no update). `rng`: raw key data for the
-        model's random streams (default: the first step's)."""
+        included), sharded like the parameters (no update). `params` in either layout (the
+        state's or the compute one). `rng`: raw key data for the model's random streams
+        (default: the first step's)."""
         rng = jax.random.key_data(jax.random.key(self.seed)) if rng is None else rng
 
         def fn(p, b, r):
             with activation_sharding(self.mesh, self.rules):
-                return self._grads(p, b, r)
-        jitted = jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding(batch),
+                return self._grads(self._compute_params(p), b, r)
+        jitted = jax.jit(fn, in_shardings=(None, self.batch_sharding(batch),
                                            self.replicated),
                          out_shardings=(self.replicated, self.param_shardings))
         return settle(self.mesh, jitted(params, batch, rng))

@@ -14,6 +14,7 @@ from flax import nnx
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, lm_loss
 from jaxmp.pipeline import PipelineSpec
+from jaxmp.sharding import DEFAULT_RULES
 from jaxmp.stack import LayerStack
 from jaxmp.train import OptConfig, Trainer
 
@@ -53,13 +54,17 @@ def train(tr: Trainer, data: list[dict]) -> tuple[list[float], dict, list[float]
 
 @functools.cache
 def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_layers,
-        accum: int = 1) -> tuple[list[float], dict, list[float]]:
+        accum: int = 1, *, shard_state: bool = True, sequence_parallel: bool = False,
+        gather_once: bool = False) -> tuple[list[float], dict, list[float]]:
     """Per-step losses, final parameters (canonical layer order) and per-step gradient
-    norms of STEPS steps."""
+    norms of STEPS steps (with the layout options of jaxmp.config.LayoutConfig)."""
     cfg = GPTConfig(**{**CFG.to_json(), "num_layers": layers})
-    pipe = PipelineSpec(p, m, r)
+    pipe = PipelineSpec(p, m, r, fsdp_gather_once=gather_once)
     opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
-    losses, params, norms = train(trainer(mesh, pipe, cfg, opt), batches())
+    rules = DEFAULT_RULES.override(activations={"sequence": "tensor"} if sequence_parallel
+                                   else None)
+    tr = trainer(mesh, pipe, cfg, opt, rules=rules, shard_state=shard_state)
+    losses, params, norms = train(tr, batches())
     return losses, canonical(params, pipe, cfg), norms
 
 

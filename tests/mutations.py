@@ -38,8 +38,8 @@ class Mutation:
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation("kv_position", "KV-cache decode position off by one", "jaxmp/serve.py",
-             "model.decode(tok[:, None], cache, lengths + i)",
-             "model.decode(tok[:, None], cache, lengths + i + 1)",
+             "nxt, cache = decode(tok[:, None], cache, lengths + i)",
+             "nxt, cache = decode(tok[:, None], cache, lengths + i + 1)",
              ("tests/test_checkpoint.py", "-k", "kv_cache or mixed or greedy")),
     Mutation("accum_sum", "gradient accumulation sums instead of averaging", "jaxmp/train.py",
              "return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))",
@@ -100,8 +100,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              "jaxmp/serve.py", "return x if f32 else x.astype(dtype)", "return x.astype(dtype)",
              ("tests/test_models.py", "-k", "serving_params")),
     Mutation("stage_weights_replicated", "pipeline stage weights replicated over pipe",
-             "jaxmp/sharding.py", '"length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe"},',
-             '"length": ("pipe", "tensor"), "layers": "pipe"},',
+             "jaxmp/sharding.py", '"length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe",\n'
+             '            "kv_heads": "tensor"},',
+             '"length": ("pipe", "tensor"), "layers": "pipe",\n            "kv_heads": "tensor"},',
              ("tests/test_sharding.py", "tests/test_pipeline.py", "-k", "weight_gathers or pipe4 or pipe8")),
     Mutation("hf_qkv_heads_major", "c_attn split as (heads, 3, head_dim) instead of (3, heads, "
              "head_dim)", "jaxmp/models/gpt_hf.py",
@@ -128,6 +129,28 @@ MUTATIONS: tuple[Mutation, ...] = (
              "jaxmp/engine.py", "nxt = jnp.roll(tokens, -1, axis=1)", "nxt = tokens",
              ("tests/test_http.py", "-k", "echo")),
 
+    Mutation("replica_grads_summed", "accumulated data replicas' gradients summed, not averaged",
+             "jaxmp/train.py",
+             "return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), (loss, grads))",
+             "return jnp.mean(loss), jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), grads)",
+             ("tests/test_equivalence.py", "-k", "gradients")),
+    Mutation("state_not_spread", "shard_state leaves the state replicated over data",
+             "jaxmp/train.py", "if shard_state else self.param_specs)", "if False else self.param_specs)",
+             ("tests/test_parallel_options.py", "-k", "at_rest")),
+    Mutation("gather_once_ignored", "pipeline_fsdp_gather_once ignored", "jaxmp/pipeline.py",
+             '(("fsdp",) if spec.fsdp_gather_once else ())', "()",
+             ("tests/test_parallel_options.py", "-k", "gathers_once")),
+    Mutation("sp_saves_gathered", "sequence parallelism keeps the gathered projection inputs",
+             "jaxmp/layers.py",
+             "return jax.checkpoint(lambda h: dense(gather_sequence(h)))(constrain(x, RESIDUAL))",
+             "return dense(gather_sequence(x))",
+             ("tests/test_parallel_options.py", "-k", "predicted")),
+    Mutation("decode_slices_in_loop", "decode slices the stacked weights inside the token loop",
+             "jaxmp/serve.py", "layers = model.stack.split(getattr(model, self.family.stack))",
+             "layers = None", ("tests/test_parallel_options.py", "-k", "in_place")),
+    Mutation("cache_write_row", "KV-cache write puts every row's keys in row 0", "jaxmp/layers.py",
+             "rows = jnp.arange(b)[:, None]", "rows = jnp.zeros((b, 1), jnp.int32)",
+             ("tests/test_checkpoint.py", "-k", "kv_cache or mixed or greedy")),
 )
 
 

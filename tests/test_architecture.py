@@ -172,7 +172,7 @@ def test_library_errors_name_parameters_not_flags():
     from jaxmp.models.gpt import preset
     from jaxmp.stack import remat
 
-    with pytest.raises(ValueError, match=r"^preset='huge': choose one of tiny"):
+    with pytest.raises(ValueError, match=r"^preset='huge' is not a gpt preset: choose one of tiny"):
         preset("huge")
     with pytest.raises(ValueError, match=r"^d_model=100 is not divisible by num_heads=8"):
         preset("tiny", d_model=100)

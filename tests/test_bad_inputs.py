@@ -48,6 +48,8 @@ CONFIG_CASES = [
     (dict(batch_size=12, grad_accum_steps=5), "batch_size=12 does not split into "
                                               "grad_accum_steps=5 equal parts"),
     (dict(resume=False, resume_step=2), "resume_step with --noresume"),
+    (dict(sequence_parallel=True, activation_rules="sequence=data"),
+     "sequence_parallel and activation_rules 'sequence=data' disagree"),
 ]
 
 

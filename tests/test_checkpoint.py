@@ -123,6 +123,7 @@ def test_mixed_length_batch_equals_each_alone(servers):
         np.testing.assert_allclose(g.logits, alone.logits, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow  # (the quick subset stays under 3 minutes)
 def test_sampling_is_seeded_and_respects_top_k(servers):
     server = servers[""]
     a = server.generate(PROMPTS, 7, temperature=1.0, top_k=5, seed=3)

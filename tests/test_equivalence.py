@@ -69,6 +69,7 @@ def test_state_bytes_per_device_near_ideal(mesh):
     assert ideal <= state <= 1.05 * ideal
 
 
+@pytest.mark.slow  # (the quick subset stays under 3 minutes)
 def test_nonfinite_step_is_not_applied():
     tr = trainer("data:8", opt=OptConfig(**{**OPT.__dict__, "learning_rate": 1e9}))
     state = tr.init_state()

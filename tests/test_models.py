@@ -30,6 +30,7 @@ def test_every_parameter_has_logical_names():
     assert all(len(n) == len(s.shape) and any(n) for n, s in zip(names, shapes))
 
 
+@pytest.mark.slow  # (the quick subset stays under 3 minutes)
 def test_padded_vocabulary_never_gets_probability():
     cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=8, vocab_size=200)
     assert cfg.padded_vocab == 256
@@ -61,7 +62,7 @@ def test_initial_loss_is_near_uniform_and_context_is_checked():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="preset='huge': choose one of tiny"):
+    with pytest.raises(ValueError, match="preset='huge' is not a gpt preset: choose one of tiny"):
         preset("huge")
     with pytest.raises(ValueError, match="d_model=100 is not divisible by num_heads=8"):
         preset("tiny", d_model=100)
@@ -122,6 +123,7 @@ def test_serving_params_keep_bf16_outputs_exact():
     assert serving_params(model, params, "float32") is params
 
 
+@pytest.mark.slow  # (the quick subset stays under 3 minutes)
 def test_gpt_matches_an_independent_reference():
     """jaxmp's GPT against experiments/bench_reference.py, a GPT-2 written without any
     jaxmp code: logits, loss and every gradient (float32). Both sides of the layout tests

@@ -232,7 +232,7 @@ def decayed_by_library():
     state = tr.init_state()
     shifted = jax.tree_util.tree_map(lambda x: x + 1.0, jax.device_get(state.params))
     before = flat(shifted)
-    state = dataclasses.replace(state, params=jax.device_put(shifted, tr.param_shardings))
+    state = dataclasses.replace(state, params=jax.device_put(shifted, tr.state_shardings.params))
     state, m = tr.step(state, tr.put_batch(batches(1)[0]))
     assert float(m["grad_norm"]) == 0.0 and float(m["learning_rate"]) == 0.5
     decayed = set()

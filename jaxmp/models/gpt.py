@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp import data
-from jaxmp.layers import DecoderBlock, Embed, LayerNorm, param, scale_std
+from jaxmp.layers import RESIDUAL, DecoderBlock, Embed, LayerNorm, gather_sequence, param, scale_std
+from jaxmp.models.decoder import DecoderShape, from_preset, mask_padding, token_batches, zero_padding_rows
 from jaxmp.models.gpt_hf import GPT2
 from jaxmp.models.registry import Family, register
 from jaxmp.pipeline import PipelineSpec
@@ -23,13 +24,12 @@ from jaxmp.sharding import constrain
 from jaxmp.stack import LayerStack
 from jaxmp.tokenizer import BYTE_VOCAB
 
-NEG_INF = -1e30
-X_NAMES = ("batch", "length", "embed")
+X_NAMES = RESIDUAL
 CACHE_NAMES = ("layers", "batch", "length", "heads", "kv")  # (L, B, S, N, H)
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(DecoderShape):
     num_layers: int = 4
     d_model: int = 128
     num_heads: int = 8
@@ -44,26 +44,11 @@ class GPTConfig:
     # pass: faster on GPUs, see BUILD_NOTES). The pipeline always scans.
     scan_layers: bool = True
 
-    @property
-    def padded_vocab(self) -> int:
-        """Vocabulary rounded up to a multiple of 128 so it splits over `tensor`."""
-        return -(-self.vocab_size // 128) * 128
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
     def validate(self) -> None:
-        for name in ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
+        self.check(("num_layers", "d_model", "num_heads", "seq_len", "vocab_size"))
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by "
                              f"num_heads={self.num_heads}; pick a head count that divides it")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"attention={self.attention!r}: choose auto, xla or cudnn")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,11 +65,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 def preset(name: str, **overrides: Any) -> GPTConfig:
-    if name not in PRESETS:
-        raise ValueError(f"preset={name!r}: choose one of {', '.join(PRESETS)}")
-    cfg = GPTConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
-    cfg.validate()
-    return cfg
+    return from_preset(GPTConfig, PRESETS, "gpt", name, overrides)
 
 
 def num_params(cfg: GPTConfig, *, real: bool = True, embeddings: bool = True) -> int:
@@ -109,8 +90,7 @@ class GPT(nnx.Module):
                                 "decoder layers")
         dtype = jnp.dtype(cfg.dtype)
         self.wte = Embed(cfg.padded_vocab, cfg.d_model, rngs=rngs, dtype=dtype)
-        real = jnp.arange(cfg.padded_vocab)[:, None] < cfg.vocab_size
-        self.wte.embedding[...] = jnp.where(real, self.wte.embedding[...], 0.0)
+        self.wte.embedding[...] = zero_padding_rows(self.wte.embedding[...], cfg.vocab_size)
         self.wpe = param(rngs, (cfg.seq_len, cfg.d_model), ("length", "embed"), 0.01)
         out_std = scale_std(cfg.num_layers)
         make = lambda r: DecoderBlock(cfg.d_model, cfg.num_heads, cfg.mlp_ratio * cfg.d_model,
@@ -122,14 +102,14 @@ class GPT(nnx.Module):
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """tokens (B, T) and positions (T,) or (B, T) -> (B, T, D)."""
         x = self.wte(tokens) + jnp.take(self.wpe[...], positions, axis=0).astype(self.wte.dtype)
-        return constrain(x, X_NAMES)
+        # the lookups on the whole sequence (split tables: partial rows summed), then split
+        # along it with sequence parallelism; else the tables themselves would be gathered
+        return constrain(gather_sequence(x), X_NAMES)
 
     def head(self, x: jax.Array) -> jax.Array:
         """Final norm and tied LM head; padded vocabulary entries get -inf-like logits."""
-        logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)
-        logits = constrain(logits, ("batch", "length", "vocab"))
-        real = jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size
-        return jnp.where(real, logits, NEG_INF)
+        logits = self.wte.attend(gather_sequence(self.ln_f(x))).astype(jnp.float32)
+        return mask_padding(constrain(logits, ("batch", "length", "vocab")), self.cfg.vocab_size)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens (B, T) int -> logits (B, T, padded_vocab) float32."""
@@ -141,14 +121,17 @@ class GPT(nnx.Module):
         return self.head(x)
 
     def decode(self, tokens: jax.Array, cache: tuple[jax.Array, jax.Array],
-               index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               index: jax.Array, layers: list[Any] | None = None,
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """KV-cached forward. tokens (B, t) at positions index[b] + [0, t); cache
-        (L, B, S, N, H) keys and values in storage order. Returns logits (B, t, V)."""
+        (L, B, S, N, H) keys and values in storage order; `layers`: the blocks' weights
+        split once by `self.stack.split` (for a loop of decode calls). Returns logits
+        (B, t, V)."""
         positions = jnp.minimum(index[:, None] + jnp.arange(tokens.shape[1]), self.cfg.seq_len - 1)
         x = self.embed(tokens, positions)
         call = lambda block, h, kv, layer: block(h, kv, index, layer)
         x, cache = self.stack.apply_with_state(self.blocks, x, X_NAMES, call, cache,
-                                               (CACHE_NAMES, CACHE_NAMES))
+                                               (CACHE_NAMES, CACHE_NAMES), layers)
         return self.head(x), cache
 
     def init_cache(self, batch: int, length: int | None = None,
@@ -188,13 +171,10 @@ def _config_from_json(d: dict) -> GPTConfig:
     return GPTConfig(**d)
 
 
-def _batches(cfg: GPTConfig, source: str, batch_size: int, seed: int) -> data.TokenBatches:
-    return data.TokenBatches.from_source(source, cfg.vocab_size, batch_size, cfg.seq_len, seed)
-
-
 GPT2_VOCAB = 50257
 FAMILY = register(Family(
     name="gpt", make_config=_config, config_from_json=_config_from_json,
     build=lambda cfg, pipeline, rngs: GPT(cfg, rngs=rngs, pipeline=pipeline), loss=lm_loss,
-    batches=_batches, eval_batches=_batches, stack="blocks", flops_per_token=flops_per_token,
+    batches=token_batches, eval_batches=token_batches, stack="blocks",
+    flops_per_token=flops_per_token,
     generates=True, layers_name="decoder layers", hf=GPT2))

@@ -1,0 +1,69 @@
+"""What the token-decoder families (GPT-2, Llama) share: the vocabulary padded to a
+multiple of 128 (so it splits over `tensor`) and masked out of the logits, the head
+dimension, the checks of settings every decoder has, presets, token batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmp import data
+
+NEG_INF = -1e30
+
+
+class DecoderShape:
+    """Mixed into a decoder's frozen config dataclass (fields vocab_size, d_model,
+    num_heads, dtype, attention and the `sizes` it checks are >= 1)."""
+
+    vocab_size: int
+    d_model: int
+    num_heads: int
+    dtype: str
+    attention: str
+
+    @property
+    def padded_vocab(self) -> int:
+        """Vocabulary rounded up to a multiple of 128 so it splits over `tensor`."""
+        return -(-self.vocab_size // 128) * 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def check(self, sizes: tuple[str, ...]) -> None:
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"attention={self.attention!r}: choose auto, xla or cudnn")
+
+
+def from_preset(cls: type, presets: Mapping[str, dict], family: str, name: str,
+                overrides: Mapping[str, Any]) -> Any:
+    """cls(**presets[name] with the overrides that are set), validated."""
+    if name not in presets:
+        raise ValueError(f"preset={name!r} is not a {family} preset: choose one of "
+                         f"{', '.join(presets)}")
+    cfg = cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
+    cfg.validate()
+    return cfg
+
+
+def zero_padding_rows(table: jax.Array, vocab_size: int) -> jax.Array:
+    """An embedding table (padded_vocab, d) with the padding rows zeroed."""
+    return jnp.where(jnp.arange(table.shape[0])[:, None] < vocab_size, table, 0.0)
+
+
+def mask_padding(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """Logits (..., padded_vocab) with the padding entries at -1e30 (never sampled)."""
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, NEG_INF)
+
+
+def token_batches(cfg: Any, source: str, batch_size: int, seed: int) -> data.TokenBatches:
+    return data.TokenBatches.from_source(source, cfg.vocab_size, batch_size, cfg.seq_len, seed)
