@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from experiments import analysis
 from experiments import hlo_weightflow as weightflow
@@ -17,7 +18,9 @@ from experiments.bench_harness import gpt_trainer, log, single_mesh, tokens_batc
 from experiments.bench_results import Json, Target, count_mib, mib, table
 from experiments.hlo import HloModule
 from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
-from jaxmp.models.gpt import GPTConfig, num_params
+from jaxmp.models.gpt import GPTConfig, lm_loss, num_params
+from jaxmp.models.llama import Llama, LlamaConfig
+from jaxmp.models.llama import num_params as llama_params
 from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_factor
 from jaxmp.sharding import DEFAULT_RULES, shards_of
 from jaxmp.train import OptConfig, Trainer
@@ -37,6 +40,17 @@ class StructureSizes:
                          num_heads=self.num_heads, seq_len=self.seq_len,
                          vocab_size=self.vocab_size)
 
+    def llama(self) -> LlamaConfig:
+        """The same depth, width and heads as a Llama: half as many KV heads, SwiGLU of
+        2.75 d (Llama's 8/3 d rounded to a multiple of 64 at d=256)."""
+        return LlamaConfig(num_layers=self.num_layers, d_model=self.d_model,
+                           num_heads=self.num_heads, num_kv_heads=self.num_heads // 2,
+                           mlp_dim=self.d_model * 11 // 4, seq_len=self.seq_len,
+                           vocab_size=self.vocab_size)
+
+    def config(self, option: str) -> Any:
+        return self.llama() if option == "llama" else self.gpt()
+
 
 STRUCTURE_FULL = StructureSizes()
 STRUCTURE_QUICK = StructureSizes(num_layers=8, d_model=64, num_heads=8, seq_len=32)
@@ -47,16 +61,19 @@ QUICK_MATRIX: tuple[tuple[str, int, int], ...] = (
     ("data:2,pipe:2,tensor:2", 4, 1))
 # Rows of the layout options (LayoutConfig): (mesh, m, r, option). "sp": sequence
 # parallelism; "gather-once": pipeline_fsdp_gather_once; "accum2": 2 accumulation parts
-# (gradients reduced once over data); "replicated-state": --noshard_state (the old layout).
+# (gradients reduced once over data); "replicated-state": --noshard_state (the old layout);
+# "llama": the Llama family at the same sizes (StructureSizes.llama).
 OPTION_ROWS: tuple[tuple[str, int, int, str], ...] = (
     ("tensor:8", 1, 1, "sp"), ("pipe:4,tensor:2", 8, 2, "sp"),
     ("fsdp:2,pipe:2,tensor:2", 1, 1, "gather-once"), ("fsdp:2,pipe:2,tensor:2", 4, 1, "gather-once"),
     ("fsdp:2,pipe:2,tensor:2", 8, 1, "gather-once"), ("fsdp:2,pipe:2,tensor:2", 1, 1, ""),
     ("fsdp:2,pipe:2,tensor:2", 4, 1, ""),
-    ("data:8", 1, 1, "accum2"), ("data:8", 1, 1, "replicated-state"))
+    ("data:8", 1, 1, "accum2"), ("data:8", 1, 1, "replicated-state"),
+    ("data:2,tensor:4", 1, 1, "llama"), ("pipe:4,tensor:2", 8, 2, "llama"),
+    ("data:2,pipe:2,tensor:2", 8, 2, "llama"))
 QUICK_OPTION_ROWS: tuple[tuple[str, int, int, str], ...] = (
     ("tensor:8", 1, 1, "sp"), ("fsdp:2,pipe:2,tensor:2", 4, 1, "gather-once"))
-OPTIONS = ("", "sp", "gather-once", "accum2", "replicated-state")
+OPTIONS = ("", "sp", "gather-once", "accum2", "replicated-state", "llama")
 MICROBATCHES = (1, 4, 8)
 REPEATS = (1, 2)
 DP_AXES = ("data", "fsdp", "data+fsdp")
@@ -213,9 +230,13 @@ def structure_suite(quick: bool, layouts: Sequence[str] | None = None) -> Struct
                    if row not in matrix]
     single = single_device_figures(sizes)
     model = {**dataclasses.asdict(sizes), "params": num_params(sizes.gpt()), **single}
+    if any("llama" in row[3:] for row in matrix):
+        llama = single_device_figures(sizes, "llama")
+        model["llama"] = {"params": llama_params(sizes.llama()), **llama}
     rows = []
     for layout, m, r, *option in matrix:
-        row = structure_row(sizes, layout, m, r, single["single_device_flops"], *option)
+        one = model["llama"] if option == ["llama"] else single
+        row = structure_row(sizes, layout, m, r, one["single_device_flops"], *option)
         log(f"  structure {row['layout']:<24} m={m} r={r} {row['option']:<16} compiled in "
             f"{row['compile_s']:.1f}s")
         rows.append(row)
@@ -245,15 +266,19 @@ def layout_matrix(layouts: Sequence[str], sizes: StructureSizes,
     return out
 
 
-def _trainer(sizes: StructureSizes, mesh: Any, pipe: PipelineSpec = PipelineSpec(),
+def _trainer(sizes: StructureSizes, option: str, mesh: Any, pipe: PipelineSpec = PipelineSpec(),
              **options: Any) -> Trainer:
-    return gpt_trainer(sizes.gpt(), mesh, pipe, **options)
+    if option != "llama":
+        return gpt_trainer(sizes.gpt(), mesh, pipe, **options)
+    cfg = sizes.llama()
+    return Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, mesh,
+                   **{"optimizer": options.pop("opt", OptConfig()), **options})
 
 
-def single_device_figures(sizes: StructureSizes) -> Json:
+def single_device_figures(sizes: StructureSizes, option: str = "") -> Json:
     """Loop-aware HLO FLOPs, XLA's cost_analysis FLOPs and temporaries of the one-device
     train step (the reference every layout is divided against)."""
-    trainer = _trainer(sizes, single_mesh())
+    trainer = _trainer(sizes, option, single_mesh())
     compiled = trainer.lower(tokens_batch(sizes.batch, sizes.seq_len, sizes.vocab_size)).compile()
     cost = compiled.cost_analysis() or {}
     return {"single_device_flops": analysis.hlo_flops(compiled.as_text()).flops,
@@ -267,13 +292,13 @@ def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
     collectives and FLOPs."""
     if option not in OPTIONS:
         raise ValueError(f"structure option {option!r}: choose one of {OPTIONS}")
-    cfg = sizes.gpt()
+    cfg = sizes.config(option)
     mesh = make_mesh(layout)
     shape, n = dict(mesh.shape), mesh.size
     p = shape["pipe"]
     rules = DEFAULT_RULES.override(activations={"sequence": "tensor"} if option == "sp"
                                    else None)
-    trainer = _trainer(sizes, mesh,
+    trainer = _trainer(sizes, option, mesh,
                        PipelineSpec(p, m, r, fsdp_gather_once=option == "gather-once"),
                        opt=OptConfig(grad_accum_steps=2 if option == "accum2" else 1),
                        rules=rules, shard_state=option != "replicated-state")

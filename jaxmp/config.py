@@ -29,16 +29,19 @@ def opt(default: Any, help: str, **metadata: Any) -> Any:
 
 @dataclasses.dataclass
 class ModelSpec:
-    model: str | None = opt(None, "Model family: gpt (default), mlp, or one a --family_module "
-                            "registers; with --init_from, the family it holds.")
-    preset: str = opt("tiny", "GPT-2 shape: tiny, small, medium, large, xl (ignored with "
-                      "--init_from).", choices=("tiny", "small", "medium", "large", "xl"))
+    model: str | None = opt(None, "Model family: gpt (default), llama, mlp, or one a "
+                            "--family_module registers; with --init_from, the family it holds.")
+    preset: str = opt("tiny", "The family's shape: gpt tiny, small, medium, large, xl; llama "
+                      "tiny, llama-3.2-1b, tinyllama-1.1b, llama-2-7b (ignored with "
+                      "--init_from).")
     init_from: str | None = opt(None, "Start from these weights: a jaxmp checkpoint directory "
                                 "or a Hugging Face model directory (config.json, safetensors). "
                                 "The optimizer starts fresh; the model comes from it.")
     num_layers: int | None = opt(None, "Override: decoder layers (GPT) or hidden layers (MLP).")
     d_model: int | None = opt(None, "Override: model width (GPT) or hidden width (MLP).")
     num_heads: int | None = opt(None, "Override: attention heads.")
+    num_kv_heads: int | None = opt(None, "Override (llama): key/value heads of grouped-query "
+                                   "attention (dividing num_heads).")
     seq_len: int | None = opt(None, "Override: context length.")
     vocab_size: int | None = opt(None, "Vocabulary (default 256 for bytes, 50257 for token files).")
     dtype: str | None = opt(None, "Compute dtype (default float32); parameters stay float32.",
@@ -166,7 +169,8 @@ class RunConfig:
                                             ("resume_step", self.checkpoint.resume_step))
                      if v is not None]
         at_least += [(n, getattr(self.model, n), 1) for n in ("num_layers", "d_model",
-                                                              "num_heads", "seq_len", "vocab_size")
+                                                              "num_heads", "num_kv_heads",
+                                                              "seq_len", "vocab_size")
                      if getattr(self.model, n) is not None]
         for name, value, low in at_least:
             if value < low:

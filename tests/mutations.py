@@ -151,6 +151,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("cache_write_row", "KV-cache write puts every row's keys in row 0", "jaxmp/layers.py",
              "rows = jnp.arange(b)[:, None]", "rows = jnp.zeros((b, 1), jnp.int32)",
              ("tests/test_checkpoint.py", "-k", "kv_cache or mixed or greedy")),
+    Mutation("rope_direction", "rotary embedding rotates the other way", "jaxmp/models/llama.py",
+             "rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)",
+             "rotated = jnp.concatenate([x32[..., half:], -x32[..., :half]], axis=-1)",
+             ("tests/test_llama.py", "-k", "transformers")),
+    Mutation("llama_decode_positions", "decode rotates new tokens as if at position 0",
+             "jaxmp/models/llama.py",
+             "positions = index[:, None] + jnp.arange(tokens.shape[1])[None, :]",
+             "positions = jnp.zeros_like(index)[:, None] + jnp.arange(tokens.shape[1])[None, :]",
+             ("tests/test_llama.py", "-k", "kv_cache or greedy")),
+    Mutation("llama_head_tied_anyway", "untied head ignored (logits from the embedding)",
+             "jaxmp/models/llama.py",
+             "table = self.embed if self.lm_head is None else self.lm_head",
+             "table = self.embed", ("tests/test_llama.py", "-k", "transformers")),
 )
 
 

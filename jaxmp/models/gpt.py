@@ -161,6 +161,9 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 def _config(spec: Any, source: str) -> GPTConfig:
     """The GPT config of the command line: a preset and its overrides."""
+    if spec.num_kv_heads is not None:
+        raise ValueError("num_kv_heads is a llama setting; GPT-2 attention has one KV head per "
+                         "query head (use --model=llama for grouped-query attention)")
     vocab = spec.vocab_size or (BYTE_VOCAB if data.is_byte_source(source) else GPT2_VOCAB)
     over = spec.overrides("num_layers", "d_model", "num_heads", "seq_len", "dtype", "remat",
                           "attention", "scan_layers")

@@ -6,8 +6,8 @@ one record per family. Nothing outside this registry compares family names.
                     batches=...))
 
 then `python -m experiments.train --family_module=my.module --model=mine` trains it (the
-module is imported before the run, so its `register` call runs). GPT-2 (`gpt`) and the
-book's layer-wise MLP (`mlp`) are the built-in entries.
+module is imported before the run, so its `register` call runs). GPT-2 (`gpt`), Llama
+(`llama`) and the book's layer-wise MLP (`mlp`) are the built-in entries.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
-_BUILTIN = ("jaxmp.models.gpt", "jaxmp.models.mlp")
+_BUILTIN = ("jaxmp.models.gpt", "jaxmp.models.llama", "jaxmp.models.mlp")
 
 
 def register(family: Family) -> Family:
