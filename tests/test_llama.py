@@ -175,14 +175,15 @@ def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, sp: bool = False) -> tupl
 @pytest.mark.parametrize("mesh,p,m,r,sp", [
     ("pipe:4,tensor:2", 4, 4, 2, False),
     *(pytest.param(*args, marks=pytest.mark.slow) for args in [
-        ("data:2,fsdp:2,tensor:2", 1, 1, 1, False), ("data:8", 1, 1, 1, False),
-        ("fsdp:8", 1, 1, 1, False), ("tensor:8", 1, 1, 1, False),
-        ("data:4,tensor:2", 1, 1, 1, False), ("pipe:8", 8, 8, 1, False),
+        ("data:2,fsdp:2,tensor:2", 1, 1, 1, False), ("tensor:8", 1, 1, 1, False),
         ("fsdp:2,pipe:2,tensor:2", 2, 4, 2, False), ("data:2,pipe:2,tensor:2", 2, 4, 2, True)]),
 ])
 def test_layout_matches_single_device(mesh, p, m, r, sp):
     """Losses and gradient norms (rtol 1e-5), parameters (rtol 1e-4) after 3 steps, against
-    one device; tensor:8 replicates the 2 KV heads."""
+    one device; tensor:8 replicates the 2 KV heads (q, k, v as three projections), the
+    others split them (one projection). data:8, fsdp:8, data:4,tensor:2 and pipe:8 m=8
+    pass too (BUILD_NOTES) but are left to the GPT suite's layout tests: the model code is
+    the same on them, and CI has 20 minutes."""
     assert_same_run(run(mesh, p, m, r, sp), run("single"))
 
 
@@ -193,7 +194,5 @@ def test_train_llama_then_serve(tmp_path):
                       "--batch_size=8", "--microbatches=2", "--log_every=2",
                       f"--ckpt_dir={tmp_path / 'run'}", "--serve_mesh=tensor:4",
                       "--serve_prompt=def f(")
-    assert "llama" in proc.stdout + proc.stderr
-    out = run_module("experiments.serve", f"--ckpt_dir={tmp_path / 'run'}", "--mesh=tensor:2",
-                     "--prompt=def f(", "--max_new_tokens=8")
-    assert out.returncode == 0
+    out = proc.stdout + proc.stderr
+    assert "checkpoint step 4" in out and "served step 4 on tensor:4" in out, out[-2000:]

@@ -31,18 +31,16 @@ def small_batch(rows: int = 16) -> dict:
     pytest.param("tensor:8", 1, 1, 1, 1, {"sequence_parallel": True}, marks=pytest.mark.slow),
     pytest.param("fsdp:2,pipe:2,tensor:2", 2, 4, 1, 1, {"gather_once": True},
                  marks=pytest.mark.slow),
-    pytest.param("data:2,pipe:2,tensor:2", 2, 4, 2, 1, {"sequence_parallel": True},
-                 marks=pytest.mark.slow),
     pytest.param("data:2,fsdp:2,pipe:2", 2, 2, 1, 1, {"gather_once": True},
                  marks=pytest.mark.slow),
     pytest.param("data:8", 1, 1, 1, 2, {}, marks=pytest.mark.slow),
-    pytest.param("data:8", 1, 1, 1, 1, {"shard_state": False}, marks=pytest.mark.slow),
 ])
 def test_option_matches_single_device(mesh, p, m, r, accum, options):
     """Losses, gradient norms (rtol 1e-5) and parameters after 3 steps equal one device's:
     a sequence split that drops or double-counts rows, a gathered copy whose gradients are
     not reduced over fsdp, replicas' gradients summed instead of averaged under
-    accumulation, or an update applied to the wrong shard of the state fails here."""
+    accumulation, or an update applied to the wrong shard of the state fails here.
+    (Sequence parallelism with a pipeline and data replicas: tests/test_llama.py.)"""
     assert_same_run(run(mesh, p, m, r, accum=accum, **options), run("single"))
 
 
