@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmp.sharding import constrain, current_mesh, mapped, mapped_axes
+from jaxmp.sharding import constrain, current_mesh, mapped, mapped_axes, per_replica
 
 
 class PipelineError(ValueError):
@@ -199,10 +199,7 @@ def pipeline_apply(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array,
     if d == 1 or state is not None or b % d:
         return _pipeline(layer_fn, stacked, x, spec, param_names, x_names, state, state_names)
     lead = axes if len(axes) > 1 else axes[0]
-    xs = constrain(x.reshape(d, b // d, *x.shape[1:]), x_names, lead_axis=lead)
-    reps = jax.tree_util.tree_map(
-        lambda a, n: constrain(jnp.broadcast_to(a[None], (d, *a.shape)), n, kind="params",
-                               lead_axis=lead), stacked, param_names)
+    reps, xs = per_replica(stacked, param_names, x, x_names, d, lead)
     with mapped_axes(*axes):
         ys = jax.vmap(lambda w, h: _pipeline(layer_fn, w, h, spec, param_names, x_names),
                       spmd_axis_name=lead)(reps, xs)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -203,6 +204,22 @@ def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activation
     if lead_axis:
         spec = PartitionSpec(lead_axis, *spec)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def per_replica(params: Any, param_names: Any, rows: Any, row_names: Any, d: int,
+                lead: str | tuple[str, ...]) -> tuple[Any, Any]:
+    """For a vmap over `d` replicas split over the mesh axis (or axes) `lead`: a broadcast
+    copy of each parameter per replica (each device holds its replica's, so one copy per
+    device; the broadcast's transpose sums the replicas' gradients once), and each array
+    of `rows` (B, ...) cut into (d, B/d, ...) along the split it already has (no data
+    moves). `param_names` / `row_names`: the trees' logical names."""
+    copies = jax.tree_util.tree_map(
+        lambda a, n: constrain(jnp.broadcast_to(a[None], (d, *a.shape)), n, kind="params",
+                               lead_axis=lead), params, param_names)
+    split = jax.tree_util.tree_map(
+        lambda x, n: constrain(x.reshape(d, x.shape[0] // d, *x.shape[1:]), n, lead_axis=lead),
+        rows, row_names)
+    return copies, split
 
 
 def current_spec(names: Sequence[str | None], shape: Sequence[int],

@@ -24,11 +24,11 @@ from jaxmp.sharding import (
     Plan,
     Rules,
     activation_sharding,
-    constrain,
     logical_axes,
     mapped_axes,
     named,
     param_specs,
+    per_replica,
     plan,
     spec_for,
     spread_spec,
@@ -292,13 +292,8 @@ class Trainer:
         # over `data`) and the replicas are summed once, after the last part: one gradient
         # reduction per step instead of one per part. (Not with random streams: a vmapped
         # dropout would draw the same mask for every replica, unlike one device.)
-        reps = jax.tree_util.tree_map(
-            lambda a, n: constrain(jnp.broadcast_to(a[None], (d, *a.shape)), n, kind="params",
-                                   lead_axis="data"), params, self.axes)
-        rows = jax.tree_util.tree_map(
-            lambda x: constrain(x.reshape(d, b // d, *x.shape[1:]),
-                                ("batch",) + (None,) * (x.ndim - 1), lead_axis="data"),
-            dict(batch))
+        names = {k: ("batch",) + (None,) * (np.ndim(x) - 1) for k, x in batch.items()}
+        reps, rows = per_replica(params, self.axes, dict(batch), names, d, "data")
         with mapped_axes("data"):
             loss, grads = jax.vmap(accumulate, spmd_axis_name="data")(reps, rows)
         return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), (loss, grads))
