@@ -43,8 +43,9 @@ def single_mesh() -> jax.sharding.Mesh:
 
 
 def gpt_trainer(cfg: GPTConfig, mesh: jax.sharding.Mesh, pipe: PipelineSpec = PipelineSpec(),
-                opt: OptConfig = OptConfig(), **trainer_options: Any) -> Trainer:
-    return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, mesh,
+                opt: OptConfig = OptConfig(), model: type = GPT, **trainer_options: Any) -> Trainer:
+    """A Trainer of the language model `model` (GPT, or Llama with its config)."""
+    return Trainer(lambda: model(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, mesh,
                    optimizer=opt, **trainer_options)
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from experiments import analysis
 from experiments import hlo_weightflow as weightflow
@@ -18,7 +17,7 @@ from experiments.bench_harness import gpt_trainer, log, single_mesh, tokens_batc
 from experiments.bench_results import Json, Target, count_mib, mib, table
 from experiments.hlo import HloModule
 from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
-from jaxmp.models.gpt import GPTConfig, lm_loss, num_params
+from jaxmp.models.gpt import GPT, GPTConfig, num_params
 from jaxmp.models.llama import Llama, LlamaConfig
 from jaxmp.models.llama import num_params as llama_params
 from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_factor
@@ -268,11 +267,8 @@ def layout_matrix(layouts: Sequence[str], sizes: StructureSizes,
 
 def _trainer(sizes: StructureSizes, option: str, mesh: Any, pipe: PipelineSpec = PipelineSpec(),
              **options: Any) -> Trainer:
-    if option != "llama":
-        return gpt_trainer(sizes.gpt(), mesh, pipe, **options)
-    cfg = sizes.llama()
-    return Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, mesh,
-                   **{"optimizer": options.pop("opt", OptConfig()), **options})
+    return gpt_trainer(sizes.config(option), mesh, pipe,
+                       model=Llama if option == "llama" else GPT, **options)
 
 
 def single_device_figures(sizes: StructureSizes, option: str = "") -> Json:

@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,9 +36,11 @@ def batches(steps: int = STEPS, batch: int = BATCH, seed: int = 0) -> list[dict]
 
 
 def trainer(mesh: str, pipe: PipelineSpec = PipelineSpec(), cfg: GPTConfig = CFG,
-            opt: OptConfig = OPT, **kw) -> Trainer:
+            opt: OptConfig = OPT, model: type = GPT, **kw) -> Trainer:
+    """A Trainer of `model` (GPT, or Llama with a LlamaConfig) on `mesh` ("single": one
+    device)."""
     m = make_mesh("", devices=jax.devices()[:1]) if mesh == "single" else make_mesh(mesh)
-    return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, m,
+    return Trainer(lambda: model(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, m,
                    optimizer=opt, **kw)
 
 
@@ -55,15 +58,17 @@ def train(tr: Trainer, data: list[dict]) -> tuple[list[float], dict, list[float]
 @functools.cache
 def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_layers,
         accum: int = 1, *, shard_state: bool = True, sequence_parallel: bool = False,
-        gather_once: bool = False) -> tuple[list[float], dict, list[float]]:
+        gather_once: bool = False, model: type = GPT, cfg: Any = None,
+        ) -> tuple[list[float], dict, list[float]]:
     """Per-step losses, final parameters (canonical layer order) and per-step gradient
-    norms of STEPS steps (with the layout options of jaxmp.config.LayoutConfig)."""
-    cfg = GPTConfig(**{**CFG.to_json(), "num_layers": layers})
+    norms of STEPS steps (with the layout options of jaxmp.config.LayoutConfig) of `model`
+    with `cfg` (default: CFG with `layers` layers)."""
+    cfg = cfg or GPTConfig(**{**CFG.to_json(), "num_layers": layers})
     pipe = PipelineSpec(p, m, r, fsdp_gather_once=gather_once)
     opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
     rules = DEFAULT_RULES.override(activations={"sequence": "tensor"} if sequence_parallel
                                    else None)
-    tr = trainer(mesh, pipe, cfg, opt, rules=rules, shard_state=shard_state)
+    tr = trainer(mesh, pipe, cfg, opt, model, rules=rules, shard_state=shard_state)
     losses, params, norms = train(tr, batches())
     return losses, canonical(params, pipe, cfg), norms
 

@@ -11,26 +11,20 @@ holds query heads or writes the wrong row.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
+import helpers
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import OPT, assert_same_run, batches, run_module, train
+from helpers import assert_same_run, run_module
 
 from jaxmp import hf
-from jaxmp.mesh import make_mesh
-from jaxmp.models.gpt import lm_loss
 from jaxmp.models.llama import Llama, LlamaConfig, num_params, preset
-from jaxmp.pipeline import PipelineSpec
 from jaxmp.pretrained import open_source
 from jaxmp.serve import Server
-from jaxmp.sharding import DEFAULT_RULES
-from jaxmp.stack import LayerStack
-from jaxmp.train import Trainer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY = os.path.join(FIXTURES, "hf_llama_tiny")
@@ -125,7 +119,7 @@ def test_tied_head_exports_without_lm_head(tmp_path):
 def test_kv_heads_replicated_over_a_larger_tensor_axis_and_the_plan_says_so():
     cfg = LlamaConfig(num_layers=2, d_model=32, num_heads=8, num_kv_heads=2, mlp_dim=64,
                       seq_len=16)
-    tr = Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0)), lm_loss, make_mesh("tensor:8"))
+    tr = helpers.trainer("tensor:8", cfg=cfg, model=Llama)
     text = tr.plan().format()
     assert "note: kv_heads=2 is replicated over tensor (tensor=8 does not divide it)" in text
     assert "blocks/attn/k/kernel" in text.splitlines()[-1]
@@ -160,16 +154,8 @@ def test_kv_cache_equals_the_full_forward_and_rows_are_independent(server, mesh)
 LCFG = LlamaConfig(num_layers=8, d_model=32, num_heads=8, num_kv_heads=2, mlp_dim=64, seq_len=16)
 
 
-@functools.cache
 def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, sp: bool = False) -> tuple:
-    pipe = PipelineSpec(p, m, r)
-    devices = jax.devices()[:1] if mesh == "single" else None
-    rules = DEFAULT_RULES.override(activations={"sequence": "tensor"} if sp else None)
-    tr = Trainer(lambda: Llama(LCFG, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss,
-                 make_mesh("" if mesh == "single" else mesh, devices=devices), optimizer=OPT,
-                 rules=rules)
-    losses, params, norms = train(tr, batches())
-    return losses, LayerStack(LCFG.num_layers, pipe).canonical_params(params, "blocks"), norms
+    return helpers.run(mesh, p, m, r, sequence_parallel=sp, model=Llama, cfg=LCFG)
 
 
 @pytest.mark.parametrize("mesh,p,m,r,sp", [
