@@ -216,6 +216,12 @@ def collective_totals(found: Mapping[CollectiveKey, tuple[int, int]], *,
     return out
 
 
+def axis_bytes(found: Mapping[CollectiveKey, tuple[int, int]], axis: str,
+               ops: tuple[str, ...]) -> int:
+    """Bytes of the collectives `ops` over mesh axis `axis` (alone or with others)."""
+    return sum(b for k, (_, b) in found.items() if k.op in ops and axis in k.axes.split("+"))
+
+
 # ====================================================================== FLOPs
 def instruction_flops(site: Site) -> float:
     """FLOPs of one execution: 2*M*N*K for a dot, one per output element for elementwise

@@ -315,8 +315,8 @@ def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
         "collectives": analysis.collective_totals(found),
         "collectives_by_axes": _by_axes(found),
         **_parallel_traffic(found, cfg, sizes.batch, shape, m, r, bubble, plan, option),
-        "fsdp_traffic": {"all_gather": _axis_bytes(found, "fsdp", ("all-gather",)),
-                         "reduction": _axis_bytes(found, "fsdp", ("all-reduce", "reduce-scatter"))},
+        "fsdp_traffic": {"all_gather": analysis.axis_bytes(found, "fsdp", ("all-gather",)),
+                         "reduction": analysis.axis_bytes(found, "fsdp", ("all-reduce", "reduce-scatter"))},
         "sp_predicted_saving_bytes": (sp_predicted_saving(cfg, rows, shape, m, r)
                                       if option == "sp" else None),
         "weight_all_gathers": _weight_gathers(compiled, module),
@@ -361,12 +361,6 @@ def _cb(count_bytes: tuple[int, int] | dict[str, int]) -> dict[str, int]:
     if isinstance(count_bytes, dict):
         return {"count": int(count_bytes["count"]), "bytes": int(count_bytes["bytes"])}
     return {"count": int(count_bytes[0]), "bytes": int(count_bytes[1])}
-
-
-def _axis_bytes(found: Mapping[analysis.CollectiveKey, tuple[int, int]], axis: str,
-               ops: tuple[str, ...]) -> int:
-    """Bytes of the given collectives over mesh axis `axis` (alone or with others)."""
-    return sum(b for k, (_, b) in found.items() if k.op in ops and axis in k.axes.split("+"))
 
 
 def _parallel_traffic(found: Mapping[analysis.CollectiveKey, tuple[int, int]], cfg: GPTConfig,

@@ -51,10 +51,6 @@ def _collectives(tr, batch) -> dict:
                                           dict(tr.mesh.shape))
 
 
-def _bytes(found: dict, axis: str, ops: tuple[str, ...]) -> int:
-    return sum(b for k, (_, b) in found.items() if k.op in ops and axis in k.axes.split("+"))
-
-
 @pytest.mark.parametrize("mesh,p,m", [
     ("data:8", 1, 1), pytest.param("data:2,pipe:2,tensor:2", 2, 4, marks=pytest.mark.slow)])
 def test_state_is_split_over_data_at_rest(mesh, p, m):
@@ -74,7 +70,7 @@ def test_accumulated_gradients_are_reduced_over_data_once():
     tr = trainer("data:8", cfg=SMALL, opt=opt)
     _, found = _collectives(tr, small_batch(32))
     grads = analysis.tree_bytes(tr.abstract_params)
-    reduced = _bytes(found, "data", ("all-reduce", "reduce-scatter"))
+    reduced = analysis.axis_bytes(found, "data", ("all-reduce", "reduce-scatter"))
     assert grads <= reduced <= 1.05 * grads, (reduced, grads)
 
 
@@ -87,8 +83,8 @@ def test_fsdp_pipeline_gathers_once_whatever_the_microbatches():
         tr = trainer("fsdp:2,pipe:2,tensor:2", PipelineSpec(2, m, 1, fsdp_gather_once=once),
                      cfg=SMALL)
         _, found = _collectives(tr, small_batch())
-        return (_bytes(found, "fsdp", ("all-gather",)),
-                _bytes(found, "fsdp", ("all-reduce", "reduce-scatter")))
+        return (analysis.axis_bytes(found, "fsdp", ("all-gather",)),
+                analysis.axis_bytes(found, "fsdp", ("all-reduce", "reduce-scatter")))
     one, four, per_tick = fsdp_bytes(1, True), fsdp_bytes(4, True), fsdp_bytes(4, False)
     for a, b, c in zip(one, four, per_tick):
         assert abs(a - b) <= 0.05 * a and b < 0.7 * c, (one, four, per_tick)
