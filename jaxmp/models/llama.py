@@ -131,16 +131,14 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.kernel[...].astype(self.dtype)
-        n_out = w.ndim - self.n_in
-        axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(n_out, w.ndim)))
-        return jax.lax.dot_general(x.astype(self.dtype), w, (axes, ((), ())))
+        return _project(x, self.kernel[...], self.dtype, self.n_in)
 
 
-def _project(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
-    """x (..., d) against w (..., d) stored (out..., in): (..., out...)."""
-    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype),
-                               (((x.ndim - 1,), (w.ndim - 1,)), ((), ())))
+def _project(x: jax.Array, w: jax.Array, dtype: Any, n_in: int = 1) -> jax.Array:
+    """x (..., in...) against w stored (out..., in...) with n_in input dimensions:
+    (..., out...), in `dtype`."""
+    axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(w.ndim - n_in, w.ndim)))
+    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (axes, ((), ())))
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
