@@ -1,4 +1,5 @@
-"""Benchmarks: compiled structure per layout, compile time, speed, serving, GPU throughput.
+"""Benchmarks: compiled structure per layout, compile time, speed, serving, GPU throughput,
+the planner's predictions against measurements.
 
     python -m experiments.bench --suite=structure --output=structure.json   # 8 CPU devices
     python -m experiments.bench --suite=speed --output=speed.json
@@ -24,7 +25,7 @@ from experiments.bench_results import Json, SuiteResult, Target, table
 from experiments.common import parse_flags, run_guarded
 
 F = flags.FLAGS
-SUITES = ("structure", "compile", "speed", "serve", "gpu")
+SUITES = ("structure", "compile", "speed", "serve", "gpu", "plan")
 flags.DEFINE_enum("suite", "structure", [*SUITES, "all"],
                   "Which benchmarks to run (structure also runs compile unless --quick).")
 flags.DEFINE_string("output", "bench.json", "Write the results here as JSON ('' = do not write).")
@@ -100,13 +101,14 @@ def gpu_sizes() -> Any:
 def suite_runners(quick: bool, layouts: list[str], attention: str,
                   ) -> dict[str, Callable[[], SuiteResult | None]]:
     """Each suite by name, ready to run (imported here: JAX starts after main sets XLA_FLAGS)."""
-    from experiments import bench_compile, bench_gpu, bench_serve, bench_speed, bench_structure
+    from experiments import bench_compile, bench_gpu, bench_plan, bench_serve, bench_speed, bench_structure
 
     return {"structure": lambda: bench_structure.structure_suite(quick, layouts),
             "compile": lambda: bench_compile.compile_suite(quick),
             "speed": lambda: bench_speed.speed_suite(quick),
             "serve": lambda: bench_serve.serve_suite(quick, F.serve_from),
-            "gpu": lambda: bench_gpu.gpu_suite(quick, attention, gpu_sizes())}
+            "gpu": lambda: bench_gpu.gpu_suite(quick, attention, gpu_sizes()),
+            "plan": lambda: bench_plan.plan_suite(quick)}
 
 
 def run(suites: list[str], quick: bool, layouts: list[str], attention: str) -> Json:
@@ -117,7 +119,7 @@ def run(suites: list[str], quick: bool, layouts: list[str], attention: str) -> J
     out: Json = {"device": device_summary(), "jax_version": jax.__version__,
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "quick": quick, "suites": suites, "structure_model": None, "structure": None,
-                 "compile": None, "speed": None, "serve": None, "gpu": None}
+                 "compile": None, "speed": None, "serve": None, "gpu": None, "plan": None}
     checks: list[Target] = []
     for name, runner in suite_runners(quick, layouts, attention).items():
         if name not in suites:

@@ -58,10 +58,10 @@ def main(argv: list[str]) -> int:
 
 
 def inspect() -> None:
-    """Print the plan and, with a pipe axis, the schedule grid."""
+    """Print the plan and, with a pipe axis, the schedule grid; with --target, memory and
+    step time on that accelerator; with --search, the layouts that fit, fastest first."""
     from flax import nnx
 
-    from jaxmp.config import RunConfig
     from jaxmp.experiment import check_writable, layout, model_config
     from jaxmp.mesh import format_mesh
     from jaxmp.pipeline import format_timeline, stage_layers
@@ -70,7 +70,10 @@ def inspect() -> None:
     if F.plot:
         check_writable(F.plot, "plot", directory=False)
     tree = flagtree.build(InspectConfig)
-    cfg = RunConfig(model=tree.model, layout=tree.layout, data=tree.data)
+    cfg = tree.run_config()
+    card = target_of(tree)
+    if tree.plan.search:
+        return search(tree, card)
     family, model_cfg = model_config(cfg)
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     pipe.validate(model_cfg.num_layers, what=family.layers_name)
@@ -91,6 +94,48 @@ def inspect() -> None:
         print("\nno pipe axis: every layer runs on every device (no pipeline schedule)")
     if F.plot:
         plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats)
+    if card is not None:
+        from experiments.plan import plan
+
+        print()
+        print(plan(cfg, card, tree.plan.plan_depth).format())
+
+
+def target_of(tree: InspectConfig):
+    """The --target accelerator with the plan flags applied (None without --target)."""
+    import jax
+
+    from experiments.plan import target
+
+    p = tree.plan
+    if p.target is None:
+        if p.search:
+            raise ValueError("search needs a target accelerator: add --target=h100 (or h200, "
+                             "a100, cpu)")
+        return None
+    for name in ("search_top", "search_compiles"):
+        if getattr(p, name) < 1:
+            raise ValueError(f"{name}={getattr(p, name)} must be >= 1")
+    return target(p.target, len(jax.devices()), memory_gib=p.target_memory_gib,
+                  efficiency=p.efficiency, devices_per_host=p.gpus_per_host)
+
+
+def search(tree: InspectConfig, card) -> None:
+    import jax
+
+    from experiments.plan_search import search as run_search
+
+    n = len(jax.devices())
+    cfg = tree.run_config()
+    print(f"searching layouts of {n} x {card.name} for batch {cfg.data.batch_size} "
+          f"(model {cfg.model.family} {cfg.model.preset}; {card.memory_bytes / 2**30:.1f} GiB "
+          f"per device)", flush=True)
+    found = run_search(cfg, card, n, top=tree.plan.search_top,
+                       max_compiles=tree.plan.search_compiles, depth=tree.plan.plan_depth)
+    print(found.format(tree.plan.search_top))
+    if found.found:
+        print("\nfastest, in full:")
+        print(found.found[0][1].format())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxmp.accelerators import TARGETS
 from jaxmp.train import OptConfig
 
 
@@ -49,7 +50,9 @@ class ModelSpec:
     remat: str | None = opt(None, "Rematerialization per layer (default none).",
                             choices=("none", "block", "dots"))
     attention: str | None = opt(None, "Training attention kernel (default auto; cudnn: flash "
-                                "attention on NVIDIA GPUs, bf16).", choices=("auto", "xla", "cudnn"))
+                                "attention on NVIDIA GPUs, bf16; chunked: query blocks "
+                                "recomputed in the backward pass, no T x T scores kept, any "
+                                "backend).", choices=("auto", "xla", "cudnn", "chunked"))
     scan_layers: bool | None = opt(None, "Apply the layers with a scan (default; compile time "
                                    "independent of depth); --noscan_layers unrolls them (faster "
                                    "steps on GPUs).")
@@ -233,11 +236,40 @@ def _set(tree: Any, path: tuple[str, ...], value: Any) -> Any:
 
 
 @dataclasses.dataclass
+class PlanConfig:
+    """`inspect --target`: memory and step time of the layout on an accelerator we may not
+    have; `--search`: the layouts that fit, fastest first."""
+    target: str | None = opt(None, "Plan memory per device and step time on this accelerator "
+                             "(h100, h200, a100; cpu: this host, measured now), from the train "
+                             "step compiled for --simulate_devices devices.", choices=TARGETS)
+    gpus_per_host: int | None = opt(None, "Devices per host of the target (default 8): mesh "
+                                    "axes within a host use NVLink, others the network.")
+    target_memory_gib: float | None = opt(None, "Device memory of the target in GiB (default: "
+                                          "the card's).")
+    efficiency: float | None = opt(None, "Fraction of peak FLOP/s the program's FLOPs run at "
+                                   "(default: the target's, calibrated on an H100).")
+    plan_depth: str = opt("auto", "full: compile every layer; reduced: compile 2 and 4 layers "
+                          "per stage and extrapolate; auto: reduced only with --noscan_layers.",
+                          choices=("auto", "full", "reduced"))
+    search: bool = opt(False, "List the layouts of --simulate_devices devices (mesh, "
+                       "micro-batches, repeats, remat, accumulation) that fit --target at "
+                       "--batch_size, fastest first; --mesh and the layout flags are ignored.")
+    search_top: int = opt(5, "--search: layouts to print.")
+    search_compiles: int = opt(40, "--search: most layouts to compile.")
+
+
+@dataclasses.dataclass
 class InspectConfig:
     """What `experiments.inspect` plans: a model in a layout, no training."""
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # byte vs token vocab
+    optimizer: OptConfig = dataclasses.field(default_factory=OptConfig)  # accumulation
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(model=self.model, layout=self.layout, data=self.data,
+                         optimizer=self.optimizer)
 
 
 @dataclasses.dataclass

@@ -111,9 +111,11 @@ def _tokenizer(cfg: RunConfig, source: Source | None, model_cfg: Any) -> dict | 
     return tokenizer
 
 
-def layout(cfg: RunConfig, family: Family, model_cfg: Any) -> tuple[Mesh, PipelineSpec, Rules]:
-    """Mesh, pipeline and rules of the layout section, checked against the model."""
-    mesh = make_mesh(cfg.layout.mesh)
+def layout(cfg: RunConfig, family: Family, model_cfg: Any, devices: Any = None,
+           ) -> tuple[Mesh, PipelineSpec, Rules]:
+    """Mesh (over `devices`, default all), pipeline and rules of the layout section,
+    checked against the model."""
+    mesh = make_mesh(cfg.layout.mesh, devices)
     pipe = PipelineSpec(mesh.shape["pipe"], cfg.layout.microbatches, cfg.layout.pipeline_repeats,
                         fsdp_gather_once=cfg.layout.pipeline_fsdp_gather_once)
     if pipe.enabled:

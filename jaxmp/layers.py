@@ -100,6 +100,41 @@ class Embed(nnx.Module):
 
 
 KVCache = tuple[jax.Array, jax.Array]  # (B, S, N, H) keys and values
+CHUNK = 512  # query positions per block of chunked attention
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     implementation: str | None = None) -> jax.Array:
+    """Causal attention of q (B, T, N, H) over k, v (B, T, K, H), K dividing N (grouped
+    queries). `implementation`: None (JAX picks), "xla", "cudnn" (jax.nn's), or "chunked":
+    query blocks of CHUNK positions, each recomputed in the backward pass, so no (T, T)
+    scores are kept for it (flash attention's memory, in plain XLA: any backend, any
+    dtype; the backward pass pays one more forward of the scores)."""
+    if implementation != "chunked":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            implementation=implementation)
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    c = min(CHUNK, t)
+    if t % c:
+        raise ValueError(f"chunked attention: seq_len={t} is not a multiple of {c}; use "
+                         f"a multiple of {c} or attention=xla")
+    scale = 1.0 / math.sqrt(h)
+
+    @jax.checkpoint
+    def block(start: jax.Array, qb: jax.Array) -> jax.Array:
+        qg = qb.reshape(b, c, kv, n // kv, h)                               # (B, C, K, G, H)
+        s = jnp.einsum("bckgh,bskh->bkgcs", qg, k, preferred_element_type=jnp.float32)
+        pos = start + jnp.arange(c)
+        s = jnp.where(jnp.arange(t)[None, :] <= pos[:, None], s * scale, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)                      # (B, K, G, C, S)
+        y = jnp.einsum("bkgcs,bskh->bckgh", p, v)
+        return y.reshape(b, c, n, h)
+
+    starts = jnp.arange(0, t, c)
+    blocks = q.reshape(b, t // c, c, n, h).swapaxes(0, 1)                  # (T/C, B, C, N, H)
+    y = jax.lax.map(lambda xs: block(*xs), (starts, blocks))
+    return y.swapaxes(0, 1).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -114,7 +149,7 @@ class Attention(nnx.Module):
                          dtype=dtype)
         self.out = Dense((heads, hd), (dim,), ("heads", "kv"), ("embed",), rngs=rngs,
                          std=out_std, dtype=dtype)
-        self.implementation = implementation  # jax.nn.dot_product_attention's: xla / cudnn
+        self.implementation = implementation  # causal_attention's: xla / cudnn / chunked
 
     def __call__(self, x: jax.Array, cache: KVCache | None = None,
                  index: jax.Array | None = None,
@@ -126,8 +161,7 @@ class Attention(nnx.Module):
         qkv = gathered(self.qkv, x)  # (B, T, 3, N, H)
         q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                             implementation=self.implementation)
+            y = causal_attention(q, k, v, self.implementation)
         else:
             t = x.shape[1]
             cache = tuple(write_cache(c, new, index, layer) for c, new in zip(cache, (k, v)))

@@ -40,8 +40,8 @@ class DecoderShape:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"attention={self.attention!r}: choose auto, xla or cudnn")
+        if self.attention not in ("auto", "xla", "cudnn", "chunked"):
+            raise ValueError(f"attention={self.attention!r}: choose auto, xla, cudnn or chunked")
 
 
 def from_preset(cls: type, presets: Mapping[str, dict], family: str, name: str,

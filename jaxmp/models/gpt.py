@@ -38,7 +38,7 @@ class GPTConfig(DecoderShape):
     mlp_ratio: int = 4
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"
-    attention: str = "auto"  # training attention: auto (JAX picks) | xla | cudnn (GPU)
+    attention: str = "auto"  # training attention: auto (JAX picks) | xla | cudnn (GPU) | chunked
     # Apply the stacked layers with lax.scan (compile time independent of depth) or as an
     # unrolled loop (no per-layer loop overhead, no stacked activations for the backward
     # pass: faster on GPUs, see BUILD_NOTES). The pipeline always scans.

@@ -22,7 +22,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp import data
-from jaxmp.layers import RESIDUAL, Embed, KVCache, gather_sequence, gathered, param, write_cache
+from jaxmp.layers import (
+    RESIDUAL,
+    Embed,
+    KVCache,
+    causal_attention,
+    gather_sequence,
+    gathered,
+    param,
+    write_cache,
+)
 from jaxmp.models.decoder import DecoderShape, from_preset, mask_padding, token_batches, zero_padding_rows
 from jaxmp.models.gpt import lm_loss
 from jaxmp.models.llama_hf import LLAMA
@@ -210,8 +219,7 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(constrain(k, kv_names), positions, inv_freq), kv_names)
         v = constrain(v, kv_names)
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                             implementation=self.implementation)
+            y = causal_attention(q, k, v, self.implementation)
         else:
             cache = tuple(write_cache(c, new, index, layer, kv_names)
                           for c, new in zip(cache, (k, v)))

@@ -1,0 +1,292 @@
+"""`inspect --search`: the layouts of a model on N devices that fit, fastest first.
+
+Every layout of the device count is a candidate: data x fsdp x pipe x tensor sizes (tensor
+within a host), micro-batches and circular repeats of the pipeline, gathering FSDP weights
+once per step, rematerialization and gradient accumulation. A rough analytic estimate
+(FLOPs, bubble, recompute, Megatron / FSDP / data-parallel traffic) only orders them; each
+layout proposed has been compiled for the target (experiments.plan) and fits by XLA's own
+memory figures. Two shortcuts keep the compiles few, both from memory falling with more
+remat and more accumulation: a layout needing more memory than one that did not fit is
+not compiled, and one slower than a fitting layout of the same shape is not either.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from experiments import analysis
+from experiments.plan import Layout, PlanResult, compile_program, link_of, make_plan, size
+from jaxmp.accelerators import Accelerator
+from jaxmp.config import RunConfig, replace_flat
+from jaxmp.mesh import format_mesh
+from jaxmp.pipeline import bubble_factor
+
+REMAT_LEVEL = {"none": 0, "dots": 1, "block": 2}
+REMAT_COST = {"none": 1.0, "dots": 1.15, "block": 4 / 3}  # forward recomputed: ~1/3 more
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    mesh: tuple[tuple[str, int], ...]
+    microbatches: int
+    repeats: int
+    gather_once: bool
+    remat: str
+    accum: int
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    @property
+    def base(self) -> tuple:
+        return (self.mesh, self.microbatches, self.repeats, self.gather_once)
+
+    def settings(self) -> dict[str, Any]:
+        return {"mesh": format_mesh(self.shape), "microbatches": self.microbatches,
+                "pipeline_repeats": self.repeats, "pipeline_fsdp_gather_once": self.gather_once,
+                "remat": self.remat, "grad_accum_steps": self.accum}
+
+    def flags(self) -> str:
+        s = self.settings()
+        out = [f"--mesh={s['mesh']}"]
+        if self.shape["pipe"] > 1:
+            out += [f"--microbatches={self.microbatches}"]
+            out += [f"--pipeline_repeats={self.repeats}"] if self.repeats > 1 else []
+            out += ["--pipeline_fsdp_gather_once"] if self.gather_once else []
+        out += [f"--remat={self.remat}"] if self.remat != "none" else []
+        out += [f"--grad_accum_steps={self.accum}"] if self.accum > 1 else []
+        return " ".join(out)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(num_devices: int, num_layers: int, batch: int, devices_per_host: int,
+               remats: tuple[str, ...] = ("none", "dots", "block")) -> list[Candidate]:
+    """Every layout to consider (see the module docstring); shapes the model's heads or
+    widths do not divide are found when the layout is built."""
+    out = []
+    for t in divisors(num_devices):
+        if t > devices_per_host:
+            continue
+        for p in divisors(num_devices // t):
+            if p > num_layers or num_layers % p:
+                continue
+            dp = num_devices // (t * p)
+            fsdps = {1, dp}
+            if devices_per_host % (t * p) == 0 and 1 < devices_per_host // (t * p) < dp:
+                fsdps.add(devices_per_host // (t * p))  # fsdp filling a host
+            for f in sorted(fsdps):
+                mesh = (("data", dp // f), ("fsdp", f), ("pipe", p), ("tensor", t))
+                pipes = [(1, 1)] if p == 1 else [
+                    (m, r) for m in (p, 2 * p, 4 * p) for r in (1, 2)
+                    if num_layers % (p * r) == 0]
+                for m, r in pipes:
+                    for once in ((False, True) if p > 1 and f > 1 else (False,)):
+                        for remat in remats:
+                            accum = 1
+                            while batch % (accum * dp * m) == 0:
+                                out.append(Candidate(mesh, m, r, once, remat, accum))
+                                accum *= 2
+    return out
+
+
+def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
+               d_model: int, seq_len: int, batch: int, itemsize: int, card: Accelerator,
+               dtype: str) -> float:
+    """A rough step time, only to decide which layouts to compile first."""
+    s = c.shape
+    n = math.prod(s.values())
+    p, t, f, d = s["pipe"], s["tensor"], s["fsdp"], s["data"]
+    bubble = bubble_factor(p, c.microbatches, c.repeats)
+    compute = (model_flops / n * REMAT_COST[c.remat] * bubble
+               / (card.peak(dtype) * card.efficiency_for(True)))
+
+    def bw(axis: str) -> float:
+        link = link_of(axis, s, card.devices_per_host)
+        return card.intra_host_bytes_per_s if link == "nvlink" else card.inter_host_bytes_per_s
+    comm = 0.0
+    if t > 1:  # Megatron: 4 all-reduces of a data shard's (rows, T, d) activations per layer
+        rows = batch // (d * f)
+        comm += (4 * num_layers / p * rows * seq_len * d_model * itemsize * bubble
+                 * 2 * (t - 1) / t / bw("tensor"))
+    weights = 4 * n_params / (t * p)
+    if f > 1:  # gather forward + backward, reduce-scatter the gradients (per tick in a pipeline)
+        ticks = 1 if (p == 1 or c.gather_once) else c.microbatches * c.repeats
+        comm += 3 * weights * ticks * c.accum * (f - 1) / f / bw("fsdp")
+    if d > 1:  # gather the state's parameters, reduce-scatter the gradients
+        comm += 2 * weights * (d - 1) / d / bw("data")
+    return compute + comm
+
+
+@dataclasses.dataclass
+class SearchResult:
+    found: list[tuple[Candidate, PlanResult]]   # fitting, fastest first
+    rejected: dict[str, int]                    # reason -> candidates
+    considered: int
+    compiled: int
+    budget_hit: bool
+
+    def format(self, top: int) -> str:
+        head = ["#", "layout (flags)", "memory", "spare", "step ms", "compute", "bubble",
+                "collectives", "MFU", "why"]
+        rows = []
+        for i, (c, p) in enumerate(self.found[:top]):
+            rows.append([str(i + 1), c.flags(), size(p.peak_bytes), size(p.spare_bytes),
+                         f"{p.step_s * 1e3:.1f}",
+                         f"{(p.compute_s - p.bubble_s) * 1e3:.1f}", f"{p.bubble_s * 1e3:.1f}",
+                         f"{p.collective_s * 1e3:.1f}",
+                         "-" if p.mfu is None else f"{p.mfu:.1%}", why(p)])
+        from experiments.bench_results import table
+
+        lines = [table(head, rows)] if rows else ["no layout fits"]
+        reasons = "; ".join(f"{v} {k}" for k, v in sorted(self.rejected.items(),
+                                                           key=lambda kv: -kv[1]))
+        lines.append(f"{self.considered} layouts considered, {self.compiled} compiled, "
+                     f"{len(self.found)} fit" + (f"; set aside: {reasons}" if reasons else ""))
+        if self.budget_hit:
+            lines.append("stopped at --search_compiles; raise it to compile more layouts")
+        return "\n".join(lines)
+
+
+def why(p: PlanResult) -> str:
+    """The largest terms of a plan in a few words."""
+    parts = [f"compute {p.compute_s / p.step_s:.0%}"]
+    if p.bubble_s:
+        parts.append(f"bubble {p.bubble_s / p.step_s:.0%}")
+    axes = p.by_axis()
+    if axes:
+        worst = max(axes, key=axes.get)
+        links = {c.link for c in p.collectives if c.axes == worst}
+        parts.append(f"{worst} {axes[worst] / p.step_s:.0%} ({'/'.join(sorted(links))})")
+    largest = max(p.memory_terms(), key=lambda t: t[1])[0]
+    parts.append(f"memory: {largest.split(' (')[0].split(' and')[0]}")
+    return ", ".join(parts)
+
+
+def activation_units(c: Candidate, batch: int, seq_len: int, num_layers: int) -> float:
+    """Tokens x layers whose activations one device keeps at once (the pipeline keeps every
+    tick's), over the tensor size: what activation memory scales with, roughly."""
+    s = c.shape
+    p, t = s["pipe"], s["tensor"]
+    tokens = batch / (s["data"] * s["fsdp"] * c.accum) * max(1, seq_len)
+    if p > 1:
+        ticks = c.repeats * c.microbatches + p - 1
+        return tokens / c.microbatches * ticks * num_layers / (p * c.repeats) / t
+    return tokens * num_layers / t
+
+
+@dataclasses.dataclass
+class _MeshInfo:
+    fixed_bytes: int = 0      # state + gradients (+ the gathered compute copy), exact
+    error: str | None = None  # why no layout of this mesh can be built
+
+
+def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
+           max_compiles: int = 40, depth: str = "auto",
+           remats: tuple[str, ...] = ("none", "dots", "block"),
+           progress: Callable[[str], None] | None = None) -> SearchResult:
+    """The fitting layouts of `cfg`'s model and global batch on `num_devices` x `card`."""
+    base = Layout.build(replace_flat(cfg, mesh=f"data:{num_devices}", microbatches=1,
+                                     pipeline_repeats=1, grad_accum_steps=1,
+                                     pipeline_fsdp_gather_once=False))
+    mc = base.model_cfg
+    if not hasattr(mc, "remat"):
+        remats = ("none",)
+    n_params = sum(math.prod(a.shape) for a in
+                   jax.tree_util.tree_leaves(base.trainer.abstract_params))
+    fpt = base.family.flops_per_token
+    model_flops = fpt(mc) * base.tokens_per_step if fpt else 6.0 * n_params * base.tokens_per_step
+    dtype = getattr(mc, "dtype", "float32")
+    itemsize = 2 if dtype == "bfloat16" else 4
+    batch, seq_len = cfg.data.batch_size, getattr(mc, "seq_len", 1)
+    found_all = candidates(num_devices, mc.num_layers, batch, card.devices_per_host, remats)
+    est = {c: estimate_s(c, n_params, model_flops, mc.num_layers, getattr(mc, "d_model", 0),
+                         seq_len, batch, itemsize, card, dtype)
+           for c in found_all}
+    order = sorted(found_all, key=lambda c: (est[c], REMAT_LEVEL[c.remat], c.accum))
+    rejected: collections.Counter[str] = collections.Counter()
+    fits: dict[tuple, list[Candidate]] = collections.defaultdict(list)
+    misses: dict[tuple, list[Candidate]] = collections.defaultdict(list)
+    meshes: dict[tuple, _MeshInfo] = {}
+    per_unit: dict[str, float] = {}  # remat -> least activation bytes per unit seen
+    found: list[tuple[Candidate, PlanResult]] = []
+    compiled = 0
+    budget_hit = False
+    for c in order:
+        level = REMAT_LEVEL[c.remat]
+        if any(REMAT_LEVEL[o.remat] >= level and o.accum >= c.accum for o in misses[c.base]):
+            rejected["need more memory than a layout that did not fit"] += 1
+            continue
+        if any(REMAT_LEVEL[o.remat] <= level and o.accum <= c.accum for o in fits[c.base]):
+            rejected["slower than a fitting layout of the same shape"] += 1
+            continue
+        if len(found) >= 2 * top:
+            break
+        info = meshes.get(c.mesh) or meshes.setdefault(c.mesh, _mesh_info(cfg, c))
+        if info.error:
+            rejected[f"invalid ({info.error})"] += 1
+            continue
+        if info.fixed_bytes > card.memory_bytes:
+            rejected["parameters, optimizer state and gradients alone do not fit"] += 1
+            continue
+        units = activation_units(c, batch, seq_len, mc.num_layers)
+        if c.remat in per_unit and info.fixed_bytes + per_unit[c.remat] * units > card.memory_bytes:
+            rejected["activations (scaled from the compiled layouts) do not fit"] += 1
+            continue
+        if compiled >= max_compiles:
+            budget_hit = True
+            break
+        run_cfg = replace_flat(cfg, **c.settings())
+        try:
+            layout, program, how = compile_program(run_cfg, depth, card)
+        except ValueError as e:  # (ShardingError, PipelineError, MeshError are ValueErrors)
+            rejected[f"invalid ({_short(e)})"] += 1
+            continue
+        compiled += 1
+        result = make_plan(layout, program, card, how)
+        rest = max(0, result.peak_bytes - info.fixed_bytes) / max(units, 1.0)
+        per_unit[c.remat] = min(per_unit.get(c.remat, rest), rest)
+        if progress:
+            progress(f"  {compiled:3d}. {c.flags()}: {size(result.peak_bytes)}, "
+                     f"{result.step_s * 1e3:.1f} ms" + ("" if result.fits else " (does not fit)"))
+        if result.fits:
+            found.append((c, result))
+            fits[c.base].append(c)
+        else:
+            rejected["compiled, does not fit"] += 1
+            misses[c.base].append(c)
+    found.sort(key=lambda cp: cp[1].step_s)
+    return SearchResult(found, dict(rejected), len(found_all), compiled, budget_hit)
+
+
+def _mesh_info(cfg: RunConfig, c: Candidate) -> _MeshInfo:
+    """The exact bytes of state and gradients on `c`'s mesh (no compile), or why the model
+    cannot be laid out on it."""
+    p = c.shape["pipe"]
+    try:
+        layout = Layout.build(replace_flat(cfg, mesh=format_mesh(c.shape), microbatches=p,
+                                           pipeline_repeats=1, grad_accum_steps=1,
+                                           pipeline_fsdp_gather_once=False, remat="none"))
+    except ValueError as e:  # (ShardingError, PipelineError, MeshError are ValueErrors)
+        return _MeshInfo(error=_short(e))
+    tr = layout.trainer
+    state = analysis.sharded_bytes(tr.abstract_state(), tr.state_shardings)
+    params = tr.abstract_state().params
+    at_rest = analysis.sharded_bytes(params, tr.state_shardings.params)
+    compute = analysis.sharded_bytes(params, tr.param_shardings)
+    return _MeshInfo(state + compute + (compute if compute > at_rest else 0))
+
+
+def _short(e: Exception) -> str:
+    text = str(e).split(";")[0]
+    text = text.split(": ", 1)[-1] if text.count(":") else text
+    return text if len(text) < 70 else text[:67] + "..."

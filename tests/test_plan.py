@@ -1,0 +1,169 @@
+"""The planner: `inspect --target` (memory and step time on an accelerator) and `--search`
+(the layouts that fit, fastest first), against the programs that actually run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+from helpers import run_module
+
+from experiments.analysis import CollectiveKey, MemoryFigures, memory_figures
+from experiments.plan import Layout, Program, collective_times, compile_program, link_of, make_plan, target
+from experiments.plan_search import candidates, search
+from jaxmp.accelerators import GIB, H100
+from jaxmp.config import RunConfig, replace_flat
+
+MESH16 = {"data": 2, "fsdp": 1, "pipe": 2, "tensor": 4}  # 16 devices, row-major
+
+
+def test_axes_map_to_nvlink_inside_a_host_and_the_network_across():
+    """Catches: a group's stride ignored (pipe's partners are 4 devices apart), a group
+    spanning two hosts taken for one, unknown groups given the fast link."""
+    assert link_of("tensor", MESH16, 8) == "nvlink"
+    assert link_of("pipe", MESH16, 8) == "nvlink"
+    assert link_of("pipe+tensor", MESH16, 8) == "nvlink"
+    assert link_of("data", MESH16, 8) == "network"
+    assert link_of("pipe", MESH16, 4) == "network"
+    assert link_of("tensor", MESH16, 4) == "nvlink"
+    assert link_of("?", MESH16, 8) == "network"
+
+
+def test_collective_time_is_the_ring_over_its_link_plus_latency():
+    """Catches: an all-reduce costed like an all-gather (it moves 2(n-1)/n of the buffer),
+    the wrong link's bandwidth, the latency per call left out, groups of one costed."""
+    coll = {CollectiveKey("all-reduce", "tensor", True): (4.0, 8e9),
+            CollectiveKey("all-gather", "data", False): (2.0, 4e9),
+            CollectiveKey("collective-permute", "pipe", True): (10.0, 1e9),
+            CollectiveKey("all-reduce", "fsdp", False): (1.0, 1e9)}  # fsdp has size 1
+    prog = Program(4, MemoryFigures(0, 0, 0, 0, 0), 0.0, coll)
+    times = {(c.op, c.axes): c for c in collective_times(prog, MESH16, H100)}
+    assert set(times) == {("all-reduce", "tensor"), ("all-gather", "data"),
+                          ("collective-permute", "pipe")}
+    assert times[("all-reduce", "tensor")].seconds == pytest.approx(
+        8e9 * 2 * 3 / 4 / 450e9 + 4 * 10e-6)
+    assert times[("all-gather", "data")].seconds == pytest.approx(4e9 / 2 / 50e9 + 2 * 20e-6)
+    assert times[("collective-permute", "pipe")].seconds == pytest.approx(1e9 / 450e9 + 10e-5)
+
+
+def test_extrapolation_in_depth_is_linear_in_every_figure():
+    """Catches: extrapolating from the wrong end, a figure (a memory field, FLOPs, a
+    collective only the deeper program has) left unscaled."""
+    k1, k2 = CollectiveKey("all-gather", "fsdp", True), CollectiveKey("all-reduce", "data", False)
+    a = Program(4, MemoryFigures(10, 5, 5, 100, 0), 1e9, {k1: (8.0, 80.0)})
+    b = Program(8, MemoryFigures(18, 9, 9, 180, 0), 2e9, {k1: (16.0, 160.0), k2: (1.0, 4.0)})
+    s = a.scaled(b, 16)
+    assert s.layers == 16 and s.flops == pytest.approx(4e9)
+    assert s.memory == MemoryFigures(34, 17, 17, 340, 0)
+    assert s.collectives[k1] == pytest.approx((32.0, 320.0))
+    assert s.collectives[k2] == pytest.approx((3.0, 12.0))
+
+
+def test_candidates_cover_the_device_count_within_the_limits():
+    """Catches: layouts with the wrong device count, tensor across hosts, micro-batches or
+    accumulation parts that do not divide the batch, pipelines that do not divide the
+    layers, gathering once without fsdp and pipe, duplicates."""
+    cs = candidates(16, 8, 32, devices_per_host=8)
+    assert len(set(cs)) == len(cs) > 100
+    for c in cs:
+        s = c.shape
+        assert math.prod(s.values()) == 16 and s["tensor"] <= 8
+        dp = s["data"] * s["fsdp"]
+        assert 32 % (c.accum * dp * c.microbatches) == 0
+        assert 8 % (s["pipe"] * c.repeats) == 0
+        assert not c.gather_once or (s["pipe"] > 1 and s["fsdp"] > 1)
+        assert s["pipe"] > 1 or (c.microbatches, c.repeats) == (1, 1)
+    shapes = {c.mesh for c in cs}
+    assert (("data", 1), ("fsdp", 2), ("pipe", 8), ("tensor", 1)) in shapes
+    assert (("data", 16), ("fsdp", 1), ("pipe", 1), ("tensor", 1)) in shapes
+    assert (("data", 1), ("fsdp", 16), ("pipe", 1), ("tensor", 1)) in shapes
+    assert (("data", 2), ("fsdp", 4), ("pipe", 1), ("tensor", 2)) in shapes  # fsdp fills a host
+    assert {c.remat for c in cs} == {"none", "dots", "block"}
+    # one data shard needs tensor 8 x pipe 2, whose 2+ micro-batches leave 16 parts at most
+    assert max(c.accum for c in cs) == 16
+
+
+SMALL = dict(num_layers=16, d_model=64, num_heads=4, seq_len=32, batch_size=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    dict(mesh="fsdp:8"),
+    dict(mesh="data:2,pipe:2,tensor:2", microbatches=4, remat="block"),
+])
+def test_plan_from_shallow_compiles_predicts_the_program_that_runs(layout):
+    """The plan extrapolated from 4- and 8-layer compiles, against the 16-layer train step
+    after it has run: memory per device within 10%, FLOPs within 1%; the memory terms add
+    up to XLA's peak. Catches: a figure not scaled with depth, the pipeline's depth unit
+    wrong, state or gradient terms counted twice."""
+    cfg = RunConfig.flat(**SMALL, **layout)
+    lay, program, how = compile_program(cfg, "reduced")
+    assert "extrapolated to 16 layers" in how
+    plan = make_plan(lay, program, H100, how)
+    full = Layout.build(cfg)
+    state = full.trainer.init_state()
+    state, metrics = full.trainer.step(state, full.trainer.put_batch(full.batch))
+    assert np.isfinite(float(metrics["loss"]))
+    ran = full.compile()
+    assert plan.peak_bytes == pytest.approx(ran.memory.peak_estimate_bytes, rel=0.10)
+    assert plan.flops == pytest.approx(ran.flops, rel=0.01)
+    assert sum(b for _, b in plan.memory_terms()) == plan.peak_bytes
+    state_bytes = full.trainer.state_bytes_per_device()
+    assert plan.params_bytes + plan.opt_bytes == pytest.approx(state_bytes, abs=64)
+
+
+@pytest.mark.slow
+def test_search_proposes_only_layouts_that_compile_run_and_fit():
+    """With too little memory for the fastest layouts, every layout --search proposes
+    compiles, trains a step on the simulated mesh and fits the target memory by the
+    program's own figures, fastest first; layouts that do not fit were tried and set
+    aside. Catches: a fit judged on the state alone, proposals from the estimate rather
+    than the compiled program, the shortcut skipping layouts that would fit."""
+    cfg = RunConfig.flat(num_layers=4, d_model=64, num_heads=4, seq_len=64, batch_size=16)
+    budget = 6.0 * 2**20
+    card = dataclasses.replace(H100, memory_bytes=int(budget))
+    found = search(cfg, card, 8, top=2, max_compiles=8)
+    assert found.found and found.rejected.get("compiled, does not fit", 0) >= 1
+    times = [p.step_s for _, p in found.found]
+    assert times == sorted(times)
+    for cand, predicted in found.found[:3]:
+        assert predicted.fits and predicted.peak_bytes <= budget
+        lay = Layout.build(replace_flat(cfg, **cand.settings()))
+        compiled = lay.trainer.lower(lay.batch).compile()
+        assert memory_figures(compiled).peak_estimate_bytes <= budget
+        state = lay.trainer.init_state()
+        _, metrics = lay.trainer.step(state, lay.trainer.put_batch(lay.batch))
+        assert np.isfinite(float(metrics["loss"])), cand.flags()
+
+
+@pytest.mark.slow
+def test_inspect_target_prints_the_memory_verdict_and_time():
+    """The entry point: a layout that does not fit says by how much and what is largest;
+    the time names compute, the collectives by axis and link, and MFU."""
+    proc = run_module("experiments.inspect", "--mesh=data:2,tensor:4", "--num_layers=4",
+                      "--target=h100", "--target_memory_gib=0.01", "--gpus_per_host=2")
+    out = proc.stdout
+    assert "memory and time plan on data:2,tensor:4 x h100 (2 per host" in out
+    assert "verdict: does NOT fit" in out and "over by" in out and "(largest: " in out
+    assert "gradients" in out and "optimizer state" in out and "activations" in out
+    assert "all-reduce         over tensor" in out and "network" in out
+    assert "MFU predicted:" in out
+
+
+def test_target_overrides_and_bad_values():
+    """Catches: an override silently ignored; a nonsense value accepted."""
+    card = target("a100", 8, memory_gib=2.0, efficiency=0.5, devices_per_host=4)
+    assert (card.memory_bytes, card.efficiency, card.devices_per_host) == (2 * GIB, 0.5, 4)
+    assert card.peak("bfloat16") == 312e12
+    for kw, msg in ((dict(memory_gib=0.0), "target_memory_gib=0.0 must be > 0"),
+                    (dict(efficiency=1.5), "efficiency=1.5 must be in (0, 1]"),
+                    (dict(devices_per_host=0), "gpus_per_host=0 must be >= 1")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            target("h100", 8, **kw)
+    with pytest.raises(ValueError, match="unknown accelerator"):
+        target("tpu", 8)
+    assert jax.device_count() == 8
