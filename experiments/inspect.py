@@ -60,12 +60,9 @@ def main(argv: list[str]) -> int:
 def inspect() -> None:
     """Print the plan and, with a pipe axis, the schedule grid; with --target, memory and
     step time on that accelerator; with --search, the layouts that fit, fastest first."""
-    from flax import nnx
-
-    from jaxmp.experiment import check_writable, layout, model_config
+    from jaxmp.experiment import check_writable, layout, make_trainer, model_config
     from jaxmp.mesh import format_mesh
     from jaxmp.pipeline import format_timeline, stage_layers
-    from jaxmp.train import Trainer
 
     if F.plot:
         check_writable(F.plot, "plot", directory=False)
@@ -77,8 +74,7 @@ def inspect() -> None:
     family, model_cfg = model_config(cfg)
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     pipe.validate(model_cfg.num_layers, what=family.layers_name)
-    trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(0)), lambda m, b: 0.0, mesh,
-                      rules=rules, shard_state=cfg.layout.shard_state)
+    trainer = make_trainer(cfg, family, model_cfg, mesh, pipe, rules)
     print(f"{family.name} on {format_mesh(mesh)}")
     print(trainer.plan().format())
     rest = "split over data and fsdp" if cfg.layout.shard_state else "--noshard_state"

@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from experiments import analysis
 from experiments.analysis import CollectiveKey, MemoryFigures
@@ -70,16 +69,39 @@ def cpu_accelerator(num_devices: int) -> Accelerator:
     flops = 2 * 1024 ** 3 / best(mm, a)
     copy = 2 * big.nbytes / best(cp, big)  # read + write
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    latency = _collective_latency(num_devices, best)
     return Accelerator(
         name="cpu", device_kinds=("cpu",), memory_bytes=ram // num_devices,
         peak_flops={"float32": flops / num_devices, "bfloat16": flops / num_devices},
         hbm_bytes_per_s=copy / num_devices, intra_host_bytes_per_s=copy / num_devices,
         inter_host_bytes_per_s=copy / num_devices, devices_per_host=num_devices,
-        intra_host_latency_s=20e-6, inter_host_latency_s=20e-6, efficiency=0.3,
+        intra_host_latency_s=latency, inter_host_latency_s=latency, efficiency=0.3,
         unrolled_efficiency=0.3,
         sources=f"measured now on this host ({os.cpu_count()} cores): float32 1024^3 matmul "
                 f"{flops / 1e9:.1f} GFLOP/s, copy {copy / 1e9:.1f} GB/s, RAM "
-                f"{ram / GIB:.1f} GiB, each shared by {num_devices} simulated devices")
+                f"{ram / GIB:.1f} GiB, each shared by {num_devices} simulated devices; "
+                f"one small all-reduce over them {latency * 1e6:.0f} us")
+
+
+def _collective_latency(num_devices: int, best: Any) -> float:
+    """Seconds per small all-reduce over `num_devices` CPU devices inside one program (a
+    program of 33 all-reduces less one of 1, over 32)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if num_devices < 2:
+        return 0.0
+    mesh = Mesh(np.array(jax.devices()[:num_devices]), ("x",))
+    x = jax.device_put(np.ones((num_devices, 256), np.float32),
+                       NamedSharding(mesh, PartitionSpec("x")))
+
+    def chain(n: int) -> Any:
+        def body(a: jax.Array) -> jax.Array:
+            for _ in range(n):
+                a = jax.lax.psum(a, "x") * 0.5
+            return a
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec("x"),
+                                     out_specs=PartitionSpec("x")))
+    return max(0.0, (best(chain(33), x) - best(chain(1), x)) / 32)
 
 
 def target(name: str, num_devices: int, *, memory_gib: float | None = None,
@@ -148,16 +170,14 @@ class Layout:
     def build(cls, cfg: RunConfig, num_layers: int | None = None,
               devices: Any = None) -> Layout:
         """The layout of `cfg` (at `num_layers` layers if given) over `devices` (all)."""
-        from jaxmp.experiment import layout, model_config
+        from jaxmp.experiment import layout, make_trainer, model_config
 
         cfg.validate()
         family, model_cfg = model_config(cfg)
         if num_layers is not None:
             model_cfg = dataclasses.replace(model_cfg, num_layers=num_layers)
         mesh, pipe, rules = layout(cfg, family, model_cfg, devices)
-        trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(0)), family.loss, mesh,
-                          rules=rules, optimizer=cfg.optimizer_config(),
-                          shard_state=cfg.layout.shard_state)
+        trainer = make_trainer(cfg, family, model_cfg, mesh, pipe, rules)
         batches = family.batches(model_cfg, cfg.data.data, cfg.data.batch_size, 0)
         batch = batches.example()
         for x in batch.values():
@@ -232,7 +252,7 @@ class CollectiveTime:
     op: str
     axes: str
     group: int
-    link: str          # "nvlink" | "network"
+    link: str          # "nvlink" | "network" ("in host" for the cpu target)
     count: float
     bytes: float       # the whole buffer per device (analysis.collective_bytes), summed
     seconds: float
@@ -345,6 +365,8 @@ class PlanResult:
         lines.append(f"    {'activations per micro-batch tick':<38} {size(act / self.ticks):>11}"
                      f"  (x {self.ticks} live, remat={self.remat})")
         lines.append(f"    {'peak (args + temps + outputs)':<38} {size(self.peak_bytes):>11}")
+        lines.append(f"    {'(XLA: temporaries, arguments)':<38} {size(self.memory.temp_bytes):>11}"
+                     f"  {size(self.memory.argument_bytes)}")
         if self.activation_scale != 1:
             lines.append(f"    (activations: XLA's CPU figure {size(self.xla_activation_bytes)} x "
                          f"{self.activation_scale:.3f}, the bf16 scale calibrated on an H100)")
@@ -352,8 +374,10 @@ class PlanResult:
         lines.append(f"  step time: {self.step_s * 1e3:.1f} ms (no overlap of collectives "
                      f"and compute; fully overlapped: "
                      f"{max(self.compute_s, self.collective_s) * 1e3:.1f} ms)")
-        lines.append(f"    compute {self.compute_s * 1e3:9.1f} ms  ({self.flops / 1e12:.2f} "
-                     f"TFLOP per device, of which pipeline bubble {self.bubble_s * 1e3:.1f} ms)")
+        work = (f"{self.flops / 1e12:.2f} TFLOP" if self.flops >= 1e12
+                else f"{self.flops / 1e9:.2f} GFLOP")
+        lines.append(f"    compute {self.compute_s * 1e3:9.1f} ms  ({work} per device, of which "
+                     f"pipeline bubble {self.bubble_s * 1e3:.1f} ms)")
         for c in sorted(self.collectives, key=lambda c: -c.seconds):
             if c.seconds * 1e3 >= 0.05:
                 lines.append(f"    {c.op:<18} over {c.axes:<10} ({c.group} devices, {c.link:7})"
@@ -361,7 +385,7 @@ class PlanResult:
                              f"{size(c.bytes)})")
         if self.mfu is not None:
             lines.append(f"  MFU predicted: {self.mfu:.1%} (model FLOPs per step "
-                         f"{self.model_flops / 1e12:.1f} TFLOP)")
+                         f"{self.model_flops / 1e12:.4g} TFLOP)")
         return "\n".join(lines)
 
 
@@ -398,6 +422,8 @@ def collective_times(program: Program, mesh: Mapping[str, int],
         link = link_of(axes, mesh, card.devices_per_host)
         bw, lat = ((card.intra_host_bytes_per_s, card.intra_host_latency_s) if link == "nvlink"
                    else (card.inter_host_bytes_per_s, card.inter_host_latency_s))
+        if card.name not in KNOWN:
+            link = "in host" if link == "nvlink" else link  # (simulated devices: memory)
         seconds = nbytes * RING_FACTOR[op](group) / bw + count * lat
         out.append(CollectiveTime(op, axes, group, link, count, nbytes, seconds))
     return out

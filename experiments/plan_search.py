@@ -3,11 +3,14 @@
 Every layout of the device count is a candidate: data x fsdp x pipe x tensor sizes (tensor
 within a host), micro-batches and circular repeats of the pipeline, gathering FSDP weights
 once per step, rematerialization and gradient accumulation. A rough analytic estimate
-(FLOPs, bubble, recompute, Megatron / FSDP / data-parallel traffic) only orders them; each
-layout proposed has been compiled for the target (experiments.plan) and fits by XLA's own
-memory figures. Two shortcuts keep the compiles few, both from memory falling with more
-remat and more accumulation: a layout needing more memory than one that did not fit is
-not compiled, and one slower than a fitting layout of the same shape is not either.
+(FLOPs, bubble, recompute, Megatron / FSDP / data-parallel / pipeline traffic) only orders
+them; each layout proposed has been compiled for the target (experiments.plan) and fits
+by its plan's memory. The search stops at the compile budget, or once `top` layouts fit
+and the next one's estimate is 1.5x the fastest compiled plan's time. Shortcuts keep the
+compiles few, from memory falling with more remat and more accumulation: a layout needing
+more memory than one that did not fit is not compiled, nor one slower than a fitting
+layout of the same shape, nor one whose activations, scaled from the compiled layouts'
+per token and layer, would not fit.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +33,7 @@ from jaxmp.pipeline import bubble_factor
 
 REMAT_LEVEL = {"none": 0, "dots": 1, "block": 2}
 REMAT_COST = {"none": 1.0, "dots": 1.15, "block": 4 / 3}  # forward recomputed: ~1/3 more
+STOP_MARGIN = 1.5  # the estimate is rough: keep compiling while within 1.5x of the best
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +129,10 @@ def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
         comm += 3 * weights * ticks * c.accum * (f - 1) / f / bw("fsdp")
     if d > 1:  # gather the state's parameters, reduce-scatter the gradients
         comm += 2 * weights * (d - 1) / d / bw("data")
+    if p > 1:  # each tick hands a micro-batch's (rows, T, d) activations on, both ways
+        rows = batch / (d * f * c.accum * c.microbatches)
+        ticks = c.repeats * c.microbatches + p - 1
+        comm += 2 * ticks * c.accum * rows * seq_len * d_model * itemsize / bw("pipe")
     return compute + comm
 
 
@@ -159,7 +168,7 @@ class SearchResult:
 
 def why(p: PlanResult) -> str:
     """The largest terms of a plan in a few words."""
-    parts = [f"compute {p.compute_s / p.step_s:.0%}"]
+    parts = [f"compute {(p.compute_s - p.bubble_s) / p.step_s:.0%}"]
     if p.bubble_s:
         parts.append(f"bubble {p.bubble_s / p.step_s:.0%}")
     axes = p.by_axis()
@@ -195,9 +204,9 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
            remats: tuple[str, ...] = ("none", "dots", "block"),
            progress: Callable[[str], None] | None = None) -> SearchResult:
     """The fitting layouts of `cfg`'s model and global batch on `num_devices` x `card`."""
-    base = Layout.build(replace_flat(cfg, mesh=f"data:{num_devices}", microbatches=1,
-                                     pipeline_repeats=1, grad_accum_steps=1,
-                                     pipeline_fsdp_gather_once=False))
+    base = Layout.build(replace_flat(cfg, mesh="", microbatches=1, pipeline_repeats=1,
+                                     grad_accum_steps=1, pipeline_fsdp_gather_once=False),
+                        devices=jax.devices()[:1])  # the model, its batch and counts
     mc = base.model_cfg
     if not hasattr(mc, "remat"):
         remats = ("none",)
@@ -221,6 +230,7 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
     found: list[tuple[Candidate, PlanResult]] = []
     compiled = 0
     budget_hit = False
+    found_best = math.inf
     for c in order:
         level = REMAT_LEVEL[c.remat]
         if any(REMAT_LEVEL[o.remat] >= level and o.accum >= c.accum for o in misses[c.base]):
@@ -229,8 +239,8 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
         if any(REMAT_LEVEL[o.remat] <= level and o.accum <= c.accum for o in fits[c.base]):
             rejected["slower than a fitting layout of the same shape"] += 1
             continue
-        if len(found) >= 2 * top:
-            break
+        if len(found) >= top and est[c] > STOP_MARGIN * found_best:
+            break  # even its rough estimate is well behind a compiled layout that fits
         info = meshes.get(c.mesh) or meshes.setdefault(c.mesh, _mesh_info(cfg, c))
         if info.error:
             rejected[f"invalid ({info.error})"] += 1
@@ -261,6 +271,7 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
         if result.fits:
             found.append((c, result))
             fits[c.base].append(c)
+            found_best = min(found_best, result.step_s)
         else:
             rejected["compiled, does not fit"] += 1
             misses[c.base].append(c)
@@ -287,6 +298,8 @@ def _mesh_info(cfg: RunConfig, c: Candidate) -> _MeshInfo:
 
 
 def _short(e: Exception) -> str:
+    """The first clause of an error, without the mesh sizes (one reason per kind)."""
     text = str(e).split(";")[0]
     text = text.split(": ", 1)[-1] if text.count(":") else text
+    text = re.sub(r"\b(data|fsdp|pipe|tensor)=\d+", r"\1", text)
     return text if len(text) < 70 else text[:67] + "..."

@@ -125,6 +125,15 @@ def layout(cfg: RunConfig, family: Family, model_cfg: Any, devices: Any = None,
     return mesh, pipe, build_rules(cfg.layout)
 
 
+def make_trainer(cfg: RunConfig, family: Family, model_cfg: Any, mesh: Mesh,
+                 pipe: PipelineSpec, rules: Rules) -> Trainer:
+    """The run's Trainer: the family's model in this layout, its loss, the run's optimizer."""
+    seed = cfg.data.seed
+    return Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(seed)), family.loss, mesh,
+                   rules=rules, optimizer=cfg.optimizer_config(), seed=seed,
+                   shard_state=cfg.layout.shard_state)
+
+
 def _check_paths(cfg: RunConfig) -> None:
     """Files the run will write, checked before anything is computed or created."""
     if not cfg.checkpoint.ckpt_dir and jax.process_count() > 1:
@@ -171,9 +180,7 @@ def prepare(cfg: RunConfig) -> Run:
     family, model_cfg, source = _model(cfg)
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     seed = cfg.data.seed
-    trainer = Trainer(lambda: family.build(model_cfg, pipe, nnx.Rngs(seed)), family.loss, mesh,
-                      rules=rules, optimizer=cfg.optimizer_config(), seed=seed,
-                      shard_state=cfg.layout.shard_state)
+    trainer = make_trainer(cfg, family, model_cfg, mesh, pipe, rules)
     batches = family.batches(model_cfg, cfg.data.data, cfg.data.batch_size, seed)
     for example in batches.example().values():  # the batch splits over accumulation and data
         trainer.batch_spec(example)
