@@ -1,6 +1,10 @@
-"""Print, without training, where every parameter lives and the pipeline schedule.
+"""Print, without training, where every parameter lives and the pipeline schedule; with
+--target, the layout's memory per device and step time on that accelerator; with --search,
+the layouts that fit it, fastest first (experiments/plan.py, plan_search.py).
 
     python -m experiments.inspect --preset=small --mesh=data:2,pipe:2,tensor:2 --microbatches=4
+    python -m experiments.inspect --preset=xl --dtype=bfloat16 --vocab_size=50257 \
+        --batch_size=512 --target=h100 --search --simulate_devices=64
 """
 
 from __future__ import annotations

@@ -184,8 +184,10 @@ class Layout:
             trainer.batch_spec(x)
         return cls(cfg, family, model_cfg, mesh, pipe, trainer, batch, batches.tokens_per_step)
 
-    def compile(self) -> Program:
-        compiled = self.trainer.lower(self.batch).compile()
+    def compile(self, compiled: Any = None) -> Program:
+        """The figures of this layout's compiled train step (compiled now unless given: an
+        executable of `trainer.lower(batch).compile()`, e.g. one that has run)."""
+        compiled = compiled or self.trainer.lower(self.batch).compile()
         text = compiled.as_text()
         coll = analysis.collectives(text, dict(self.mesh.shape))
         return Program(self.model_cfg.num_layers, analysis.memory_figures(compiled),
