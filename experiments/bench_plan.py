@@ -60,11 +60,8 @@ def memory_row(base: dict[str, Any], row: dict[str, Any]) -> Json:
     cfg = RunConfig.flat(**base, **row)
     layout, program, how = planning.compile_program(cfg, "reduced")
     predicted = planning.make_plan(layout, program, planning.target("h100", 8), how)
-    trainer = layout.trainer
-    state = trainer.init_state()
-    state, metrics = trainer.step(state, trainer.put_batch(layout.batch))
-    loss = float(metrics["loss"])
-    ran = memory_figures(trainer.lower(layout.batch).compile())
+    compiled, loss = layout.run_step()
+    ran = memory_figures(compiled)
     return {"layout": _label(row), "how": how, "predicted_bytes": predicted.peak_bytes,
             "measured_bytes": ran.peak_estimate_bytes,
             "ratio": predicted.peak_bytes / ran.peak_estimate_bytes, "loss": loss,

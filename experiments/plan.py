@@ -37,6 +37,7 @@ from experiments import analysis
 from experiments.analysis import CollectiveKey, MemoryFigures
 from jaxmp.accelerators import GIB, KNOWN, Accelerator
 from jaxmp.config import RunConfig, replace_flat
+from jaxmp.layers import CHUNK
 from jaxmp.mesh import format_mesh
 from jaxmp.pipeline import bubble_factor
 from jaxmp.train import Trainer
@@ -184,6 +185,13 @@ class Layout:
             trainer.batch_spec(x)
         return cls(cfg, family, model_cfg, mesh, pipe, trainer, batch, batches.tokens_per_step)
 
+    def run_step(self) -> tuple[Any, float]:
+        """Compile the train step, run one step of it from a fresh state: (the executable,
+        the loss). The executable is the program that ran (pass it to `compile`)."""
+        compiled = self.trainer.lower(self.batch).compile()
+        _, metrics = compiled(self.trainer.init_state(), self.trainer.put_batch(self.batch))
+        return compiled, float(jax.block_until_ready(metrics["loss"]))
+
     def compile(self, compiled: Any = None) -> Program:
         """The figures of this layout's compiled train step (compiled now unless given: an
         executable of `trainer.lower(batch).compile()`, e.g. one that has run)."""
@@ -216,10 +224,10 @@ def compile_program(cfg: RunConfig, depth: str = "auto", card: Accelerator | Non
     For a GPU `card`, see `stand_in`."""
     if depth not in DEPTHS:
         raise ValueError(f"plan_depth={depth!r}: expected one of {', '.join(DEPTHS)}")
+    from jaxmp.experiment import model_config
+
+    cfg, note = stand_in(cfg, model_config(cfg)[1], card)
     full = Layout.build(cfg, devices=devices)
-    cfg, note = stand_in(cfg, full.model_cfg, card)
-    if note:
-        full = Layout.build(cfg, devices=devices)
     unrolled = getattr(full.model_cfg, "scan_layers", True) is False
     depths = reduced_depths(full) if depth == "reduced" or (depth == "auto" and unrolled) else None
     if depths is None:
@@ -242,7 +250,7 @@ def stand_in(cfg: RunConfig, model_cfg: Any, card: Accelerator | None) -> tuple[
     on_gpu = jax.default_backend() == "gpu"
     t = getattr(model_cfg, "seq_len", 0)
     if (not gpu_target or on_gpu or attention not in ("auto", "cudnn")
-            or getattr(model_cfg, "dtype", "") != "bfloat16" or t % min(512, t or 1)):
+            or getattr(model_cfg, "dtype", "") != "bfloat16" or t % min(CHUNK, t or 1)):
         return cfg, ""
     return (replace_flat(cfg, attention="chunked"),
             "; cuDNN flash attention compiled as chunked attention")
@@ -408,6 +416,13 @@ def link_of(axes: str, mesh: Mapping[str, int], devices_per_host: int) -> str:
     return "nvlink" if len(set(group // devices_per_host)) == 1 else "network"
 
 
+def link_speed(card: Accelerator, link: str) -> tuple[float, float]:
+    """(bytes/s per device and direction, seconds of latency per call) of a link_of link."""
+    if link == "nvlink":
+        return card.intra_host_bytes_per_s, card.intra_host_latency_s
+    return card.inter_host_bytes_per_s, card.inter_host_latency_s
+
+
 def collective_times(program: Program, mesh: Mapping[str, int],
                      card: Accelerator) -> list[CollectiveTime]:
     """Ring-algorithm time of each (op, axes) over its link, plus a latency per call."""
@@ -422,8 +437,7 @@ def collective_times(program: Program, mesh: Mapping[str, int],
         if group < 2 or not nbytes:
             continue
         link = link_of(axes, mesh, card.devices_per_host)
-        bw, lat = ((card.intra_host_bytes_per_s, card.intra_host_latency_s) if link == "nvlink"
-                   else (card.inter_host_bytes_per_s, card.inter_host_latency_s))
+        bw, lat = link_speed(card, link)
         if card.name not in KNOWN:
             link = "in host" if link == "nvlink" else link  # (simulated devices: memory)
         seconds = nbytes * RING_FACTOR[op](group) / bw + count * lat

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from experiments import analysis
-from experiments.plan import Layout, PlanResult, compile_program, link_of, make_plan, size
+from experiments.plan import Layout, PlanResult, compile_program, link_of, link_speed, make_plan, size
 from jaxmp.accelerators import Accelerator
 from jaxmp.config import RunConfig, replace_flat
 from jaxmp.mesh import format_mesh
@@ -116,8 +116,7 @@ def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
                / (card.peak(dtype) * card.efficiency_for(True)))
 
     def bw(axis: str) -> float:
-        link = link_of(axis, s, card.devices_per_host)
-        return card.intra_host_bytes_per_s if link == "nvlink" else card.inter_host_bytes_per_s
+        return link_speed(card, link_of(axis, s, card.devices_per_host))[0]
     comm = 0.0
     if t > 1:  # Megatron: 4 all-reduces of a data shard's (rows, T, d) activations per layer
         rows = batch // (d * f)
@@ -290,11 +289,10 @@ def _mesh_info(cfg: RunConfig, c: Candidate) -> _MeshInfo:
     except ValueError as e:  # (ShardingError, PipelineError, MeshError are ValueErrors)
         return _MeshInfo(error=_short(e))
     tr = layout.trainer
-    state = analysis.sharded_bytes(tr.abstract_state(), tr.state_shardings)
-    params = tr.abstract_state().params
-    at_rest = analysis.sharded_bytes(params, tr.state_shardings.params)
-    compute = analysis.sharded_bytes(params, tr.param_shardings)
-    return _MeshInfo(state + compute + (compute if compute > at_rest else 0))
+    at_rest = analysis.sharded_bytes(tr.abstract_params, tr.state_shardings.params)
+    compute = analysis.sharded_bytes(tr.abstract_params, tr.param_shardings)
+    fixed = tr.state_bytes_per_device() + compute + (compute if compute > at_rest else 0)
+    return _MeshInfo(fixed)
 
 
 def _short(e: Exception) -> str:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import jax
 
-from jaxmp.accelerators import by_device_kind
+from jaxmp.accelerators import Accelerator, by_device_kind
 
 
-def _card(device: jax.Device | None):
+def _card(device: jax.Device | None) -> Accelerator | None:
     return by_device_kind(getattr(device or jax.devices()[0], "device_kind", ""))
 
 

@@ -90,14 +90,6 @@ def test_candidates_cover_the_device_count_within_the_limits():
 SMALL = dict(num_layers=16, d_model=64, num_heads=4, seq_len=32, batch_size=16)
 
 
-def _run_step(layout: Layout) -> tuple[object, float]:
-    """Compile the layout's train step, run one step with it: (the executable, loss)."""
-    compiled = layout.trainer.lower(layout.batch).compile()
-    state = layout.trainer.init_state()
-    _, metrics = compiled(state, layout.trainer.put_batch(layout.batch))
-    return compiled, float(jax.block_until_ready(metrics["loss"]))
-
-
 @pytest.mark.slow
 def test_plan_from_shallow_compiles_predicts_the_program_that_runs():
     """The plan of a pipeline with remat extrapolated from 4- and 8-layer compiles, against
@@ -110,7 +102,7 @@ def test_plan_from_shallow_compiles_predicts_the_program_that_runs():
     assert "extrapolated to 16 layers from compiles at 4 and 8 layers" in how
     plan = make_plan(lay, program, H100, how)
     full = Layout.build(cfg)
-    compiled, loss = _run_step(full)
+    compiled, loss = full.run_step()
     assert np.isfinite(loss)
     ran = full.compile(compiled)
     assert plan.peak_bytes == pytest.approx(ran.memory.peak_estimate_bytes, rel=0.10)
@@ -136,7 +128,7 @@ def test_search_proposes_only_layouts_that_compile_run_and_fit():
     assert times == sorted(times)
     for cand, predicted in found.found[:2]:
         assert predicted.fits and predicted.peak_bytes <= budget
-        compiled, loss = _run_step(Layout.build(replace_flat(cfg, **cand.settings())))
+        compiled, loss = Layout.build(replace_flat(cfg, **cand.settings())).run_step()
         assert memory_figures(compiled).peak_estimate_bytes <= budget
         assert np.isfinite(loss), cand.flags()
 
