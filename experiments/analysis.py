@@ -49,6 +49,7 @@ from experiments.hlo import (
     shape_bytes,
     shape_elements,
 )
+from jaxmp.sharding import bytes_per_device as sharded_bytes  # noqa: F401 (re-exported)
 
 
 # ====================================================================== collectives
@@ -293,16 +294,6 @@ def memory_figures(compiled: Any) -> MemoryFigures:
     return MemoryFigures(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                          int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
                          int(m.generated_code_size_in_bytes))
-
-
-def sharded_bytes(abstract: Any, shardings: Any) -> int:
-    """Bytes one device holds of a tree of arrays laid out by `shardings` (the largest
-    shard over devices; shards of uneven splits count in full)."""
-    total = 0
-    for a, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
-        shard = s.shard_shape(tuple(a.shape))
-        total += math.prod(shard) * np.dtype(a.dtype).itemsize
-    return int(total)
 
 
 def tree_bytes(abstract: Any) -> int:

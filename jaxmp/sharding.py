@@ -191,19 +191,13 @@ def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activation
     reshaped inside the step); a no-op outside `activation_sharding`. With `lead_axis`,
     x has one more leading dimension than `names`, split over that mesh axis (or axes)."""
     ctx = _CONTEXT.get()
-    if ctx is None:
+    if ctx is None or ctx[0].size == 1:
         return x
-    mesh, rules = ctx
-    if mesh.size == 1:
-        return x
-    table = rules.params if kind == "params" else rules.activations
     lead = (lead_axis,) if isinstance(lead_axis, str) else tuple(lead_axis or ())
-    exclude = _MAPPED.get() | set(lead)
-    shape = x.shape[1:] if lead_axis else x.shape
-    spec = spec_for(names, shape, mesh, table, strict=False, exclude=exclude)
+    spec = current_spec(names, x.shape[1:] if lead_axis else x.shape, kind, exclude=lead)
     if lead_axis:
         spec = PartitionSpec(lead_axis, *spec)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx[0], spec))
 
 
 def per_replica(params: Any, param_names: Any, rows: Any, row_names: Any, d: int,
@@ -223,14 +217,16 @@ def per_replica(params: Any, param_names: Any, rows: Any, row_names: Any, d: int
 
 
 def current_spec(names: Sequence[str | None], shape: Sequence[int],
-                 kind: str = "activations") -> PartitionSpec | None:
-    """The spec `constrain` would give an array (None outside `activation_sharding`)."""
+                 kind: str = "activations", exclude: Iterable[str] = ()) -> PartitionSpec | None:
+    """The spec `constrain` gives an array (None outside `activation_sharding`): the rules'
+    axes for `names`, less those an enclosing vmap maps and `exclude`."""
     ctx = _CONTEXT.get()
     if ctx is None:
         return None
     mesh, rules = ctx
     table = rules.params if kind == "params" else rules.activations
-    return spec_for(names, shape, mesh, table, strict=False, exclude=_MAPPED.get())
+    return spec_for(names, shape, mesh, table, strict=False,
+                    exclude=_MAPPED.get() | set(exclude))
 
 
 def current_mesh() -> Mesh | None:
@@ -304,6 +300,15 @@ def spread_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
 def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def bytes_per_device(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of arrays (or ShapeDtypeStructs) laid out by the
+    tree of `shardings` (the largest shard; shards of uneven splits count in full)."""
+    total = 0
+    for a, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
+        total += math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+    return int(total)
 
 
 def shards_of(spec: PartitionSpec, mesh: Mesh | Mapping[str, int],

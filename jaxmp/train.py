@@ -24,6 +24,7 @@ from jaxmp.sharding import (
     Plan,
     Rules,
     activation_sharding,
+    bytes_per_device,
     logical_axes,
     mapped_axes,
     named,
@@ -195,10 +196,7 @@ class Trainer:
     def state_bytes_per_device(self) -> int:
         """Bytes one device holds of the train state between steps (parameters, optimizer
         state, step and key), in the layout the state is kept in."""
-        shapes = jax.tree_util.tree_leaves(jax.eval_shape(self._init_state_fn()))
-        shardings = jax.tree_util.tree_leaves(self.state_shardings)
-        return sum(math.prod(sh.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-                   for a, sh in zip(shapes, shardings))
+        return bytes_per_device(jax.eval_shape(self._init_state_fn()), self.state_shardings)
 
     def abstract_state(self) -> TrainState:
         """The state as ShapeDtypeStructs with their shardings (for restoring)."""
