@@ -189,11 +189,28 @@ def _scattered_bytes(site: Site, module: HloModule, group_size: int) -> float:
         return (u.opcode == "fusion" and body is not None
                 and any(i.opcode == "dynamic-slice" for i in body.instructions))
 
+    def sliced_inside(u: HloInstruction, name: str, share: float) -> bool:
+        """A fusion that reads only its own share of operand `name`: the fusion parameter
+        bound to it feeds dynamic-slices of that size alone (a scan's backward body keeps
+        its slice of a reduced layer gradient and writes it into the stacked gradients,
+        so the fusion's own result is the whole stack)."""
+        callee = re.search(r"\bcalls=%([\w.\-]+)", u.attrs)
+        body = module.computations.get(callee.group(1)) if callee else None
+        if u.opcode != "fusion" or body is None:
+            return False
+        index = [str(k) for k, o in enumerate(u.operands) if o == name]
+        params = [i.name for i in body.instructions
+                  if i.opcode == "parameter" and i.args.strip() in index]
+        reads = [i for i in body.instructions if any(p in i.operands for p in params)]
+        return bool(reads) and all(i.opcode == "dynamic-slice" and shape_bytes(i.shape) == share
+                                   for i in reads)
+
     def scattered(name: str, shape: str) -> bool:
         share = shape_bytes(shape) / group_size
         uses = users(name)
-        return (bool(uses) and all(shape_bytes(u.shape) == share for u in uses)
-                and any(slices(u) for u in uses))
+        inside = [sliced_inside(u, name, share) for u in uses]
+        return (bool(uses) and all(shape_bytes(u.shape) == share or i for u, i in zip(uses, inside))
+                and any(slices(u) or i for u, i in zip(uses, inside)))
 
     if not ins.shape.startswith("("):
         return float(shape_bytes(ins.shape)) if scattered(ins.name, ins.shape) else 0.0

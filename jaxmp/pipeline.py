@@ -112,9 +112,10 @@ def _clip(x: Any, lo: int, hi: int) -> Any:
     return jnp.clip(x, lo, hi)
 
 
-def layer_group(t: int, s: int, p: int, m: int) -> int:
-    """Canonical index of the layer group (j*p + s) stage s applies at tick t."""
-    return (item(t, s) // m) * p + s
+def layer_group(t: int, s: int, p: int, m: int, r: int) -> int:
+    """Canonical index of the layer group (j*p + s) stage s applies at tick t, with the
+    round j that `pipeline_apply` picks (round_index), so the schedule's tests test it."""
+    return round_index(t, s, m, r) * p + s
 
 
 def read_slot(t: Any, m: int) -> Any:
@@ -130,7 +131,7 @@ def arrival(t: Any, p: int, m: int, r: int) -> tuple[Any, Any]:
 
 def schedule(p: int, m: int, r: int) -> list[list[tuple[int, int] | None]]:
     """grid[t][s] = (micro-batch, layer group) or None (bubble), for every compute tick."""
-    return [[(microbatch(t, s, m), layer_group(t, s, p, m)) if is_active(t, s, p, m, r) else None
+    return [[(microbatch(t, s, m), layer_group(t, s, p, m, r)) if is_active(t, s, p, m, r) else None
              for s in range(p)] for t in range(num_ticks(p, m, r))]
 
 

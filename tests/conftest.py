@@ -1,6 +1,10 @@
-"""Simulate 8 CPU devices before any JAX backend starts."""
+"""Simulate 8 CPU devices before any JAX backend starts; share compiled programs between
+tests through a persistent compilation cache private to this test session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = " ".join(
@@ -11,3 +15,12 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests compile the same program (the single-device reference, a train() resumed
+# after run_until, a layout checked twice): XLA's cache keyed on the program text makes
+# the second compile a read. New for each session, so nothing carries over between runs.
+_CACHE = tempfile.mkdtemp(prefix="jaxmp-test-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

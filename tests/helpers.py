@@ -15,7 +15,6 @@ from flax import nnx
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, lm_loss
 from jaxmp.pipeline import PipelineSpec
-from jaxmp.sharding import DEFAULT_RULES
 from jaxmp.stack import LayerStack
 from jaxmp.train import OptConfig, Trainer
 
@@ -55,20 +54,52 @@ def train(tr: Trainer, data: list[dict]) -> tuple[list[float], dict, list[float]
     return losses, jax.device_get(state.params), norms
 
 
+FAMILY = {GPT: "gpt"}  # the model classes helpers.run builds, by registry family name
+
+
+def layout_trainer(mesh: str, p: int = 1, m: int = 1, r: int = 1, accum: int = 1, *,
+                   shard_state: bool = True, sequence_parallel: bool = False,
+                   gather_once: bool = False, model: type = GPT, cfg: Any = CFG,
+                   opt: OptConfig = OPT, **layout: Any) -> tuple[Trainer, PipelineSpec]:
+    """The Trainer `experiments.train` would build for these layout options: the options
+    go into a RunConfig and through jaxmp.experiment.layout (mesh, pipeline, the rules that
+    --sequence_parallel adds) and make_trainer, the functions the entry point calls, so a
+    flag that stops reaching the code fails the tests that use this. ("single": one
+    device.)"""
+    from jaxmp import experiment
+    from jaxmp.config import RunConfig
+    from jaxmp.models import registry
+
+    if "llama" not in FAMILY.values():
+        from jaxmp.models.llama import Llama
+        FAMILY[Llama] = "llama"
+    run_cfg = RunConfig.flat(
+        mesh="" if mesh == "single" else mesh, microbatches=m, pipeline_repeats=r,
+        shard_state=shard_state, sequence_parallel=sequence_parallel,
+        pipeline_fsdp_gather_once=gather_once, batch_size=BATCH, steps=opt.total_steps, seed=0,
+        **layout)
+    run_cfg.optimizer = OptConfig(**{**opt.__dict__, "grad_accum_steps": accum})
+    run_cfg.validate()
+    family = registry.get(FAMILY[model])
+    devices = jax.devices()[:1] if mesh == "single" else None
+    m_, pipe, rules = experiment.layout(run_cfg, family, cfg, devices)
+    assert pipe.stages == p, (mesh, p)
+    return experiment.make_trainer(run_cfg, family, cfg, m_, pipe, rules), pipe
+
+
 @functools.cache
 def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_layers,
         accum: int = 1, *, shard_state: bool = True, sequence_parallel: bool = False,
         gather_once: bool = False, model: type = GPT, cfg: Any = None,
         ) -> tuple[list[float], dict, list[float]]:
     """Per-step losses, final parameters (canonical layer order) and per-step gradient
-    norms of STEPS steps (with the layout options of jaxmp.config.LayoutConfig) of `model`
-    with `cfg` (default: CFG with `layers` layers)."""
+    norms of STEPS steps (with the layout options of jaxmp.config.LayoutConfig, through
+    the entry point's own functions: layout_trainer) of `model` with `cfg` (default: CFG
+    with `layers` layers)."""
     cfg = cfg or GPTConfig(**{**CFG.to_json(), "num_layers": layers})
-    pipe = PipelineSpec(p, m, r, fsdp_gather_once=gather_once)
-    opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
-    rules = DEFAULT_RULES.override(activations={"sequence": "tensor"} if sequence_parallel
-                                   else None)
-    tr = trainer(mesh, pipe, cfg, opt, model, rules=rules, shard_state=shard_state)
+    tr, pipe = layout_trainer(mesh, p, m, r, accum, shard_state=shard_state,
+                              sequence_parallel=sequence_parallel, gather_once=gather_once,
+                              model=model, cfg=cfg)
     losses, params, norms = train(tr, batches())
     return losses, canonical(params, pipe, cfg), norms
 
@@ -94,15 +125,18 @@ def _reference_grads() -> tuple[float, dict]:
 
 
 def assert_same_grads(mesh: str, pipe: PipelineSpec = PipelineSpec(), accum: int = 1) -> float:
-    """Loss and gradients of one batch on `mesh` (gradient accumulation in `accum` parts)
-    equal the single-device whole-batch ones: rtol 1e-5 per element, and for elements much
-    smaller than their tensor (sums that cancel) 1e-5 of the tensor's largest gradient
-    (float32 sums in another order). Returns the largest relative difference seen."""
+    """Loss and gradients of one batch on `mesh` (gradient accumulation in `accum` parts;
+    built through the entry point's layout path) equal the single-device whole-batch ones:
+    rtol 1e-5 per element, and for elements much smaller than their tensor (sums that
+    cancel) 1e-5 of the tensor's largest gradient (float32 sums in another order). The
+    evaluation loss of the same batch (the step's layout and accumulation parts, no
+    gradients) equals the loss too. Returns the largest relative difference seen."""
     ref_loss, ref_g = _reference_grads()
-    opt = OptConfig(**{**OPT.__dict__, "grad_accum_steps": accum})
-    tr = trainer(mesh, pipe, opt=opt)
-    loss, g = tr.grads(tr.init_state().params, tr.put_batch(batches(1)[0]))
+    tr, _ = layout_trainer(mesh, pipe.stages, pipe.microbatches, pipe.repeats, accum)
+    params, batch = tr.init_state().params, tr.put_batch(batches(1)[0])
+    loss, g = tr.grads(params, batch)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(float(tr.compiled_eval(batch)(params, batch)), ref_loss, rtol=1e-6)
     g = canonical(jax.device_get(g), pipe)
     worst = []
 

@@ -8,6 +8,7 @@ r=4 rather than r=2: r=2's order [0, 1, 4, 5, 2, 3, 6, 7] is its own inverse, so
 that indexed by the saved order instead of its inverse would restore it correctly.
 """
 
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from jaxmp.experiment import train
 from jaxmp.pipeline import PipelineSpec, storage_order
 from jaxmp.sharding import DEFAULT_RULES
 
-pytestmark = pytest.mark.slow  # whole runs and subprocesses: the full suite only
+slow = pytest.mark.slow  # whole runs and subprocesses: the full suite only
 
 TRAIN_MESH, TRAIN_PIPE = "data:2,pipe:2,tensor:2", PipelineSpec(2, 2, 4)
 # (a) no pipeline (r=1, identity order) on another mesh; (b) another pipe size with its own
@@ -126,6 +127,7 @@ def run(tmp_path_factory):
                 state3=canonical(state, TRAIN_PIPE))
 
 
+@slow
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_full_state_resume_reorders_moments_and_continues_the_run(run, target):
     """Catches: Adam's mu / nu restored in the wrong layer order (inverse permutation or
@@ -148,6 +150,7 @@ def test_full_state_resume_reorders_moments_and_continues_the_run(run, target):
     assert_trees(got.params, run["state3"].params, rtol=1e-5, atol=1e-6)
 
 
+@slow
 def test_train_resumes_a_circular_run_on_another_pipe_size(tmp_path):
     """The same through `experiment.train`, the resume path users run. Catches train()
     restoring without the target's layer order (or with the checkpoint's): a run on the
@@ -169,6 +172,35 @@ def test_train_resumes_a_circular_run_on_another_pipe_size(tmp_path):
                  canonical(straight.state.params, TRAIN_PIPE), rtol=1e-5, atol=1e-6)
 
 
+def test_run_until_then_resume_equals_the_straight_run(tmp_path):
+    """Quick: the real training loop (experiment.train) stopped by --run_until after its
+    step-2 checkpoint and resumed, on data:2,fsdp:4 with 2 accumulation parts, a warm-up
+    and validation every 2 steps, takes steps 3 and 4 like the run that went straight on:
+    the same losses, learning rates, validation losses and final state. A resume that
+    restarts the schedule or the data order, drops Adam's moments or step counters, or
+    evaluates on other batches fails here."""
+    common = dict(num_layers=2, d_model=32, num_heads=4, seq_len=16, batch_size=16, steps=4,
+                  ckpt_every=2, log_every=1, serve_mesh="", warmup_steps=3, mesh="data:2,fsdp:4",
+                  grad_accum_steps=2, eval_every=2, eval_batches=1, async_checkpoint=False)
+    straight = train(RunConfig.flat(**common, ckpt_dir=str(tmp_path / "straight"),
+                                    metrics_file=str(tmp_path / "straight.jsonl")))
+    parts = [train(RunConfig.flat(**common, ckpt_dir=str(tmp_path / "split"),
+                                  metrics_file=str(tmp_path / "split.jsonl"), **extra))
+             for extra in ({"run_until": 2}, {})]
+    assert [len(p.losses) for p in parts] == [2, 2] and int(parts[1].state.step) == 4
+    np.testing.assert_allclose(parts[0].losses + parts[1].losses, straight.losses, rtol=1e-6)
+    read = lambda f: [json.loads(line) for line in open(tmp_path / f)]
+    want, got = read("straight.jsonl"), read("split.jsonl")
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4]
+    for key in ("loss", "learning_rate", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-6,
+                                   err_msg=key)
+    np.testing.assert_allclose([m.get("eval_loss", 0) for m in got],
+                               [m.get("eval_loss", 0) for m in want], rtol=1e-6)
+    assert_trees(jax.device_get(parts[1].state), jax.device_get(straight.state),
+                 rtol=1e-6, atol=1e-7)
+
+
 def _corrupt(step_dir) -> None:
     """Overwrite the array data of one item, as in test_checkpoint's corruption test."""
     for root, _, files in os.walk(step_dir / "params"):
@@ -178,6 +210,7 @@ def _corrupt(step_dir) -> None:
                     fh.write(b"garbage")
 
 
+@slow
 def test_corrupted_latest_falls_back_to_the_previous_steps_values(run, tmp_path):
     """Catches a fall-back that reports the previous step but restores other values (the
     corrupted step's, initial ones, or layers in the saved storage order): after step 2 is
@@ -223,6 +256,7 @@ def _restore_and_check(ckpts, run, steps):
     return state
 
 
+@slow
 def test_killed_save_leftover_is_cleaned_at_next_start_and_good_steps_intact(run, tmp_path):
     """Catches: the temporary directory of a save killed before its commit (step 4, after
     complete steps 1 and 2) listed as a step; removed by a read-only reader (a server opening

@@ -2,20 +2,19 @@
 compiled program: state sharded over data at rest (ZeRO-1), FSDP x pipeline gathering
 once per step, sequence parallelism, and a decode loop that reads weights in place."""
 
+import functools
 import re
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import CFG, assert_same_run, run, trainer
+from helpers import CFG, assert_same_run, layout_trainer, run
 
 from experiments import analysis, hlo
 from jaxmp.models.gpt import GPT, GPTConfig
-from jaxmp.pipeline import PipelineSpec
 from jaxmp.serve import Server
 from jaxmp.sharding import DEFAULT_RULES
-from jaxmp.train import OptConfig
 
 SP = DEFAULT_RULES.override(activations={"sequence": "tensor"})
 SMALL = GPTConfig(num_layers=4, d_model=64, num_heads=8, seq_len=32)
@@ -51,27 +50,78 @@ def _collectives(tr, batch) -> dict:
                                           dict(tr.mesh.shape))
 
 
-@pytest.mark.parametrize("mesh,p,m", [
-    ("data:8", 1, 1), pytest.param("data:2,pipe:2,tensor:2", 2, 4, marks=pytest.mark.slow)])
-def test_state_is_split_over_data_at_rest(mesh, p, m):
-    """Parameters and Adam moments per device within 5% of (total / devices) on layouts
-    with a data axis (ZeRO-1): a state replicated over data is 2x-8x."""
-    tr = trainer(mesh, PipelineSpec(p, m, 1), cfg=SMALL)
+@pytest.mark.slow
+def test_state_is_split_over_data_at_rest_on_a_pipeline():
+    """Parameters and Adam moments per device within 5% of (total / devices) on
+    data:2,pipe:2,tensor:2 (ZeRO-1 with a pipeline): a state replicated over data is 2x."""
+    tr, _ = layout_trainer("data:2,pipe:2,tensor:2", 2, 4, cfg=SMALL)
     compiled = tr.lower(small_batch()).compile()
     state = analysis.sharded_bytes(tr.abstract_state(), compiled.input_shardings[0][0])
     ideal = 3 * analysis.tree_bytes(tr.abstract_params) / tr.mesh.size
     assert ideal <= state <= 1.05 * ideal, (state, ideal)
 
 
-def test_accumulated_gradients_are_reduced_over_data_once():
-    """With 4 accumulation parts on data:8, the gradient reduction over data moves each
-    gradient byte once per step (not once per part)."""
-    opt = OptConfig(grad_accum_steps=4)
-    tr = trainer("data:8", cfg=SMALL, opt=opt)
-    _, found = _collectives(tr, small_batch(32))
+@pytest.fixture(scope="module")
+def sharded_state_programs():
+    """Train steps built the way experiments.train builds them (layout_trainer) with the
+    default --shard_state: data:8 with 4 accumulation parts (batch 32), fsdp:8 (batch 16);
+    per mesh (trainer, compiled, collectives)."""
+    out = {}
+    for mesh, accum, rows in (("data:8", 4, 32), ("fsdp:8", 1, 16)):
+        tr, _ = layout_trainer(mesh, accum=accum, cfg=SMALL)
+        compiled, found = _collectives(tr, small_batch(rows))
+        out[mesh] = (tr, compiled, found)
+    return out
+
+
+@pytest.mark.parametrize("mesh", ["data:8", "fsdp:8"])
+def test_sharded_state_reduce_scatters_gradients_and_gathers_parameters_once(
+        sharded_state_programs, mesh):
+    """The kind, axis and size of each collective --shard_state promises, read from the
+    compiled step: gradients are REDUCE-SCATTERED over the state's axis (each gradient byte
+    once per step, not once per accumulation part), no gradient-sized ALL-REDUCE over it
+    (only scalars: loss, norm; an all-reduce of the same bytes moves twice the data and
+    leaves a replicated gradient), parameters ALL-GATHERED over it (data: once per step;
+    fsdp: per layer, forward and backward, never in the accumulation loop), and the state
+    at rest is total / devices (the memory the option saves). A step that all-reduces its
+    gradients and slices them afterwards, gathers per accumulation part, or keeps a
+    replicated optimizer state fails here."""
+    tr, compiled, found = sharded_state_programs[mesh]
+    axis = mesh.split(":")[0]
     grads = analysis.tree_bytes(tr.abstract_params)
-    reduced = analysis.axis_bytes(found, "data", ("all-reduce", "reduce-scatter"))
-    assert grads <= reduced <= 1.05 * grads, (reduced, grads)
+    kinds = {op: analysis.axis_bytes(found, axis, (op,))
+             for op in ("reduce-scatter", "all-reduce", "all-gather")}
+    assert grads <= kinds["reduce-scatter"] <= 1.1 * grads, kinds
+    assert kinds["all-reduce"] <= 1024, kinds
+    gathered = {k: v for k, v in found.items() if k.op == "all-gather" and k.axes == axis}
+    if axis == "data":
+        assert not any(k.in_loop for k in gathered), gathered
+        assert grads <= kinds["all-gather"] <= 1.05 * grads, kinds
+    else:  # the layer scan gathers each layer forward and again for the backward pass
+        blocks = analysis.tree_bytes(tr.abstract_params["blocks"])
+        looped = sum(b for k, (_, b) in gathered.items() if k.in_loop)
+        assert 1.9 * blocks <= looped <= 2.05 * blocks, (looped, blocks)  # (norms: replicated)
+    state = analysis.sharded_bytes(tr.abstract_state(), compiled.input_shardings[0][0])
+    ideal = 3 * grads / tr.mesh.size
+    assert ideal <= state <= 1.05 * ideal, (state, ideal)
+
+
+def test_fsdp_pipeline_gather_once_keeps_every_fsdp_collective_out_of_the_tick_loop():
+    """--pipeline_fsdp_gather_once (through the entry point's layout path) on
+    fsdp:2,pipe:2,tensor:2 with m=4: no fsdp collective of any kind inside a loop (the
+    ticks, the stage's layers); the stage weights are all-gathered once (about the
+    parameters / (pipe x tensor)) and their gradients reduce-scattered once, with no
+    gradient-sized all-reduce over fsdp. Without the option, gathers run at every tick."""
+    tr, _ = layout_trainer("fsdp:2,pipe:2,tensor:2", 2, 4, gather_once=True, cfg=SMALL)
+    _, found = _collectives(tr, small_batch())
+    fsdp = {k: v for k, v in found.items() if "fsdp" in k.axes.split("+")}
+    assert not [k for k in fsdp if k.in_loop and fsdp[k][1]], fsdp
+    per_device = analysis.tree_bytes(tr.abstract_params) / 4
+    gathered = analysis.axis_bytes(found, "fsdp", ("all-gather",))
+    scattered = analysis.axis_bytes(found, "fsdp", ("reduce-scatter",))
+    assert 0.95 * per_device <= gathered <= 1.1 * per_device, (gathered, per_device)
+    assert 0.95 * per_device <= scattered <= 1.2 * per_device, (scattered, per_device)
+    assert analysis.axis_bytes(found, "fsdp", ("all-reduce",)) <= 1024, fsdp
 
 
 @pytest.mark.slow  # (the quick subset stays under 3 minutes)
@@ -80,8 +130,7 @@ def test_fsdp_pipeline_gathers_once_whatever_the_microbatches():
     over fsdp are the same at m=1 and m=4 (per tick they grow with the tick count), and
     lower than without the option at m=4."""
     def fsdp_bytes(m, once):
-        tr = trainer("fsdp:2,pipe:2,tensor:2", PipelineSpec(2, m, 1, fsdp_gather_once=once),
-                     cfg=SMALL)
+        tr, _ = layout_trainer("fsdp:2,pipe:2,tensor:2", 2, m, gather_once=once, cfg=SMALL)
         _, found = _collectives(tr, small_batch())
         return (analysis.axis_bytes(found, "fsdp", ("all-gather",)),
                 analysis.axis_bytes(found, "fsdp", ("all-reduce", "reduce-scatter")))
@@ -90,16 +139,33 @@ def test_fsdp_pipeline_gathers_once_whatever_the_microbatches():
         assert abs(a - b) <= 0.05 * a and b < 0.7 * c, (one, four, per_tick)
 
 
+@functools.cache
+def _tensor8_program(sequence_parallel: bool) -> tuple[int, dict]:
+    """tensor:8 train step of a 4-layer d=64 T=32 GPT (batch 16), built as the entry point
+    builds it with or without --sequence_parallel: (temp bytes, collectives)."""
+    tr, _ = layout_trainer("tensor:8", sequence_parallel=sequence_parallel, cfg=SMALL)
+    compiled, found = _collectives(tr, small_batch())
+    return analysis.memory_figures(compiled).temp_bytes, found
+
+
 @pytest.fixture(scope="module")
 def sequence_parallel_programs():
-    """tensor:8 train steps of a 4-layer d=64 T=32 GPT (batch 16), without and with
-    sequence parallelism: (temp bytes, collectives) of each."""
-    out = {}
-    for name, rules in (("tp", DEFAULT_RULES), ("sp", SP)):
-        tr = trainer("tensor:8", cfg=SMALL, rules=rules)
-        compiled, found = _collectives(tr, small_batch())
-        out[name] = (analysis.memory_figures(compiled).temp_bytes, found)
-    return out
+    return {"tp": _tensor8_program(False), "sp": _tensor8_program(True)}
+
+
+def test_sequence_parallel_flag_turns_layer_all_reduces_into_reduce_scatters():
+    """--sequence_parallel, through the entry point's layout path (the rule sequence ->
+    tensor it adds), changes the KIND of the layer loop's tensor collectives: 4
+    reduce-scatters and 6 all-gathers of the (b, s, h) activations per layer, and no
+    activation-sized all-reduce left (only the (h,) parameter gradients). A flag that no
+    longer reaches the rules leaves 4 all-reduces per layer and fails here."""
+    L, h = SMALL.num_layers, SMALL.d_model
+    n = 16 * SMALL.seq_len * h * 4
+    K = analysis.CollectiveKey
+    sp = _tensor8_program(True)[1]
+    assert sp.get(K("all-reduce", "tensor", True), (0, 0))[1] <= 6 * h * 4 * L, sp
+    assert sp.get(K("reduce-scatter", "tensor", True), (0, 0))[1] == 4 * L * n, sp
+    assert sp.get(K("all-gather", "tensor", True), (0, 0))[1] == 6 * L * n, sp
 
 
 @pytest.mark.slow  # (the quick subset stays under 3 minutes)
@@ -114,20 +180,14 @@ def test_sequence_parallel_saves_the_predicted_activation_memory(sequence_parall
 
 
 @pytest.mark.slow  # (the quick subset stays under 3 minutes)
-def test_sequence_parallel_collectives_are_megatrons(sequence_parallel_programs):
-    """In the layer loop: without SP, 4 all-reduces of (b, s, h) per layer; with SP, 4
-    reduce-scatters plus 6 all-gathers (4 forward/backward + the backward's re-gather of
-    the two projection inputs), each of the same (b, s, h) buffer, and all-reduces only of
-    the gradients of the 6 replicated (h,) vectors per layer (norms, row-parallel biases),
-    whose inputs are now split over the sequence."""
+def test_tensor_parallel_layer_loop_all_reduces_megatrons_minimum(sequence_parallel_programs):
+    """Without sequence parallelism the layer loop all-reduces 4 (b, s, h) activations per
+    layer over tensor (Megatron's two per block, forward and backward), no more; with it,
+    see test_sequence_parallel_flag_turns_layer_all_reduces_into_reduce_scatters."""
     L, h = SMALL.num_layers, SMALL.d_model
     n = 16 * SMALL.seq_len * h * 4
-    K = analysis.CollectiveKey
-    tp, sp = sequence_parallel_programs["tp"][1], sequence_parallel_programs["sp"][1]
-    assert tp[K("all-reduce", "tensor", True)][1] == 4 * L * n
-    assert sp.get(K("all-reduce", "tensor", True), (0, 0))[1] <= 6 * h * 4 * L
-    assert sp[K("reduce-scatter", "tensor", True)][1] == 4 * L * n
-    assert sp[K("all-gather", "tensor", True)][1] == 6 * L * n
+    tp = sequence_parallel_programs["tp"][1]
+    assert tp[analysis.CollectiveKey("all-reduce", "tensor", True)][1] == 4 * L * n
 
 
 # ---------------------------------------------------------------- decoding
