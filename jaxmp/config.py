@@ -119,6 +119,10 @@ class CheckpointConfig:
                                   "when the newest is unreadable).")
     overwrite: bool = opt(False, "Allow deleting checkpoints already in --ckpt_dir: those of "
                           "an old run with --noresume, those after --resume_step.")
+    allow_config_change: str | None = opt(
+        None, "Comma-separated settings a resume may change from the checkpoint's run (e.g. "
+        "learning_rate,batch_size); any other difference in the optimisation or the data is "
+        "refused. The mesh and pipeline layout may always change; --steps may grow.")
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxmp import throughput
+from jaxmp import rundir, throughput
 from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
 from jaxmp.config import LayoutConfig, RunConfig
 from jaxmp.data import is_byte_source, validation_source
@@ -69,6 +69,8 @@ class Run:
     created_dir: bool = False       # the checkpoint directory is this run's own
     source: Source | None = None    # pretrained weights to start from (--init_from)
     eval_batches: Batches | None = None  # the validation split (--eval_every)
+    lock: rundir.RunLock | None = None   # the run directory's writer lock (process 0)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what a resume changes
 
 
 def build_rules(layout: LayoutConfig) -> Rules:
@@ -188,19 +190,49 @@ def prepare(cfg: RunConfig) -> Run:
     data = {"source": cfg.data.data, "seed": seed, "batch_size": cfg.data.batch_size}
     record = CheckpointRecord.create(
         family.name, family.stack, model_cfg, mesh, rules, pipe, data,
-        tokenizer=_tokenizer(cfg, source, model_cfg), hf_config=source and source.hf_config)
+        tokenizer=_tokenizer(cfg, source, model_cfg), hf_config=source and source.hf_config,
+        run_config=rundir.config_json(cfg))
     path = cfg.checkpoint.ckpt_dir or _fresh_run_dir()
     created = not os.path.exists(path)
-    ckpts = Checkpoints(path, keep=cfg.checkpoint.keep_checkpoints,
-                        async_save=cfg.checkpoint.async_checkpoint)
+    lock = _lock(path)  # before anything in the directory is read, created or deleted
+    try:
+        ckpts = Checkpoints(path, keep=cfg.checkpoint.keep_checkpoints,
+                            async_save=cfg.checkpoint.async_checkpoint)
+    except BaseException:
+        lock.release()
+        if created and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        raise
     run = Run(cfg, family, model_cfg, mesh, pipe, trainer, batches, ckpts, record,
-              created_dir=created, source=source, eval_batches=evals)
+              created_dir=created, source=source, eval_batches=evals, lock=lock)
     try:
         run.resume_from = resume_plan(run)
     except BaseException:
         close_run_dir(run)
         raise
     return run
+
+
+def _lock(path: str) -> rundir.RunLock:
+    """The run directory's writer lock, taken by process 0; every process learns whether it
+    got it (a second training on the directory fails at once, on every process)."""
+    lock = rundir.RunLock(path)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except rundir.RunDirError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(ok) and error is None:
+            error = rundir.RunDirError(f"ckpt_dir={lock.directory} is in use by another training "
+                                       "(process 0 could not lock it; its error says by whom)")
+    if error is not None:
+        raise error
+    return lock
 
 
 def _eval_batches(cfg: RunConfig, family: Family, model_cfg: Any) -> Batches | None:
@@ -215,8 +247,13 @@ def _eval_batches(cfg: RunConfig, family: Family, model_cfg: Any) -> Batches | N
 
 
 def close_run_dir(run: Run) -> None:
-    """Close the checkpoints; a directory this run created and left empty is removed."""
-    run.ckpts.close()
+    """Close the checkpoints and release the run lock; a directory this run created and
+    left empty is removed."""
+    try:
+        run.ckpts.close()
+    finally:
+        if run.lock is not None:
+            run.lock.release()
     path = run.ckpts.directory
     if run.created_dir and os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)
@@ -298,10 +335,22 @@ def _check_resumable(run: Run, steps: list[int], step: int) -> None:
         raise ValueError(f"resume_step={step}: {where} also holds later steps {later}, which "
                          "this run would overwrite; add --overwrite to delete them")
     saved = ckpts.record(step)
-    if saved.family != run.record.family or saved.config != run.record.config:
+    shape, dtype, notes = _model_changes(saved, run.record, cfg)
+    if shape:
+        raise ValueError(f"{where} step {step} holds another model: {'; '.join(shape)}; use "
+                         "the model flags it was trained with, or another --ckpt_dir")
+    refused = dtype
+    if saved.run_config is not None:
+        more, notes2 = rundir.config_changes(saved.run_config, cfg, step)
+        refused, notes = refused + more, notes + notes2
+    if refused:
+        names = ",".join(line.split(":")[0] for line in refused)
         raise ValueError(
-            f"{where} holds a run of {saved.family} {json.dumps(saved.config)}, not of these "
-            "flags; use another ckpt_dir or the original model flags")
+            f"{where} step {step} was trained with other settings; resuming would change "
+            f"{'; '.join(refused)}. Resume with its flags (--flagfile="
+            f"{os.path.join(ckpts.directory, rundir.FLAGFILE)}), allow the change with "
+            f"--allow_config_change={names}, or use another --ckpt_dir")
+    run.notes = notes
     if step > cfg.steps:
         raise ValueError(f"{where} is at step {step}, past steps={cfg.steps}; raise --steps to "
                          "train on, or use another --ckpt_dir")
@@ -310,6 +359,32 @@ def _check_resumable(run: Run, steps: list[int], step: int) -> None:
     if later:
         log(f"--overwrite: deleting steps {later}, after --resume_step={step}")
         ckpts.delete(later)
+
+
+# Model settings that change neither the parameters nor the arithmetic: free on resume.
+FREE_MODEL = ("remat", "attention", "scan_layers")
+
+
+def _model_changes(saved: CheckpointRecord, now: CheckpointRecord,
+                   cfg: RunConfig) -> tuple[list[str], list[str], list[str]]:
+    """Model settings that differ from the checkpoint's, one line each: (shape: refused,
+    the saved parameters are another model's; dtype: refused unless
+    --allow_config_change names it; notes: allowed changes)."""
+    if saved.family != now.family:
+        return [f"model: {saved.family!r} in the checkpoint, {now.family!r} now"], [], []
+    shape, dtype, notes = [], [], []
+    allowed = rundir.parse_allowed(cfg.checkpoint.allow_config_change)
+    for key in sorted(set(saved.config) | set(now.config)):
+        was, new = saved.config.get(key), now.config.get(key)
+        if was == new or key in FREE_MODEL:
+            continue
+        if key == "dtype" and "dtype" in allowed:
+            notes.append(f"dtype {was!r} -> {new!r} (allowed by --allow_config_change)")
+        elif key == "dtype":
+            dtype.append(f"dtype: {was!r} in the checkpoint, {new!r} now")
+        else:
+            shape.append(f"{key}: {was!r} in the checkpoint, {new!r} now")
+    return shape, dtype, notes
 
 
 def resume_or_init(run: Run) -> TrainState:
@@ -338,6 +413,8 @@ def resume_or_init(run: Run) -> TrainState:
         raise CheckpointError(f"{str(e).split('; ')[0]}{hint}") from None
     log(f"resumed from {ckpts.directory} step {step} (trained on {ckpts.record(step).mesh})"
         + (f"; init_from={run.source.path} is not read" if run.source else ""))
+    for note in run.notes:
+        log(f"resume: {note}")
     return state
 
 
@@ -519,6 +596,8 @@ def train(cfg: RunConfig) -> RunResult:
     try:
         describe(run)
         state = resume_or_init(run)
+        if jax.process_index() == 0:
+            rundir.write_config(run.ckpts.directory, cfg)
         ck = cfg.checkpoint
         log(f"checkpoints: {run.ckpts.directory} every {ck.ckpt_every} steps, keeping "
             f"{ck.keep_checkpoints}")
