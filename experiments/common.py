@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 from absl import flags, logging
@@ -58,6 +59,14 @@ def run_guarded(argv: list[str], body: Callable[[], int | None]) -> int:
     try:
         setup_devices()
         return body() or 0
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop took over the signals (while compiling, reading
+        # data or a checkpoint): one line, and out at once. os._exit: a normal interpreter
+        # exit with XLA's compiler threads still running can crash in their teardown.
+        print("interrupted (Ctrl-C) before training started; nothing new was saved",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     except (ValueError, OSError, FloatingPointError, DistributedError) as e:
         fail(str(e))
     except Exception as e:

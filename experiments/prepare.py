@@ -21,6 +21,8 @@ flags.DEFINE_string("tokenizer", None, "tokenizer.json, or a directory holding o
 flags.DEFINE_string("output", None, "Directory for train.bin, val.bin and tokenizer.json.")
 flags.DEFINE_float("val_fraction", 0.01, "Share of documents held out for validation.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("overwrite", False, "Replace the train.bin, val.bin and tokenizer.json "
+                  "already in --output (all three are rewritten together).")
 
 
 def prepare() -> None:
@@ -31,7 +33,7 @@ def prepare() -> None:
         raise ValueError("--input and --output are required")
     check_writable(F.output, "output", directory=True)
     out = run(F.input, F.tokenizer, F.output, val_fraction=F.val_fraction,
-              progress=F.progress)
+              progress=F.progress, overwrite=F.overwrite)
     print(f"{out.documents} documents -> {out.train} ({out.train_tokens:,} tokens), "
           f"{out.val} ({out.val_tokens:,} tokens)")
 

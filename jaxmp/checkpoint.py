@@ -254,11 +254,19 @@ class Checkpoints:
         return reorder_stack(tree, record.stack, record.layer_order, layer_order, shardings)
 
 
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def export_params(src: str, dst: str, *, step: int | None = None,
                   dtype: str | None = None) -> int:
     """Write a params-only checkpoint (optionally cast, e.g. to bfloat16) for deployment.
 
-    The copy keeps the sidecar, so `Server` loads it like a training checkpoint."""
+    The copy keeps the sidecar, so `Server` loads it like a training checkpoint. Only
+    floating-point dtypes: a cast to an integer type rounds every weight to zero."""
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} cannot hold the parameters; use one of "
+                         f"{', '.join(EXPORT_DTYPES)} (integer casts would round every weight "
+                         "to zero)")
     source = Checkpoints(src, create=False)
     step = source.resolve(step)
     record = source.record(step)

@@ -427,6 +427,9 @@ def _say(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- parts of the loop
+DUPLICATE_S = 0.3  # a second Ctrl-C sooner than this is the same request delivered twice
+
+
 class StopSignal:
     """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second: abort at once
     (orbax only ever lists fully written checkpoints, so the last complete one survives)."""
@@ -448,9 +451,10 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            # the same signal again at once is a duplicate (a multi-process job's runtime
-            # and the kernel's parent-death signal can both deliver one), not a second request
-            if time.monotonic() - self._at < 5.0:
+            # the same signal again within DUPLICATE_S is a duplicate (the terminal and the
+            # launcher's forwarding, or the kernel's parent-death signal, deliver one each
+            # within milliseconds), not a person's second request
+            if time.monotonic() - self._at < DUPLICATE_S:
                 return
             _say(f"second {name}: aborting now; the last complete checkpoint is kept\n")
             os._exit(128 + signum)
@@ -659,12 +663,17 @@ class Evaluator:
     def __init__(self, run: Run):
         example = run.eval_batches.example()
         self.fn = run.trainer.compiled_eval(example)
-        shardings = run.trainer.batch_sharding(example)
-        self.batches = [run.eval_batches.device(i, shardings)
-                        for i in range(run.cfg.eval.eval_batches)]
+        self.shardings = run.trainer.batch_sharding(example)
+        self.source, self.count = run.eval_batches, run.cfg.eval.eval_batches
 
     def __call__(self, params: Any) -> float:
-        return float(np.mean(jax.device_get([self.fn(params, b) for b in self.batches])))
+        """The batches are streamed: each is placed, evaluated and dropped in turn (host and
+        device memory stay one batch, whatever --eval_batches is)."""
+        total = None
+        for i in range(self.count):
+            loss = self.fn(params, self.source.device(i, self.shardings))
+            total = loss if total is None else total + loss
+        return float(jax.device_get(total)) / self.count
 
 
 def _finish(run: Run, state: TrainState, losses: list[float], saved: int,

@@ -79,12 +79,23 @@ def documents(path: str) -> Iterator[str]:
         yield doc
 
 
+OUTPUTS = ("train.bin", "val.bin", "tokenizer.json")
+
+
 def prepare(inputs: list[str], tokenizer: str | None, output: str, *,
-            val_fraction: float = 0.01, progress: bool = True) -> Prepared:
+            val_fraction: float = 0.01, progress: bool = True, overwrite: bool = False
+            ) -> Prepared:
     """Tokenize `inputs` (files or directories) into output/train.bin and output/val.bin.
-    Without a tokenizer, text is bytes (vocabulary 256)."""
+    Without a tokenizer, text is bytes (vocabulary 256). An output directory that already
+    holds token files is refused unless `overwrite`; then all three files are rewritten
+    together (a byte-level run removes an old tokenizer.json, which training would
+    otherwise pick up as the data's)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    there = [f for f in OUTPUTS if os.path.exists(os.path.join(output, f))]
+    if there and not overwrite:
+        raise DataError(f"output={output} already holds {', '.join(there)}; use another "
+                        "output directory, or overwrite=True (--overwrite) to replace them")
     files = [f for path in inputs for f in input_files(path)]
     tok = read_tokenizer(tokenizer) if tokenizer else None
     codec = TextCodec(None, tok)
@@ -93,6 +104,7 @@ def prepare(inputs: list[str], tokenizer: str | None, output: str, *,
     docs = [d for f in files for d in documents(f)]
     if not docs:
         raise DataError(f"input={', '.join(inputs)}: no text (every file is empty)")
+    created = not os.path.exists(output)
     os.makedirs(output, exist_ok=True)
     paths = os.path.join(output, "train.bin"), os.path.join(output, "val.bin")
     writers = [TokenWriter(p, vocab) for p in paths]
@@ -115,13 +127,31 @@ def prepare(inputs: list[str], tokenizer: str | None, output: str, *,
     except BaseException:
         for w in writers:
             w.abort()
+        _remove_if_empty(output, created)
         raise
+    if not writers[0].count or not writers[1].count:
+        for w in writers:
+            w.abort()
+        _remove_if_empty(output, created)
+        raise DataError(f"input={', '.join(inputs)}: {writers[0].count + writers[1].count} "
+                        "token(s) are too few to split into training and validation data; "
+                        "give more text")
     for w in writers:
         w.close()
+    tok_path = os.path.join(output, "tokenizer.json")
     if tok is not None:
-        with open(os.path.join(output, "tokenizer.json"), "w", encoding="utf-8") as f:
+        tmp = tok_path + ".partial"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(tok, f, ensure_ascii=False)
+        os.replace(tmp, tok_path)
+    elif os.path.exists(tok_path):  # bytes now: an old tokenizer would be taken as the data's
+        os.remove(tok_path)
     return Prepared(paths[0], paths[1], writers[0].count, writers[1].count, len(docs))
+
+
+def _remove_if_empty(directory: str, created: bool) -> None:
+    if created and os.path.isdir(directory) and not os.listdir(directory):
+        os.rmdir(directory)
 
 
 def _bar(total: int, enabled: bool):

@@ -90,6 +90,30 @@ def test_one_text_file_of_bytes_splits_at_its_end(tmp_path):
     assert (out.train_tokens, out.val_tokens) == (90, 10)
 
 
+def test_prepare_into_a_used_directory_refuses_then_rewrites_all_three(tmp_path):
+    """An output directory already holding token files is refused (nothing touched); with
+    overwrite a byte-level run rewrites train.bin and val.bin AND removes the old
+    tokenizer.json, which training would otherwise take as the new data's tokenizer (and
+    serving would encode prompts with). Too little text for both splits is an error that
+    leaves nothing behind (it used to write an empty val.bin and exit 0)."""
+    f = tmp_path / "a.txt"
+    f.write_text("some text " * 20)
+    out = tmp_path / "o"
+    prepare_text([str(f)], TINY, str(out), progress=False)
+    before = {n: (out / n).read_bytes() for n in ("train.bin", "val.bin", "tokenizer.json")}
+    with pytest.raises(ValueError, match=r"already holds train.bin, val.bin, tokenizer.json; "
+                                         r"use another output directory, or overwrite=True"):
+        prepare_text([str(f)], None, str(out), progress=False)
+    assert {n: (out / n).read_bytes() for n in before} == before
+    prepare_text([str(f)], None, str(out), progress=False, overwrite=True)
+    assert sorted(os.listdir(out)) == ["train.bin", "val.bin"]
+    one = tmp_path / "one.txt"
+    one.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"1 token\(s\) are too few to split"):
+        prepare_text([str(one)], None, str(tmp_path / "o5"), progress=False)
+    assert not (tmp_path / "o5").exists()
+
+
 def test_validation_source():
     assert data.validation_source("builtin", None) == data.BUILTIN_VALIDATION
     assert data.validation_source("builtin", "v.txt") == "v.txt"
