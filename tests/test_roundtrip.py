@@ -1,0 +1,252 @@
+"""Every config field of every built-in family round-trips: through the Hugging Face
+export and import the `convert` command runs (jaxmp.convert.to_hf, then to_checkpoint),
+and through a checkpoint's record. Every field is set off its default (enumerated with
+dataclasses.fields, so a field added later without round-trip support fails here), and
+the exported config.json is compared key by key with the config.json transformers
+itself writes for the same model (tests/fixtures/hf_reference_golden.npz and
+hf_llama_scaled_tiny/config.json, by tests/fixtures/make_hf_fixtures.py; no
+transformers here).
+
+Bugs these catch: an export that writes a default (rope_theta, rms_eps, a rope_scaling
+field, num_kv_heads as num_heads, n_inner dropped, tie_word_embeddings) or an HF name
+transformers does not read; an import that reads a default instead of the file's value;
+a record that loses a field or gives it back in another type (rope_scaling as a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmp import convert
+from jaxmp.checkpoint import CheckpointRecord, Checkpoints, save_params
+from jaxmp.mesh import make_mesh
+from jaxmp.models import registry
+from jaxmp.models.gpt import GPTConfig
+from jaxmp.models.llama import LlamaConfig
+from jaxmp.models.mlp import MLPConfig
+from jaxmp.pipeline import PipelineSpec
+from jaxmp.sharding import DEFAULT_RULES
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+GOLDEN = dict(np.load(os.path.join(FIXTURES, "hf_reference_golden.npz")))
+with open(os.path.join(FIXTURES, "hf_llama_scaled_tiny", "config.json"), encoding="utf-8") as _f:
+    SCALED_CONFIG = json.load(_f)
+# what transformers reads where config.json leaves a key out
+HF_DEFAULTS = {"gpt": json.loads(str(GOLDEN["defaults_gpt2"])),
+               "llama": json.loads(str(GOLDEN["defaults_llama"]))}
+
+# Config fields Hugging Face's config.json cannot hold: they come back as the defaults.
+NOT_IN_HF = {
+    "dtype": "the compute dtype; config.json's dtype is the weights' storage dtype "
+             "(convert --dtype), parameters are float32 in jaxmp whatever the compute dtype",
+    "remat": "a training memory setting (rematerialization), not part of the model",
+    "attention": "the training attention kernel, not part of the model",
+    "scan_layers": "how the stacked layers are applied (scan or loop), not part of the model",
+}
+# jaxmp field -> the config.json key transformers reads it from
+HF_KEYS = {
+    "gpt": {"num_layers": "n_layer", "d_model": "n_embd", "num_heads": "n_head",
+            "seq_len": "n_positions", "vocab_size": "vocab_size", "mlp_ratio": "n_inner"},
+    "llama": {"num_layers": "num_hidden_layers", "d_model": "hidden_size",
+              "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+              "mlp_dim": "intermediate_size", "seq_len": "max_position_embeddings",
+              "vocab_size": "vocab_size", "rope_theta": "rope_parameters",
+              "rope_scaling": "rope_parameters", "rms_eps": "rms_norm_eps",
+              "tie_embeddings": "tie_word_embeddings"},
+}
+# config.json keys fixed by what jaxmp's model is (no field): they must say the same as
+# transformers' for it
+IMPLIED_KEYS = {
+    "gpt": ("activation_function", "layer_norm_epsilon", "tie_word_embeddings",
+            "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention",
+            "model_type"),
+    "llama": ("head_dim", "hidden_act", "attention_bias", "mlp_bias", "model_type"),
+}
+
+# name: (family, config with fields off their defaults, transformers' config.json of the
+# same model)
+HF_CASES = {
+    "gpt": ("gpt", GPTConfig(num_layers=3, d_model=48, num_heads=6, seq_len=72, vocab_size=300,
+                             mlp_ratio=3, dtype="bfloat16", remat="dots", attention="xla",
+                             scan_layers=False),
+            json.loads(str(GOLDEN["config_gpt2"]))),
+    "llama_untied_scaled": (
+        "llama", LlamaConfig(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=45,
+                             seq_len=320, vocab_size=160, rope_theta=500.0,
+                             rope_scaling=(8.0, 1.0, 4.0, 256), rms_eps=0.1,
+                             tie_embeddings=False, dtype="bfloat16", remat="block",
+                             attention="chunked", scan_layers=False),
+        SCALED_CONFIG),
+    "llama_tied_scaled": (
+        "llama", LlamaConfig(num_layers=3, d_model=48, num_heads=6, num_kv_heads=2, mlp_dim=77,
+                             seq_len=200, vocab_size=300, rope_theta=12345.0,
+                             rope_scaling=(4.0, 2.0, 8.0, 64), rms_eps=3e-3,
+                             tie_embeddings=True, dtype="bfloat16", remat="dots",
+                             attention="xla", scan_layers=False),
+        json.loads(str(GOLDEN["config_llama_tied"]))),
+    "llama_default_rope": (
+        "llama", LlamaConfig(num_layers=3, d_model=48, num_heads=6, num_kv_heads=3, mlp_dim=77,
+                             seq_len=200, vocab_size=300, rope_theta=12345.0, rms_eps=3e-3),
+        json.loads(str(GOLDEN["config_llama_default_rope"]))),
+}
+# Configs for the checkpoint record: every built-in family, every field off its default.
+RECORD_CASES = {
+    "gpt": HF_CASES["gpt"][1],
+    "llama": HF_CASES["llama_tied_scaled"][1],
+    "mlp": MLPConfig(input_dim=5, hidden_dim=24, num_layers=2, num_classes=7,
+                     dtype="bfloat16", remat="dots", scan_layers=False),
+}
+
+
+def _builtin_families() -> list[str]:
+    """The families jaxmp itself registers (tests may register others)."""
+    return [n for n in registry.names() if registry.get(n).build.__module__.startswith("jaxmp.")]
+
+
+def _off_default(cfgs: list) -> set[str]:
+    """The fields set off their default in at least one of `cfgs`."""
+    return {f.name for cfg in cfgs for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != f.default}
+
+
+def test_cases_set_every_field_of_every_family_off_its_default():
+    """Guards the cases below: every built-in family with a Hugging Face format has an HF
+    case and every family a record case; together they set every field (dataclasses.fields)
+    off its default; every field is mapped to a config.json key or listed in NOT_IN_HF with
+    its reason. A field added later fails here until it round-trips (or is listed)."""
+    families = _builtin_families()
+    assert {"gpt", "llama", "mlp"} <= set(families)
+    assert set(RECORD_CASES) == set(families)
+    for name in families:
+        assert dataclasses.fields(RECORD_CASES[name]), name
+        fields = {f.name for f in dataclasses.fields(RECORD_CASES[name])}
+        assert _off_default([RECORD_CASES[name]]) == fields, (
+            name, fields - _off_default([RECORD_CASES[name]]))
+        if registry.get(name).hf is None:
+            continue
+        cases = [cfg for fam, cfg, _ in HF_CASES.values() if fam == name]
+        assert cases, f"family {name} has a Hugging Face format but no HF round-trip case"
+        assert _off_default(cases) == fields, (name, fields - _off_default(cases))
+        assert set(HF_KEYS[name]) | set(NOT_IN_HF) == fields, (
+            name, fields - set(HF_KEYS[name]) - set(NOT_IN_HF))
+        for cfg in cases:
+            cfg.validate()
+
+
+def _params(family, cfg) -> dict:
+    """Random weights of the model's shapes (without initialising the model eagerly)."""
+    model = nnx.eval_shape(lambda: family.build(cfg, PipelineSpec(), nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                                  nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _save(path: str, family, cfg, params) -> None:
+    mesh = make_mesh("", devices=jax.devices()[:1])
+    record = CheckpointRecord.create(family.name, family.stack, cfg, mesh, DEFAULT_RULES,
+                                     PipelineSpec(), {"source": "builtin", "seed": 3})
+    save_params(path, 0, params, record)
+
+
+def _record(path: str) -> CheckpointRecord:
+    ckpts = Checkpoints(path, create=False)
+    try:
+        return ckpts.record()
+    finally:
+        ckpts.close()
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_export_and_import_round_trip_every_field(case, tmp_path):
+    """A jaxmp checkpoint -> convert.to_hf -> convert.to_checkpoint (the `convert`
+    command's two directions): every field the format holds comes back equal, the others
+    as their defaults; the exported config.json says what transformers' own config.json for
+    the same model says under each key transformers reads (and the import reads
+    transformers' file to the same config). Catches an export writing a default (rope_theta,
+    rms_norm_eps, a rope_parameters entry, num_key_value_heads = heads, n_inner,
+    tie_word_embeddings) or a misspelt key, and an import reading a default."""
+    fam_name, cfg, theirs = HF_CASES[case]
+    family = registry.get(fam_name)
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    ckpt, out, back = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "back")
+    _save(ckpt, family, cfg, _params(family, cfg))
+    convert.to_hf(ckpt, out)
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        exported = json.load(f)
+
+    # the exported config.json, key by key, against transformers' (a key left out reads
+    # as transformers' default)
+    def read(key: str) -> object:
+        return exported.get(key, HF_DEFAULTS[fam_name].get(key, "(absent)"))
+    for field, key in HF_KEYS[fam_name].items():
+        assert key in theirs, f"transformers' config.json has no {key!r} ({field})"
+        assert read(key) == theirs[key], (field, key, read(key), theirs[key])
+    for key in IMPLIED_KEYS[fam_name]:
+        assert read(key) == theirs[key], (key, read(key), theirs[key])
+
+    # transformers' file reads to this config
+    from_theirs = family.config_from_json(family.hf.config_from_hf(theirs))
+    for name in fields:
+        if name not in NOT_IN_HF:
+            assert getattr(from_theirs, name) == getattr(cfg, name), (name, "import")
+
+    # and the convert command's round trip
+    convert.to_checkpoint(out, back)
+    got = family.config_from_json(_record(back).config)
+    defaults = type(cfg)()
+    for name in fields:
+        want = getattr(defaults, name) if name in NOT_IN_HF else getattr(cfg, name)
+        assert getattr(got, name) == want, (name, getattr(got, name), want)
+        assert type(getattr(got, name)) is type(want), (name, type(getattr(got, name)))
+    assert got == dataclasses.replace(cfg, **{n: getattr(defaults, n) for n in NOT_IN_HF})
+
+
+@pytest.mark.parametrize("family_name", sorted(RECORD_CASES))
+def test_checkpoint_record_round_trips_every_config_field(family_name, tmp_path):
+    """A config with every field off its default saved in a checkpoint's record and read
+    back (save_params, Checkpoints.record, the family's config_from_json): every field
+    equal, of the same type. Catches a field the record drops or a config_from_json that
+    gives a field back in another type (rope_scaling as a list: unequal, unhashable)."""
+    family = registry.get(family_name)
+    cfg = RECORD_CASES[family_name]
+    path = str(tmp_path / "ckpt")
+    _save(path, family, cfg, {"w": np.ones((2, 3), np.float32)})
+    record = _record(path)
+    assert record.family == family_name
+    got = family.config_from_json(record.config)
+    for f in dataclasses.fields(cfg):
+        assert getattr(got, f.name) == getattr(cfg, f.name), f.name
+        assert type(getattr(got, f.name)) is type(getattr(cfg, f.name)), f.name
+    assert got == cfg and hash(got) == hash(cfg)
+
+
+def test_checkpoint_record_keeps_every_record_field():
+    """CheckpointRecord's own fields, each off its default, through its JSON (as the meta
+    item stores it): catches a field to_json or from_json drops or renames. (The run config
+    it keeps, run_config, is checked against the run and its flagfile in
+    tests/test_rundir.py.)"""
+    values = dict(family="llama", config=RECORD_CASES["llama"].to_json(), mesh="pipe:2,tensor:4",
+                  rules=DEFAULT_RULES.to_json(),
+                  pipeline={"stages": 2, "microbatches": 4, "repeats": 2},
+                  layer_order=[0, 2, 1, 3], stack="layers", data={"source": "x", "seed": 5},
+                  versions={"jaxmp": "9"}, step=7, param_shapes={"w": [2, 3]},
+                  params_only=True, param_dtype="bfloat16", tokenizer={"model": {"type": "BPE"}},
+                  hf_config={"model_type": "llama", "rope_parameters": {"rope_theta": 1.0}},
+                  run_config={"steps": 9, "model": {"model": "llama", "preset": "tiny"}})
+    fields = dataclasses.fields(CheckpointRecord)
+    assert {f.name for f in fields} == set(values), set(values) ^ {f.name for f in fields}
+    for f in fields:
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        assert values[f.name] != default, f.name
+    rec = CheckpointRecord(**values)
+    back = CheckpointRecord.from_json(json.loads(json.dumps(rec.to_json())))
+    for f in fields:
+        assert getattr(back, f.name) == values[f.name], f.name
