@@ -188,9 +188,11 @@ def prepare(cfg: RunConfig) -> Run:
         trainer.batch_spec(example)
     evals = _eval_batches(cfg, family, model_cfg)
     data = {"source": cfg.data.data, "seed": seed, "batch_size": cfg.data.batch_size}
+    tokenizer = _tokenizer(cfg, source, model_cfg)
+    _check_demo(cfg, family, model_cfg, trainer, tokenizer)
     record = CheckpointRecord.create(
         family.name, family.stack, model_cfg, mesh, rules, pipe, data,
-        tokenizer=_tokenizer(cfg, source, model_cfg), hf_config=source and source.hf_config,
+        tokenizer=tokenizer, hf_config=source and source.hf_config,
         run_config=rundir.config_json(cfg))
     path = cfg.checkpoint.ckpt_dir or _fresh_run_dir()
     created = not os.path.exists(path)
@@ -211,6 +213,39 @@ def prepare(cfg: RunConfig) -> Run:
         close_run_dir(run)
         raise
     return run
+
+
+def _check_demo(cfg: RunConfig, family: Family, model_cfg: Any, trainer: Trainer,
+                tokenizer: dict | None) -> None:
+    """The closing serve demo's settings, checked before training (a run that trained to
+    its end must not then fail on them): the serving mesh divides the model, the prompt is
+    not empty and leaves room in the context for a completion."""
+    demo = cfg.demo
+    if not (family.generates and demo.serve_mesh and jax.process_count() == 1):
+        return
+    from jaxmp.serve import serving_mesh
+    from jaxmp.sharding import param_specs
+
+    skip = "or --serve_mesh= to skip the closing serve demo"
+    try:
+        mesh = serving_mesh(demo.serve_mesh, jax.devices())
+    except ValueError:
+        mesh = None  # more devices than there are: the demo serves on one (and says so)
+    if mesh is not None:
+        try:
+            param_specs(trainer.abstract_params, trainer.axes, mesh, trainer.rules)
+        except ValueError as e:
+            raise ValueError(f"serve_mesh={demo.serve_mesh}: {e}; choose a serving mesh that "
+                             f"divides the model, {skip}") from None
+    if not demo.serve_prompt.strip():
+        raise ValueError(f"serve_prompt is empty; give the demo a prompt, {skip}")
+    codec = TextCodec(model_cfg.vocab_size, tokenizer)
+    if codec.text or demo.serve_prompt.startswith("ids:"):
+        n = len(codec.encode(demo.serve_prompt))
+        if n >= model_cfg.seq_len:
+            raise ValueError(f"serve_prompt is {n} tokens but the model's context is seq_len="
+                             f"{model_cfg.seq_len}, which leaves no room for a completion; "
+                             f"shorten it, {skip}")
 
 
 def _lock(path: str) -> rundir.RunLock:

@@ -72,7 +72,7 @@ class Server:
             cfg = dataclasses.replace(cfg, attention="auto")
         self.cfg, self.codec = cfg, TextCodec(cfg.vocab_size, tokenizer)
         self.tokenizer = tokenizer  # the JSON of a tokenizer.json, or None
-        self.mesh = mesh if isinstance(mesh, Mesh) else _serving_mesh(mesh, devices)
+        self.mesh = mesh if isinstance(mesh, Mesh) else serving_mesh(mesh, devices)
         self.rules = rules or DEFAULT_RULES
         pipe = PipelineSpec(self.mesh.shape["pipe"], 1, 1)
         self._abstract = nnx.eval_shape(lambda: self.family.build(cfg, pipe, nnx.Rngs(0)))
@@ -314,7 +314,7 @@ def serving_params(model: nnx.Module, params: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def _serving_mesh(spec: str, devices: Sequence[jax.Device] | None) -> Mesh:
+def serving_mesh(spec: str, devices: Sequence[jax.Device] | None) -> Mesh:
     devices = list(devices or jax.devices())
     return make_mesh(spec, devices=devices[:mesh_devices(spec, len(devices))])
 

@@ -99,6 +99,22 @@ def test_bad_paths_and_files_fail_before_anything_is_created(tmp_path, kind, msg
         assert not ckpt.exists()  # nothing left behind
 
 
+@pytest.mark.parametrize("settings,msg", [
+    (dict(serve_mesh="tensor:3"), "serve_mesh=tensor:3: "),
+    (dict(serve_mesh="tensor:2", serve_prompt=""), "serve_prompt is empty"),
+    (dict(serve_mesh="tensor:2", serve_prompt="x" * 40),
+     "serve_prompt is 40 tokens but the model's context is seq_len=32"),
+])
+def test_closing_demo_settings_are_checked_before_training(tmp_path, settings, msg):
+    """The closing serve demo's mesh (4 heads on tensor:3), an empty prompt and a prompt
+    longer than the context used to fail only after training (a run that trained to its end
+    exited 2); now prepare refuses them, naming the flag and --serve_mesh= to skip it."""
+    with pytest.raises(ValueError) as err:
+        prepare(_cfg(tmp_path / "ck", **settings))
+    assert msg in str(err.value) and "--serve_mesh= to skip" in str(err.value), str(err.value)
+    assert not (tmp_path / "ck").exists()
+
+
 # ---------------------------------------------------------------- no checkpoint lost
 @pytest.fixture(scope="module")
 def six_steps(tmp_path_factory):
