@@ -154,8 +154,10 @@ class Engine:
             vocab = logits.shape[-1]
             k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
             kth = jnp.take_along_axis(order, (k - 1)[:, None], axis=-1)
-            probs = jax.nn.softmax(order, axis=-1)
-            # smallest set whose probability reaches top_p: keep tokens whose preceding mass < p
+            # top-p over the top-k tokens' renormalized distribution (the order of Hugging
+            # Face's warpers, vLLM and llama.cpp): the smallest set whose probability reaches
+            # top_p, i.e. the tokens whose preceding mass < p
+            probs = jax.nn.softmax(jnp.where(order >= kth, order, -jnp.inf), axis=-1)
             before = jnp.cumsum(probs, axis=-1) - probs
             cut = jnp.where(before < top_p[:, None], order, jnp.inf).min(axis=-1, keepdims=True)
             keep = (scaled >= kth) & (scaled >= cut)

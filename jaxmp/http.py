@@ -344,7 +344,10 @@ async def _stream(request: Any, handles: list[Handle], spec: CompletionSpec,
             ids.append(event.id)
             text = codec.decode(ids)
             hits = [text.find(x) for x in handle.request.stop if x in text]
-            safe = text[:min(hits)] if hits else (text[:len(text) - hold] if hold else text)
+            # hold back the last `hold` complete characters (a stop may start there), never
+            # counting a character whose bytes are still incomplete as one of them
+            whole = text.rstrip("\ufffd")
+            safe = text[:min(hits)] if hits else whole[:max(0, len(whole) - hold)]
             safe = safe.rstrip("\ufffd")
             delta = safe[len(sent):]
             lp = (_logprob_block(codec, [event.id], [event], spec.logprobs, len(sent))
