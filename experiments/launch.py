@@ -1,7 +1,8 @@
 """Try multi-host on one machine: start N local processes on JAX's distributed runtime.
 
-    python -m experiments.launch --num_processes=2 --devices_per_process=4 -- --steps=20
-    python -m experiments.launch --module=serve -- --ckpt_dir=runs/X --prompt=hi
+    python -m experiments.launch --num_processes=2 --devices_per_process=4 -- --steps=20 \
+        --ckpt_dir=runs/x
+    python -m experiments.launch --max_restarts=3 -- --steps=2000 --ckpt_dir=runs/x
 
 Each process runs `python -m experiments.<module>` with --coordinator_address (a free
 port on 127.0.0.1), --num_processes, --process_id and --simulate_devices added; output
@@ -11,6 +12,12 @@ SIGTERM or Ctrl-C to the launcher is forwarded to every process (each checkpoint
 exits); the launcher waits for them and exits 0 if they all stopped cleanly. If the
 launcher itself is killed, the processes get SIGTERM from the kernel (Linux
 PR_SET_PDEATHSIG), so none is left behind.
+
+With --max_restarts=N a failure (a process killed, a lost peer; not a bad input) stops
+every process and starts them all again, up to N times: they resume from the last complete
+checkpoint (the run's own --resume default), so a failure costs only the steps since it.
+Serving runs in one process: `python -m experiments.serve` (its mesh spans that process's
+devices), so --module=serve is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices per proces
 flags.DEFINE_enum("module", "train", ["train", "serve"], "Entry point each process runs.")
 flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0 = pick a free one).")
 flags.DEFINE_float("grace_s", 10.0, "Seconds the others get to exit after one fails.")
+flags.DEFINE_integer("max_restarts", 0, "After a process fails (not a bad input), stop the "
+                     "others and restart every process from the last complete checkpoint, "
+                     "at most this many times.")
 flags.DEFINE_float("stop_timeout_s", 300.0, "After a forwarded SIGTERM / Ctrl-C: seconds the "
                    "processes get to checkpoint and exit before they are killed.")
 
@@ -94,31 +104,57 @@ def main(argv: list[str]) -> int:
     checks = [("num_processes", F.num_processes >= 1, ">= 1"),
               ("devices_per_process", F.devices_per_process >= 1, ">= 1"),
               ("port", 0 <= F.port <= 65535, "in 0..65535"),
-              ("grace_s", F.grace_s > 0, "> 0"), ("stop_timeout_s", F.stop_timeout_s > 0, "> 0")]
+              ("grace_s", F.grace_s > 0, "> 0"), ("stop_timeout_s", F.stop_timeout_s > 0, "> 0"),
+              ("max_restarts", F.max_restarts >= 0, ">= 0")]
     for name, ok, want in checks:
         if not ok:
             fail(f"--{name}={F[name].value} must be {want}")
+    if F.module == "serve":
+        fail("--module=serve: serving runs in one process (its mesh spans that process's "
+             "devices); run python -m experiments.serve instead")
     stopped: list[str] = []
+    current: list[Workers] = []
 
     def forward(signum: int, frame: object) -> None:  # no print here: it may re-enter one
         stopped.append(signal.Signals(signum).name)
-        workers.signal(signum)
+        for w in current:
+            w.signal(signum)
 
-    workers = Workers(argv[1:])
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    while not stopped and workers.first_failure() is None and any(
-            p.poll() is None for p in workers.procs):
-        time.sleep(0.2)
-    if stopped:
-        print(f"[launch] {stopped[0]}: forwarded to every process; waiting up to "
-              f"{F.stop_timeout_s:.0f}s for them to checkpoint and exit", flush=True)
-        return _after_stop(workers, stopped[0])
-    failed = workers.first_failure()
-    if failed is None:
-        workers.wait(F.grace_s)
-        return 0
-    return _after_failure(workers, failed)
+    args = argv[1:]
+    for attempt in range(F.max_restarts + 1):
+        workers = Workers(args)
+        current[:] = [workers]
+        while not stopped and workers.first_failure() is None and any(
+                p.poll() is None for p in workers.procs):
+            time.sleep(0.2)
+        if stopped:
+            print(f"[launch] {stopped[0]}: forwarded to every process; waiting up to "
+                  f"{F.stop_timeout_s:.0f}s for them to checkpoint and exit", flush=True)
+            return _after_stop(workers, stopped[0])
+        failed = workers.first_failure()
+        if failed is None:
+            workers.wait(F.grace_s)
+            return 0
+        code = _after_failure(workers, failed, last=attempt == F.max_restarts)
+        if code == 2 or attempt == F.max_restarts or stopped:
+            return code
+        print(f"[launch] restart {attempt + 1} of {F.max_restarts}: starting every process "
+              "again; they resume from the last complete checkpoint", flush=True)
+        args = restart_args(args)
+    return 1
+
+
+# Flags that would make a restarted process start over (deleting checkpoints) or resume
+# another step than the newest: a restart resumes the newest complete checkpoint.
+START_OVER = ("--resume", "--noresume", "--overwrite", "--nooverwrite", "--resume_step")
+
+
+def restart_args(args: list[str]) -> list[str]:
+    """The processes' flags for a restart: those that choose how to start dropped, so the
+    run's default applies (resume from the newest checkpoint when there is one)."""
+    return [a for a in args if a.split("=")[0] not in START_OVER]
 
 
 def _after_stop(workers: Workers, name: str) -> int:
@@ -131,7 +167,7 @@ def _after_stop(workers: Workers, name: str) -> int:
     return 1
 
 
-def _after_failure(workers: Workers, failed: int) -> int:
+def _after_failure(workers: Workers, failed: int, last: bool = True) -> int:
     workers.signal(signal.SIGTERM)
     workers.wait(F.grace_s)
     code = workers.procs[failed].returncode
@@ -142,6 +178,10 @@ def _after_failure(workers: Workers, failed: int) -> int:
         return 2
     print(f"[launch] process {failed} failed ({how}); stopped the others. Its last lines:",
           file=sys.stderr)
+    if not last:
+        for line in list(workers.tails[failed])[-3:]:
+            print(f"[p{failed}] {line}", file=sys.stderr)
+        return 1
     for line in workers.tails[failed]:
         print(f"[p{failed}] {line}", file=sys.stderr)
     return 1

@@ -141,3 +141,45 @@ def test_processes_with_different_flags_are_refused(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 2 for p in procs), outs
     assert "process 1 was started with other training flags than process 0" in outs[0][1]
+
+
+def _launch_and_kill(args: list[str], kill_at: int, timeout: float = 600) -> tuple[int, str]:
+    """Start experiments.launch with `args`; SIGKILL worker 1 once worker 0 has logged step
+    `kill_at`. Returns (exit code, output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, victim, killed = [], None, False
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        out.append(line)
+        if victim is None and (m := re.match(r"\[launch\] process 1 pid (\d+)", line)):
+            victim = int(m.group(1))
+        if not killed and re.match(rf"\[p0\] step +{kill_at}/", line):
+            os.kill(victim, signal.SIGKILL)
+            killed = True
+        if time.time() > deadline:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    assert killed, "".join(out)[-3000:]
+    return proc.returncode, "".join(out)
+
+
+def test_a_killed_worker_costs_only_the_steps_since_the_last_checkpoint(tmp_path):
+    """--max_restarts=1: worker 1 is SIGKILLed at step 6 (checkpoints every 4 steps); the
+    launcher stops the other, restarts both, they resume from step 4 and finish; the final
+    parameters equal an uninterrupted two-process run's bit for bit."""
+    common = ["--num_processes=2", "--devices_per_process=4"]
+    flags = [*FLAGS, "--ckpt_every=4"]
+    code, out = _launch_and_kill([*common, "--max_restarts=1", "--", *flags,
+                                  f"--ckpt_dir={tmp_path}/killed"], kill_at=6)
+    assert code == 0, out[-4000:]
+    assert "restart 1 of 1" in out and f"resumed from {tmp_path}/killed step 4" in out, out[-4000:]
+    run_module("experiments.launch", *common, "--", *flags, f"--ckpt_dir={tmp_path}/straight")
+    assert Checkpoints(f"{tmp_path}/killed", create=False).steps()[-1] == 12
+    got = Server.from_checkpoint(f"{tmp_path}/killed", "data:2,pipe:2,tensor:2")
+    want = Server.from_checkpoint(f"{tmp_path}/straight", "data:2,pipe:2,tensor:2")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got.params),
+                           jax.device_get(want.params))
