@@ -68,7 +68,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_pipeline.py", "-k", "gradients_match")),
     Mutation("opt_state_replicated", "optimizer state not sharded like its parameters",
              "jaxmp/train.py", "                return hit[1]", "                return default",
-             ("tests/test_equivalence.py", "-k", "state_bytes")),
+             ("tests/test_equivalence.py", "tests/test_parallel_options.py", "-m", "not slow",
+              "-k", "state_bytes or sharded_state")),
     Mutation("rules_override_ignored", "rule overrides lose to the defaults", "jaxmp/sharding.py",
              "p = {**dict(self.params), **dict(params or {})}",
              "p = {**dict(params or {}), **dict(self.params)}",
@@ -230,7 +231,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("resume_data_restarts", "a resumed run reads the data from the first batch again",
              "jaxmp/experiment.py", "state, metrics = step_fn(state, run.batches.device(step, shardings))",
              "state, metrics = step_fn(state, run.batches.device(step - start, shardings))",
-             ("tests/test_checkpoint_resume.py", "-m", "not slow")),
+             ("tests/test_rundir.py", "-m", "not slow", "-k", "resume_and_replay")),
     # (end of layout section)
     # -- numeric references and config round trips (Hugging Face)
     Mutation("llama3_smooth_ends_swapped",

@@ -17,7 +17,8 @@ def test_layout_matches_single_device(mesh):
 
 @pytest.mark.parametrize("mesh,accum", [
     *(pytest.param(m, 1, marks=pytest.mark.slow) for m in ("data:8", "fsdp:8", "tensor:8")),
-    ("data:2,fsdp:2,tensor:2", 1), ("data:2,fsdp:2,tensor:2", 4), ("single", 2)])
+    pytest.param("data:2,fsdp:2,tensor:2", 1, marks=pytest.mark.slow),
+    ("data:2,fsdp:2,tensor:2", 4), ("single", 2)])
 def test_gradients_match_single_device(mesh, accum):
     """Gradients themselves, not only losses and parameters: a summed (not averaged)
     accumulation, a gradient reduced twice or missing a shard fails here."""
@@ -59,7 +60,7 @@ def _state_bytes(mesh: str, cfg: GPTConfig) -> tuple[int, int]:
     return state, total // shards
 
 
-@pytest.mark.parametrize("mesh", ["fsdp:8", "tensor:8"])
+@pytest.mark.parametrize("mesh", [pytest.param("fsdp:8", marks=pytest.mark.slow), "tensor:8"])
 def test_state_bytes_per_device_near_ideal(mesh):
     cfg = GPTConfig(num_layers=2, d_model=128, num_heads=8, seq_len=16)
     state, ideal = _state_bytes(mesh, cfg)

@@ -96,17 +96,21 @@ LAYOUTS = (
     + [("data:2,pipe:2,tensor:2", 2, m, r, 8) for m, r in [(1, 1), (8, 1), (2, 2), (8, 2)]]
     + [("fsdp:2,pipe:2,tensor:2", 2, m, r, 8) for m, r in [(1, 1), (2, 2), (8, 2)]]
 )
-# -m "not slow": FSDP x the circular pipe, with m, p, r and the axis sizes all different, so
-# an index that confuses micro-batches, stages and rounds cannot pass by symmetry.
-QUICK = ("fsdp:2,pipe:4", 4, 8, 2, 8)
-LAYOUTS = [QUICK] + [pytest.param(*x, marks=pytest.mark.slow) for x in LAYOUTS]
+# -m "not slow": FSDP x the circular pipe x tensor with sequence parallelism, m, p and r
+# all different (an index that confuses micro-batches, stages and rounds cannot pass by
+# symmetry; the quick gradient test below adds unequal axis sizes).
+QUICK = ("fsdp:2,pipe:2,tensor:2", 2, 8, 4, 8, True)
+LAYOUTS = [QUICK] + [pytest.param(*x, False, marks=pytest.mark.slow)
+                     for x in LAYOUTS + [("fsdp:2,pipe:4", 4, 8, 2, 8)]]
 
 
-@pytest.mark.parametrize("mesh,p,m,r,layers", LAYOUTS)
-def test_pipelined_training_matches_single_device(mesh, p, m, r, layers):
+@pytest.mark.parametrize("mesh,p,m,r,layers,sp", LAYOUTS)
+def test_pipelined_training_matches_single_device(mesh, p, m, r, layers, sp):
     """Losses, gradient norms and parameters after 3 steps equal one device's: a wrong
-    buffer slot, round, stage shift or micro-batch row order fails here."""
-    assert_same_run(run(mesh, p, m, r, layers), run("single", layers=layers))
+    buffer slot, round, stage shift or micro-batch row order fails here, and (sp) a
+    sequence split inside the pipeline's stages that drops or double-counts rows."""
+    assert_same_run(run(mesh, p, m, r, layers, sequence_parallel=sp),
+                    run("single", layers=layers))
 
 
 @pytest.mark.parametrize("mesh,p,m,r,accum", [

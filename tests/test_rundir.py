@@ -3,7 +3,9 @@ flagfile that replays it), and resumes that refuse to change the run silently.""
 
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -13,16 +15,21 @@ from jaxmp import experiment, rundir
 from jaxmp.config import RunConfig
 from jaxmp.experiment import prepare, train
 
+# data:2,fsdp:2 x 2 accumulation parts, a warm-up and validation every 2 steps: a resume
+# must restore the sharded state, the schedule's position, the data order and evaluation.
 TINY = dict(num_layers=2, d_model=32, num_heads=4, seq_len=16, batch_size=8, steps=4,
-            ckpt_every=2, log_every=1, serve_mesh="", warmup_steps=1, mesh="data:8",
-            async_checkpoint=False)
+            ckpt_every=2, log_every=1, serve_mesh="", warmup_steps=3, mesh="data:2,fsdp:2,tensor:2",
+            grad_accum_steps=2, eval_every=2, eval_batches=1, async_checkpoint=False)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny run stopped after step 2 (--run_until), with its checkpoint and config."""
-    path = str(tmp_path_factory.mktemp("run") / "ckpt")
-    result = train(RunConfig.flat(**TINY, ckpt_dir=path, run_until=2))
+    """A tiny run stopped after step 2 (--run_until), with its checkpoint, config and
+    metrics. (Every later run of the same layout here reuses its compiled programs.)"""
+    root = tmp_path_factory.mktemp("run")
+    path = str(root / "ckpt")
+    result = train(RunConfig.flat(**TINY, ckpt_dir=path, run_until=2,
+                                  metrics_file=str(root / "first.jsonl")))
     return path, result
 
 
@@ -62,7 +69,8 @@ def test_saved_config_and_flagfile_rebuild_the_run(trained):
     field written as its default instead of its value fails); the checkpoint's record holds
     the config too."""
     path, _ = trained
-    cfg = RunConfig.flat(**TINY, ckpt_dir=path, run_until=2)
+    cfg = RunConfig.flat(**TINY, ckpt_dir=path, run_until=2,
+                         metrics_file=os.path.join(os.path.dirname(path), "first.jsonl"))
     with open(os.path.join(path, rundir.CONFIG_JSON)) as f:
         assert json.load(f) == rundir.config_json(cfg)
     fv = flags.FlagValues()
@@ -79,9 +87,9 @@ def test_saved_config_and_flagfile_rebuild_the_run(trained):
 
 @pytest.mark.parametrize("change,what", [
     (dict(learning_rate=0.01), "learning_rate: 0.001 in the checkpoint, 0.01 now"),
-    (dict(warmup_steps=3), "warmup_steps: 1 in the checkpoint, 3 now"),
+    (dict(warmup_steps=1), "warmup_steps: 3 in the checkpoint, 1 now"),
     (dict(batch_size=16), "batch_size: 8 in the checkpoint, 16 now"),
-    (dict(grad_accum_steps=2, mesh="data:4,tensor:2"), "grad_accum_steps: 1 in the checkpoint, 2 now"),
+    (dict(grad_accum_steps=1), "grad_accum_steps: 2 in the checkpoint, 1 now"),
     (dict(seed=5), "seed: 0 in the checkpoint, 5 now"),
     (dict(weight_decay=0.0), "weight_decay: 0.1 in the checkpoint, 0.0 now"),
     (dict(steps=3), "steps: 4 in the checkpoint, 3 now"),
@@ -106,7 +114,7 @@ def test_resume_allows_what_is_named_and_what_is_free(trained):
     longer schedule is noted); a model of another shape is refused, naming the field."""
     path, _ = trained
     run = prepare(RunConfig.flat(**{**TINY, "learning_rate": 0.01, "steps": 6,
-                                    "mesh": "fsdp:2,tensor:4", "remat": "block", "log_every": 3},
+                                    "mesh": "fsdp:4,tensor:2", "remat": "block", "log_every": 3},
                                  ckpt_dir=path, allow_config_change="learning_rate"))
     try:
         assert run.resume_from == 2
@@ -121,16 +129,38 @@ def test_resume_allows_what_is_named_and_what_is_free(trained):
         prepare(RunConfig.flat(**TINY, ckpt_dir=path, allow_config_change="mesh"))
 
 
-def test_replayed_flags_give_the_same_losses(trained, tmp_path):
-    """The flagfile replays the run: the same flags into another directory give the same
-    losses (a config written with a default instead of its value would not)."""
+def test_resume_and_replay_equal_the_straight_run(trained, tmp_path):
+    """The real training loop (experiment.train) stopped by --run_until after its step-2
+    checkpoint and resumed takes steps 3 and 4 like the run that went straight on: the
+    same losses, gradient norms, learning rates and validation losses, and the same final
+    state. The straight run is the saved flagfile replayed into a new directory without
+    --run_until, so it also shows the flagfile replays the run. A resume that restarts the
+    schedule or the data order, drops Adam's moments or step counters, or evaluates on
+    other batches fails here; so does a flagfile that writes a default for a value."""
     path, first = trained
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(path, resumed_dir)
+    rest = train(RunConfig.flat(**TINY, ckpt_dir=str(resumed_dir),
+                                metrics_file=str(tmp_path / "rest.jsonl")))
     fv = flags.FlagValues()
     flagtree.define(RunConfig, fv)
     fv(["train", f"--flagfile={os.path.join(path, rundir.FLAGFILE)}",
-        f"--ckpt_dir={tmp_path / 'replay'}"])
-    again = train(flagtree.build(RunConfig, fv))
-    np.testing.assert_array_equal(again.losses, first.losses)
+        f"--ckpt_dir={tmp_path / 'straight'}", "--run_until=4",
+        f"--metrics_file={tmp_path / 'straight.jsonl'}"])
+    straight = train(flagtree.build(RunConfig, fv))
+    assert [len(first.losses), len(rest.losses), len(straight.losses)] == [2, 2, 4]
+    np.testing.assert_allclose(first.losses + rest.losses, straight.losses, rtol=1e-6)
+    read = lambda f: [json.loads(line) for line in open(f)]
+    got = read(os.path.join(os.path.dirname(path), "first.jsonl")) + read(tmp_path / "rest.jsonl")
+    want = read(tmp_path / "straight.jsonl")
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4]
+    for key in ("loss", "learning_rate", "grad_norm", "eval_loss"):
+        np.testing.assert_allclose([m.get(key, 0) for m in got], [m.get(key, 0) for m in want],
+                                   rtol=1e-6, err_msg=key)
+    assert sum("eval_loss" in m for m in want) == 2
+    flat = lambda t: jax.tree_util.tree_leaves(jax.device_get(t))
+    for a, b in zip(flat(rest.state), flat(straight.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
