@@ -154,6 +154,11 @@ def main(argv: list[str]) -> int:
         folder = os.path.dirname(os.path.abspath(F.output)) if F.output else ""
         if F.output and not os.path.isdir(folder):
             raise ValueError(f"--output={F.output}: directory {folder} does not exist")
+        if F.output and os.path.isdir(F.output):
+            raise ValueError(f"--output={F.output} is a directory; give a file name, e.g. "
+                             f"--output={os.path.join(F.output, 'bench.json')}")
+        if F.output and not os.access(folder, os.W_OK):
+            raise ValueError(f"--output={F.output}: directory {folder} is not writable")
         if layouts and "structure" not in suites:
             raise ValueError(f"--layouts applies to the structure suite, not --suite={F.suite}")
         out = run(suites, F.quick, layouts, F.gpu_attention)

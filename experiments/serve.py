@@ -40,6 +40,8 @@ def read_prompts(path: str) -> list[str]:
                              f"{raw[e.start:e.start + 1]!r})") from None
         if line.strip():
             out.append(line)
+    if not out:
+        raise ValueError(f"prompt_file={path} holds no prompt (one per non-empty line)")
     return out
 
 
@@ -52,6 +54,9 @@ def _check_before_restore(cfg: ServeConfig, prompts: list[str]) -> dict | None:
     from jaxmp.tokenizer import TextCodec, read_tokenizer
 
     source = open_source(cfg.ckpt_dir, step=cfg.step, name="ckpt_dir")
+    if not source.family.generates:
+        raise ValueError(f"ckpt_dir={cfg.ckpt_dir} holds a {source.family.name} model, which "
+                         "does not generate text; serve a language model (gpt, llama)")
     model_cfg = source.family.config_from_json(source.config)
     tokenizer = read_tokenizer(cfg.tokenizer) if cfg.tokenizer else source.tokenizer
     codec = TextCodec(model_cfg.vocab_size, tokenizer)

@@ -171,6 +171,9 @@ class Checkpoints:
         return steps[-1] if steps else None
 
     def resolve(self, step: int | None) -> int:
+        if step is not None and (not isinstance(step, (int, np.integer)) or isinstance(step, bool)):
+            raise CheckpointError(f"step={step!r} must be an integer (a saved step) or None "
+                                  "(the newest)")
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no complete checkpoint in {self.directory}; train with "

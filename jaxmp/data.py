@@ -65,11 +65,20 @@ def load_tokens(source: str, vocab_size: int) -> np.ndarray:
         if not os.path.exists(source):
             raise DataError(f"data={source}: no such file; pass 'builtin' or a path to a "
                             ".txt, .bin or .npy file")
+        if os.path.isdir(source):
+            raise DataError(f"data={source} is a directory; pass a .txt, .bin or .npy file "
+                            "(experiments.prepare turns a directory of text into train.bin "
+                            "and val.bin)")
         if os.path.getsize(source) == 0:
             raise DataError(f"data={source}: the file is empty")
         ext = os.path.splitext(source)[1].lower()
         if ext == ".npy":
-            tokens = np.load(source, mmap_mode="r")
+            try:
+                tokens = np.load(source, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"data={source}: not a readable .npy array ("
+                                f"{str(e).splitlines()[0][:120]}); write token files with "
+                                "numpy.save or experiments.prepare") from None
             if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
                 raise DataError(f"data={source}: expected a 1-d integer token array, got "
                                 f"{tokens.dtype} of shape {tokens.shape}")

@@ -79,6 +79,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     Must run before any JAX operation.
     """
     _check(coordinator_address, num_processes, process_id)
+    if simulate_devices is not None and simulate_devices < 1:
+        raise DistributedError(f"simulate_devices={simulate_devices} must be >= 1 (CPU devices "
+                               "to simulate)")
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():

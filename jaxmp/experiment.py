@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxmp import rundir, throughput
+from jaxmp import budget, rundir, throughput
 from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
 from jaxmp.config import LayoutConfig, RunConfig
 from jaxmp.data import is_byte_source, validation_source
@@ -150,10 +150,39 @@ def _check_paths(cfg: RunConfig) -> None:
                                     == os.path.abspath(cfg.checkpoint.ckpt_dir)):
             raise ValueError("init_from and ckpt_dir are the same directory; to continue that "
                              "run use --ckpt_dir alone (it resumes), else give a new ckpt_dir")
+        _check_ckpt_dir(cfg.checkpoint.ckpt_dir)
     if cfg.demo.serve_mesh:
         from jaxmp.mesh import parse_mesh
 
         parse_mesh(cfg.demo.serve_mesh, None)  # the axes and sizes; the device count later
+
+
+def _check_profile(cfg: RunConfig, start: int) -> None:
+    """--profile_dir traces the run's third to fifth steps (after compilation)."""
+    end = min(cfg.steps, cfg.run_until) if cfg.run_until else cfg.steps
+    if cfg.log.profile_dir and end - start < Profiler.STEPS:
+        raise ValueError(f"profile_dir={cfg.log.profile_dir}: the trace covers this run's steps "
+                         f"3 to 5, but it takes {end - start}; train at least "
+                         f"{Profiler.STEPS} steps, or drop --profile_dir")
+
+
+def _check_ckpt_dir(path: str) -> None:
+    """A checkpoint directory is a run's own: not a Hugging Face model, not a place inside
+    another run (one of its step directories, or below its files)."""
+    from jaxmp.hf import is_hf_directory
+
+    if is_hf_directory(path):
+        raise ValueError(f"ckpt_dir={path} is a Hugging Face model directory; start from it "
+                         "with --init_from and give a new --ckpt_dir for the run")
+    here = os.path.abspath(path)
+    parent = os.path.dirname(here)
+    while parent != here:
+        if os.path.isfile(os.path.join(parent, rundir.CONFIG_JSON)) or (
+                os.path.basename(here).isdigit()
+                and os.path.isdir(os.path.join(parent, os.path.basename(here), "meta"))):
+            raise ValueError(f"ckpt_dir={path} is inside the run directory {parent}; resume that "
+                             "run with --ckpt_dir=" + parent + ", or give a directory of its own")
+        here, parent = parent, os.path.dirname(parent)
 
 
 def check_writable(path: str, name: str, *, directory: bool) -> None:
@@ -180,9 +209,13 @@ def prepare(cfg: RunConfig) -> Run:
     check_same_flags(cfg)
     _check_paths(cfg)
     family, model_cfg, source = _model(cfg)
+    if getattr(model_cfg, "attention", None) == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"attention=cudnn needs an NVIDIA GPU (this run's backend is "
+                         f"{jax.default_backend()}); use auto, xla or chunked")
     mesh, pipe, rules = layout(cfg, family, model_cfg)
     seed = cfg.data.seed
     trainer = make_trainer(cfg, family, model_cfg, mesh, pipe, rules)
+    budget.check_run_fits(trainer, model_cfg, cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     batches = family.batches(model_cfg, cfg.data.data, cfg.data.batch_size, seed)
     for example in batches.example().values():  # the batch splits over accumulation and data
         trainer.batch_spec(example)
@@ -209,6 +242,7 @@ def prepare(cfg: RunConfig) -> Run:
               created_dir=created, source=source, eval_batches=evals, lock=lock)
     try:
         run.resume_from = resume_plan(run)
+        _check_profile(cfg, run.resume_from or 0)
     except BaseException:
         close_run_dir(run)
         raise
@@ -278,7 +312,13 @@ def _eval_batches(cfg: RunConfig, family: Family, model_cfg: Any) -> Batches | N
         raise ValueError(f"eval_every={cfg.eval.eval_every}: the {family.name} family has no "
                          "validation split; leave eval_every at 0")
     source = validation_source(cfg.data.data, cfg.eval.eval_data)
-    return family.eval_batches(model_cfg, source, cfg.data.batch_size, cfg.data.seed)
+    try:
+        return family.eval_batches(model_cfg, source, cfg.data.batch_size, cfg.data.seed)
+    except ValueError as e:  # the data module names --data; this is the validation source
+        name = "eval_data" if cfg.eval.eval_data else "the validation split (beside --data)"
+        raise type(e)(str(e).replace(f"data={source}", f"{name} {source}", 1)
+                      if name != "eval_data" else str(e).replace("data=", "eval_data=", 1)
+                      ) from None
 
 
 def close_run_dir(run: Run) -> None:
@@ -600,6 +640,8 @@ class Progress:
 
 class Profiler:
     """A profiler trace of the run's steps 3-4 (after compilation), when asked."""
+
+    STEPS = 5  # the run must take this many steps for the trace to close
 
     def __init__(self, directory: str | None, start: int):
         self.directory, self.first, self.last = directory, start + 2, start + 4

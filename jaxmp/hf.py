@@ -38,6 +38,24 @@ class HFError(ValueError):
     """A Hugging Face directory that cannot be used (missing files, unknown keys, ...)."""
 
 
+def require_fields(hf: dict, ints: tuple[str, ...], floats: tuple[str, ...] = ()) -> None:
+    """config.json's shape fields, where present, are positive integers (and `floats`
+    positive numbers). A missing one takes transformers' default, as transformers does
+    (save_pretrained leaves default values out); if the weights then disagree, check_keys
+    names the fields that were left out."""
+    for name in ints:
+        if name not in hf or hf[name] is None:
+            continue
+        value = hf[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise HFError(f"config.json: {name}={value!r} must be a positive integer")
+    for name in floats:
+        value = hf.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise HFError(f"config.json: {name}={value!r} must be a positive number")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """One safetensors tensor <-> one parameter (one layer's slice of a stacked one).
@@ -85,6 +103,7 @@ class HFFormat:
     tensors: Callable[[dict], list[Tensor]]      # family config JSON -> every tensor
     optional_prefix: str = ""      # files may leave it out of the keys (GPT-2 on the hub)
     ignored: tuple[str, ...] = ()  # regexes of keys that are not weights (buffers, tied)
+    shape_keys: tuple[str, ...] = ()  # config.json fields that set the weights' shapes
 
 
 class HFDirectory:
@@ -186,8 +205,12 @@ def check_keys(directory: HFDirectory, fmt: HFFormat, tensors: list[Tensor],
             raise HFError(f"{where}: weight '{name}' is missing")
         shape = tuple(directory.slice(present[name]).get_shape())
         if shape != t.hf_shape:
+            left_out = [k for k in fmt.shape_keys if directory.config.get(k) is None]
             raise HFError(f"{where}: weight '{present[name]}' has shape {shape}; config.json "
-                          f"implies {t.hf_shape}")
+                          f"implies {t.hf_shape}" + (
+                              f" (it leaves out {', '.join(left_out)}, so transformers' "
+                              "defaults were assumed; is it the config these weights were "
+                              "saved with?)" if left_out else ""))
     return {name: present[name] for name in expected}
 
 

@@ -104,6 +104,11 @@ class Server:
             step = ckpts.resolve(step)
             record = ckpts.record(step)
             family = registry.get(record.family)
+            if not family.generates:
+                generating = [n for n in registry.names() if registry.get(n).generates]
+                raise ServeError(f"{ckpt_dir} holds a {record.family} model, which does not "
+                                 "generate text; serving takes a language model ("
+                                 f"{', '.join(generating)})")
             server = cls(family.config_from_json(record.config), mesh, family=record.family,
                          rules=rules or Rules.from_json(record.rules), devices=devices,
                          tokenizer=tokenizer or record.tokenizer)
@@ -251,16 +256,39 @@ class Server:
                 for i, p in enumerate(ids)]
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_request(cfg: Any, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None,
                   codec: TextCodec | None = None) -> list[list[int]]:
     """The prompts as token ids, after checking a request against a model config (its
     vocabulary and context) and text codec: callable before any weights are loaded."""
     codec = codec or TextCodec(cfg.vocab_size)
-    try:
-        ids = [codec.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    except ValueError as e:
-        raise ServeError(str(e)) from None
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+        raise ServeError(f"prompts must be a list of prompts (texts or token-id lists), not a "
+                         f"{type(prompts).__name__}; e.g. [{prompts!r}]"[:300])
+    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
+        if value is not None and not _is_int(value):
+            raise ServeError(f"{name}={value!r} must be an integer")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
+        raise ServeError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            try:
+                ids.append(codec.encode(p))
+            except ValueError as e:
+                raise ServeError(str(e)) from None
+            continue
+        if isinstance(p, bytes) or not isinstance(p, (Sequence, np.ndarray)):
+            raise ServeError(f"prompt {i} is a {type(p).__name__}; a prompt is a text or a list "
+                             "of token ids")
+        bad = [t for t in p if not _is_int(t)]
+        if bad:
+            raise ServeError(f"prompt {i} holds {bad[0]!r}; token ids are integers")
+        ids.append([int(t) for t in p])
     if not ids:
         raise ServeError("no prompts given")
     if max_new_tokens < 1:

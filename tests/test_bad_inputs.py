@@ -218,6 +218,16 @@ ENTRY_CASES = [
     ("experiments.launch", ["--num_processes=0"], "--num_processes=0 must be >= 1"),
     ("experiments.launch", ["--port=70000"], "--port=70000 must be in 0..65535"),
     ("experiments.launch", ["--module=bench"], "module"),
+    ("experiments.launch", ["--module=serve"], "--module=serve: serving runs in one process"),
+    ("experiments.launch", ["--max_restarts=-1"], "--max_restarts=-1 must be >= 0"),
+    ("experiments.train", ["--simulate_devices=0"], "simulate_devices=0 must be >= 1"),
+    ("experiments.train", ["--attention=cudnn"], "attention=cudnn needs an NVIDIA GPU"),
+    ("experiments.train", ["--vocab_size=100000000"], "this run needs at least"),
+    ("experiments.train", ["--batch_size=1000000000"], "one global batch of 1000000000"),
+    ("experiments.train", ["--data=tests"], "data=tests is a directory"),
+    ("experiments.train", ["--ckpt_dir=tests/fixtures/hf_gpt2_tiny"],
+     "is a Hugging Face model directory"),
+    ("experiments.bench", ["--output=tests"], "--output=tests is a directory"),
     ("experiments.bench", ["--suite=nope"], "suite"),
     ("experiments.bench", ["--output=/no/such/dir/b.json"], "does not exist"),
     ("experiments.bench", ["--layouts=data:3", "--output="], "needs 3 devices but 8"),
@@ -259,14 +269,104 @@ def test_entry_points_answer_bad_input_with_one_line(module, flags, msg):
     _no_new_runs(before)
 
 
+# ---------------------------------------------------------------- round two, in-process
+def _bad_npy(tmp):
+    (tmp / "t.npy").write_bytes(b"\x93NUMPY garbage that is no header")
+    return dict(data=str(tmp / "t.npy"))
+
+
+ROUND_TWO = {
+    "directory_as_data": (lambda tmp: dict(data=str(tmp)), "is a directory; pass a .txt"),
+    "garbled_npy": (_bad_npy, "t.npy: not a readable .npy array"),
+    "eval_data_named": (lambda tmp: dict(eval_every=1, eval_data=str(tmp / "v.bin")),
+                        "eval_data="),
+    "cudnn_on_cpu": (lambda tmp: dict(attention="cudnn"), "attention=cudnn needs an NVIDIA GPU"),
+    "huge_vocab": (lambda tmp: dict(vocab_size=100_000_000),
+                   "needs at least"),
+    "huge_batch": (lambda tmp: dict(batch_size=1_000_000_000), "one global batch of"),
+    "profile_too_short": (lambda tmp: dict(steps=3, profile_dir=str(tmp / "prof")),
+                          "the trace covers this run's steps 3 to 5, but it takes 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUND_TWO))
+def test_round_two_settings_fail_before_compute(tmp_path, case):
+    """Each used to fail late or unclearly: a directory as --data (IsADirectoryError), a
+    garbled .npy (numpy's pickle error), --eval_data's errors naming --data, cudnn attention
+    on a CPU (an XLA error at compile), a vocabulary or batch that cannot fit (printed a
+    12.8 GB plan, then the OOM killer; a MemoryError), --profile_dir on a run too short to
+    trace (exit 0, no trace). Now one line from prepare, naming the setting, with nothing
+    left behind."""
+    settings, msg = ROUND_TWO[case]
+    with pytest.raises(ValueError) as err:
+        prepare(_cfg(tmp_path / "ck", **settings(tmp_path)))
+    assert msg in str(err.value) and "\n" not in str(err.value), str(err.value)
+    if case == "eval_data_named":
+        assert "data=" not in str(err.value).replace("eval_data=", ""), str(err.value)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_checkpoint_dirs_that_are_not_a_runs_own(tmp_path):
+    """--ckpt_dir at a Hugging Face model directory, at one of a run's step directories or
+    below a run directory is refused (it used to start a run inside another run's
+    checkpoints, or fail in Orbax). The run directory is laid out as a run leaves it."""
+    import shutil
+
+    from jaxmp import rundir
+
+    six_steps = tmp_path / "run"
+    (six_steps / "3" / "meta").mkdir(parents=True)
+    (six_steps / rundir.CONFIG_JSON).write_text("{}")
+    hf = tmp_path / "hf"
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf_gpt2_tiny"), hf)
+    for path, msg in ((hf, "is a Hugging Face model directory; start from it with "
+                           "--init_from"),
+                      (six_steps / "3", f"is inside the run directory {six_steps}"),
+                      (six_steps / "sub" / "dir", f"is inside the run directory {six_steps}")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            prepare(_cfg(path))
+    assert not (six_steps / "sub").exists()
+
+
+def test_python_api_type_errors_are_one_line(tmp_path):
+    """Wrong types through the Python API: a string as Server.generate's prompt list (it
+    used to serve each character as a prompt), a float max_new_tokens, None or float token
+    ids (silently truncated), a bogus dtype, a step given as a string, an integer export
+    dtype (wrote a model of zeros)."""
+    from jaxmp.checkpoint import export_params
+    from jaxmp.models.gpt import GPTConfig
+    from jaxmp.serve import ServeError, check_request
+
+    cfg = GPTConfig(num_layers=1, d_model=32, num_heads=4, seq_len=16)
+    for args, msg in ((("hi!", 2), "prompts must be a list of prompts"),
+                      ((["hi"], 2.5), "max_new_tokens=2.5 must be an integer"),
+                      (([[None]], 2), "prompt 0 holds None; token ids are integers"),
+                      (([[1.5, 2]], 2), "prompt 0 holds 1.5"),
+                      (([[1, 2]], 2, "x"), "temperature='x' must be a number")):
+        with pytest.raises(ServeError, match=re.escape(msg)):
+            check_request(cfg, *args)
+    with pytest.raises(ValueError, match="dtype='bogus': choose float32 or bfloat16"):
+        GPTConfig(dtype="bogus")
+    with pytest.raises(ValueError, match="num_layers='4' must be an integer"):
+        GPTConfig(num_layers="4")
+    with pytest.raises(CheckpointError, match="step='3' must be an integer"):
+        Checkpoints(str(tmp_path / "ck")).resolve("3")
+    with pytest.raises(ValueError, match="dtype='int8' cannot hold the parameters"):
+        export_params(str(tmp_path / "ck"), str(tmp_path / "int8"), dtype="int8")
+    assert not (tmp_path / "int8").exists()
+
+
 @pytest.mark.slow
 def test_serve_checks_the_request_before_reading_weights(tmp_path, six_steps):
     bad = tmp_path / "p.txt"
     bad.write_bytes(b"fine\n\xff\xfe broken\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
     cases = [(["--max_new_tokens=0"], "max_new_tokens=0 must be >= 1"),
              (["--temperature=-1"], "temperature=-1.0 must be a number >= 0"),
              (["--max_new_tokens=40"], "overflows the context of 32"),
              ([f"--prompt_file={bad}"], f"prompt_file={bad} line 2 is not UTF-8"),
+             ([f"--prompt_file={empty}"], f"prompt_file={empty} holds no prompt"),
              (["--output_file=/no/such/dir/o.jsonl"], "output_file=/no/such/dir/o.jsonl")]
     for flags, msg in cases:
         proc = run_module("experiments.serve", f"--ckpt_dir={six_steps}", "--prompt=x", *flags,

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmp import data
 
@@ -34,10 +35,19 @@ class DecoderShape:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    def __post_init__(self) -> None:
+        self.validate()  # a config that cannot build a model is an error where it is made
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
     def check(self, sizes: tuple[str, ...]) -> None:
         for name in sizes:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+            if value < 1:
+                raise ValueError(f"--{name}={value} must be >= 1")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
         if self.attention not in ("auto", "xla", "cudnn", "chunked"):

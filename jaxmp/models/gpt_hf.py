@@ -10,7 +10,7 @@ zero rows on import, cut off on export.
 
 from __future__ import annotations
 
-from jaxmp.hf import HFError, HFFormat, Tensor
+from jaxmp.hf import HFError, HFFormat, Tensor, require_fields
 
 # transformers' names for the tanh approximation jaxmp's GPT uses
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -22,6 +22,8 @@ def config_from_hf(hf: dict) -> dict:
         if not ok:
             raise HFError(f"config.json: {name}={hf.get(name)!r} is not supported; jaxmp's GPT "
                           f"needs {want}")
+    require_fields(hf, ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner"),
+                   ("layer_norm_epsilon",))
     d = hf.get("n_embd", 768)
     need("activation_function", hf.get("activation_function", "gelu_new") in TANH_GELU,
          "the tanh GELU (gelu_new)")
@@ -83,4 +85,5 @@ def tensors(cfg: dict) -> list[Tensor]:
 GPT2 = HFFormat(
     model_type="gpt2", architecture="GPT2LMHeadModel", config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, tensors=tensors, optional_prefix="transformer.",
-    ignored=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)", r"lm_head\.weight"))
+    ignored=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)", r"lm_head\.weight"),
+    shape_keys=("n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner"))

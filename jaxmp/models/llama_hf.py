@@ -12,7 +12,7 @@ are an error.
 
 from __future__ import annotations
 
-from jaxmp.hf import HFError, HFFormat, Tensor
+from jaxmp.hf import HFError, HFFormat, Tensor, require_fields
 
 
 def _rope(hf: dict) -> tuple[float, list | None]:
@@ -37,6 +37,10 @@ def config_from_hf(hf: dict) -> dict:
         if not ok:
             raise HFError(f"config.json: {name}={hf.get(name)!r} is not supported; jaxmp's "
                           f"Llama needs {want}")
+    require_fields(hf, ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                        "intermediate_size", "vocab_size", "max_position_embeddings"),
+                   ("rms_norm_eps", "rope_theta"))
+    require_fields(hf, ("num_key_value_heads", "head_dim"))
     d, n = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
     need("hidden_act", hf.get("hidden_act", "silu") == "silu", "silu (SwiGLU)")
     need("attention_bias", not hf.get("attention_bias"), "false")
@@ -101,4 +105,6 @@ def tensors(cfg: dict) -> list[Tensor]:
 LLAMA = HFFormat(
     model_type="llama", architecture="LlamaForCausalLM", config_from_hf=config_from_hf,
     config_to_hf=config_to_hf, tensors=tensors,
-    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"lm_head\.weight"))
+    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"lm_head\.weight"),
+    shape_keys=("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "head_dim"))
