@@ -67,7 +67,15 @@ def run_guarded(argv: list[str], body: Callable[[], int | None]) -> int:
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
-    except (ValueError, OSError, FloatingPointError, DistributedError) as e:
+    except DistributedError as e:
+        if getattr(e, "peer_lost", False):
+            # a peer is gone: JAX's shutdown at exit would wait for it and abort with a
+            # stack dump, so say it in one line and leave at once
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        fail(str(e))
+    except (ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
     except Exception as e:
         if os.environ.get("JAXMP_TRACEBACK"):

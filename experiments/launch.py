@@ -39,7 +39,8 @@ flags.DEFINE_integer("num_processes", 2, "Local processes to start.")
 flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices per process.")
 flags.DEFINE_enum("module", "train", ["train", "serve"], "Entry point each process runs.")
 flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0 = pick a free one).")
-flags.DEFINE_float("grace_s", 10.0, "Seconds the others get to exit after one fails.")
+flags.DEFINE_float("grace_s", 20.0, "Seconds the others get to exit after one fails (a "
+                   "survivor notices a lost peer within 10 s and says so).")
 flags.DEFINE_integer("max_restarts", 0, "After a process fails (not a bad input), stop the "
                      "others and restart every process from the last complete checkpoint, "
                      "at most this many times.")

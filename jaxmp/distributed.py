@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -109,3 +112,94 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise DistributedError(f"could not join the distributed runtime at {where} within "
                                f"{timeout_s}s (process {process_id} of {num_processes}): {first}; "
                                "check that process 0 runs and the address is reachable") from e
+
+
+class PeerWatch:
+    """A thread that notices, within `stale_s`, a process of this job that has stopped (a
+    killed worker, a lost host) and ends this one with one line naming it and `where`
+    (what survives: the last complete checkpoint), instead of JAX's coordination-service
+    abort (a stack dump, signal 6) after its heartbeat timeout.
+
+    Each process writes a heartbeat counter into the coordination service's key-value
+    store every `every_s` and reads the others'; one that has not moved for `stale_s` (or
+    a store that cannot be reached: process 0, which holds it, is gone) is lost. The
+    thread only reads and writes small keys, so a long compile or checkpoint elsewhere in
+    the process does not stop it.
+    """
+
+    def __init__(self, where: Callable[[], str], *, every_s: float = 1.0, stale_s: float = 10.0):
+        self.where, self.every_s, self.stale_s = where, every_s, stale_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeerWatch:
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        if jax.process_count() > 1 and client is not None:
+            self._thread = threading.Thread(target=self._run, args=(client,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+
+    def _run(self, client: Any) -> None:
+        me, n = jax.process_index(), jax.process_count()
+        seen: dict[int, tuple[str, float]] = {}
+        beat = 0
+        while not self._stop.wait(self.every_s):
+            beat += 1
+            now = time.monotonic()
+            try:
+                client.key_value_set(f"jaxmp/heartbeat/{me}", str(beat), allow_overwrite=True)
+                for p in range(n):
+                    if p == me:
+                        continue
+                    value = client.key_value_try_get(f"jaxmp/heartbeat/{p}")
+                    if p not in seen or seen[p][0] != value:
+                        seen[p] = (value, now)
+                    elif now - seen[p][1] > self.stale_s:
+                        self._lost(f"process {p} stopped responding ({self.stale_s:.0f}s "
+                                   "without a heartbeat)")
+            except Exception as e:  # noqa: BLE001 (the store is gone with process 0)
+                if self._stop.is_set():
+                    return
+                if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                    continue  # a peer that has not written its first heartbeat yet
+                self._lost(f"lost the coordinator (process 0): {str(e).splitlines()[0][:120]}")
+
+    def lost_message(self, what: str) -> str:
+        try:
+            where = self.where()
+        except Exception:  # noqa: BLE001
+            where = "the checkpoint directory"
+        return (f"process {jax.process_index()}: {what}; the job cannot continue. Last "
+                f"complete checkpoint: {where}; restart every process to resume from it "
+                "(experiments.launch --max_restarts=N does)")
+
+    def _lost(self, what: str) -> None:
+        if self._stop.is_set():
+            return
+        os.write(2, f"error: {self.lost_message(what)}\n".encode())
+        os._exit(1)
+
+    def dead_peers(self, wait_s: float = 3.0) -> str:
+        """Which peers have stopped, by whether their heartbeats move within `wait_s` (for
+        the error after a collective failed: gloo notices a dead peer at once)."""
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        me, n = jax.process_index(), jax.process_count()
+        read = lambda: {p: client.key_value_try_get(f"jaxmp/heartbeat/{p}")
+                        for p in range(n) if p != me}
+        try:
+            before = read()
+            time.sleep(wait_s)
+            after = read()
+        except Exception:  # noqa: BLE001 (the store lives in process 0)
+            return "process 0 (the coordinator) stopped"
+        dead = [p for p in before if before[p] == after[p]]
+        if not dead:
+            return "a collective failed, though every peer still answers"
+        return f"process {', '.join(map(str, dead))} stopped responding"

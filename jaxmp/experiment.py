@@ -27,6 +27,7 @@ from jaxmp import budget, rundir, throughput
 from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
 from jaxmp.config import LayoutConfig, RunConfig
 from jaxmp.data import is_byte_source, validation_source
+from jaxmp.distributed import DistributedError, PeerWatch
 from jaxmp.mesh import format_mesh, make_mesh
 from jaxmp.models import registry
 from jaxmp.models.registry import Batches, Family
@@ -35,6 +36,11 @@ from jaxmp.pretrained import Source, open_source
 from jaxmp.sharding import DEFAULT_RULES, Rules, parse_rule_overrides
 from jaxmp.tokenizer import TextCodec, read_tokenizer
 from jaxmp.train import Trainer, TrainState
+
+
+class PeerLost(DistributedError):
+    """Another process of the job stopped: this one cannot go on."""
+    peer_lost = True  # the entry point exits at once (JAX's shutdown would wait for it)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -155,6 +161,16 @@ def _check_paths(cfg: RunConfig) -> None:
         from jaxmp.mesh import parse_mesh
 
         parse_mesh(cfg.demo.serve_mesh, None)  # the axes and sizes; the device count later
+
+
+def _last_complete(directory: str) -> str:
+    """The newest complete checkpoint step in a run directory, read from the file system
+    alone (a peer is lost: no collective can run)."""
+    from jaxmp.checkpoint import TMP_MARK
+
+    steps = sorted(int(e) for e in os.listdir(directory)
+                   if e.isdigit() and TMP_MARK not in e)
+    return f"step {steps[-1]} in {directory}" if steps else f"none yet in {directory}"
 
 
 def _check_profile(cfg: RunConfig, start: int) -> None:
@@ -685,8 +701,14 @@ def train(cfg: RunConfig) -> RunResult:
         start = int(jax.device_get(state.step))
         end = min(cfg.steps, cfg.run_until) if cfg.run_until else cfg.steps
         t0, progress = time.perf_counter(), Progress(run, start)
-        with stop:
-            state, saved = _loop(run, state, start, end, pending, progress, stop)
+        with stop, PeerWatch(lambda: _last_complete(run.ckpts.directory)) as peers:
+            try:
+                state, saved = _loop(run, state, start, end, pending, progress, stop)
+            except jax.errors.JaxRuntimeError as e:
+                if jax.process_count() == 1:
+                    raise
+                raise PeerLost(peers.lost_message(
+                    f"{peers.dead_peers()} ({str(e).splitlines()[0][:100]})")) from None
     finally:
         if progress:
             progress.close()

@@ -183,3 +183,16 @@ def test_a_killed_worker_costs_only_the_steps_since_the_last_checkpoint(tmp_path
     want = Server.from_checkpoint(f"{tmp_path}/straight", "data:2,pipe:2,tensor:2")
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got.params),
                            jax.device_get(want.params))
+
+
+def test_a_survivor_names_its_dead_peer_and_the_last_checkpoint(tmp_path):
+    """Without --max_restarts: worker 1 SIGKILLed at step 6; worker 0's last line says
+    process 1 stopped responding and names the last complete checkpoint (step 4), instead
+    of the runtime's abort (a stack dump and signal 6 after its heartbeat timeout)."""
+    code, out = _launch_and_kill(["--num_processes=2", "--devices_per_process=4", "--",
+                                  *FLAGS, "--ckpt_every=4", f"--ckpt_dir={tmp_path}/ck"],
+                                 kill_at=6)
+    assert code != 0
+    p0 = [line for line in out.splitlines() if line.startswith("[p0] ")]
+    assert "process 1 stopped responding" in p0[-1], out[-3000:]
+    assert f"Last complete checkpoint: step 4 in {tmp_path}/ck" in p0[-1], p0[-1]
