@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxmp import budget, rundir, throughput
-from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
+from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints, remove_leftovers
 from jaxmp.config import LayoutConfig, RunConfig
 from jaxmp.data import is_byte_source, validation_source
 from jaxmp.distributed import DistributedError, PeerWatch
@@ -343,9 +343,11 @@ def close_run_dir(run: Run) -> None:
     try:
         run.ckpts.close()
     finally:
+        path = run.ckpts.directory
+        if jax.process_index() == 0:  # a save that failed (a full disk) leaves no temp dir
+            remove_leftovers(path)
         if run.lock is not None:
             run.lock.release()
-    path = run.ckpts.directory
     if run.created_dir and os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)
 
@@ -425,6 +427,9 @@ def _check_resumable(run: Run, steps: list[int], step: int) -> None:
     if later and not ck.overwrite:
         raise ValueError(f"resume_step={step}: {where} also holds later steps {later}, which "
                          "this run would overwrite; add --overwrite to delete them")
+    if step > cfg.steps:
+        raise ValueError(f"{where} is at step {step}, past steps={cfg.steps}; raise --steps to "
+                         "train on, or use another --ckpt_dir")
     saved = ckpts.record(step)
     shape, dtype, notes = _model_changes(saved, run.record, cfg)
     if shape:
@@ -442,9 +447,6 @@ def _check_resumable(run: Run, steps: list[int], step: int) -> None:
             f"{os.path.join(ckpts.directory, rundir.FLAGFILE)}), allow the change with "
             f"--allow_config_change={names}, or use another --ckpt_dir")
     run.notes = notes
-    if step > cfg.steps:
-        raise ValueError(f"{where} is at step {step}, past steps={cfg.steps}; raise --steps to "
-                         "train on, or use another --ckpt_dir")
     if cfg.run_until is not None and cfg.run_until <= step:
         raise ValueError(f"run_until={cfg.run_until} is not after the checkpoint's step {step}")
     if later:

@@ -234,8 +234,36 @@ def test_resume_is_bit_identical_on_the_same_mesh_and_close_on_another(tmp_path)
 @pytest.mark.slow
 def test_resume_refuses_a_different_model(tmp_path):
     train(_cfg(tmp_path, steps=1))
-    with pytest.raises(ValueError, match="holds a run of gpt .* not of these flags"):
+    with pytest.raises(ValueError, match="holds another model: d_model: 32 in the checkpoint, "
+                                         "64 now; use the model flags it was trained with"):
         train(_cfg(tmp_path, d_model=64))
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_compiling_exits_130_with_one_line(tmp_path):
+    """Ctrl-C before the loop takes the signals (here: while the state's initialisation
+    compiles) ends with exit 130 and one line, no traceback, no segfault, no lock left;
+    a second Ctrl-C during training (0.5 s after the first) aborts at once (exit 130) and
+    keeps the last complete checkpoint."""
+    proc = _launch([*SMALL, "--steps=100000", "--ckpt_every=2"], tmp_path / "a")
+    _wait_for(proc, r"^total: ")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert out.strip().splitlines()[-1].startswith("interrupted (Ctrl-C) before training"), out
+    assert "Traceback" not in out and "Segmentation" not in out
+    assert not os.path.exists(tmp_path / "a" / ".jaxmp-run.lock")
+    big = ["--num_layers=4", "--d_model=1024", "--num_heads=8", "--seq_len=16", "--batch_size=8",
+           "--microbatches=2", "--mesh=data:2,tensor:4"]  # a checkpoint that takes seconds
+    proc = _launch([*big, "--steps=100000", "--ckpt_every=2"], tmp_path / "b")
+    _wait_for(proc, r"checkpoint step 4:")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "second SIGINT: aborting now" in out
+    assert Checkpoints(str(tmp_path / "b"), create=False).latest_step() >= 2
 
 
 # ---------------------------------------------------------------- preemption
