@@ -114,6 +114,9 @@ def check_http(cfg: ServeConfig) -> None:
     for name in ("slots", "max_queue", "max_body_bytes", "decode_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.prefix_cache_tokens is not None and cfg.prefix_cache_tokens < 0:
+        raise ValueError(f"--prefix_cache_tokens={cfg.prefix_cache_tokens} must be >= 0 "
+                         "(0: no prefix cache)")
     from jaxmp.mesh import parse_mesh
 
     sizes = parse_mesh(cfg.mesh, None)
@@ -154,14 +157,21 @@ def serve_http(cfg: ServeConfig) -> None:
 
     check_http(cfg)
     tokenizer = read_tokenizer(cfg.tokenizer) if cfg.tokenizer else None  # None: the model's
+    chat = None
+    if cfg.chat_template:
+        from jaxmp.chat import read_template_file
+        from jaxmp.pretrained import open_source
+
+        own = open_source(cfg.ckpt_dir, step=cfg.step, name="ckpt_dir").chat
+        chat = read_template_file(cfg.chat_template, own)
     server = Server.from_checkpoint(cfg.ckpt_dir, cfg.mesh, step=cfg.step, tokenizer=tokenizer)
     engine = Engine(server, slots=cfg.slots, max_queue=cfg.max_queue, max_len=cfg.max_len,
-                    decode_steps=cfg.decode_steps)
+                    decode_steps=cfg.decode_steps, prefix_cache_tokens=cfg.prefix_cache_tokens)
     t0 = time.perf_counter()
     engine.warm_up()
     engine.start()
     limits = HTTPLimits(api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
-                        model_name=os.path.basename(os.path.abspath(cfg.ckpt_dir)))
+                        model_name=os.path.basename(os.path.abspath(cfg.ckpt_dir)), chat=chat)
     print(f"serving http://{cfg.host}:{cfg.http} ({server.family.name} on "
           f"{format_mesh(server.mesh)}, {cfg.slots} slots; compiled in "
           f"{time.perf_counter() - t0:.1f}s)", flush=True)

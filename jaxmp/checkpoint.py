@@ -98,6 +98,7 @@ class CheckpointRecord:
     tokenizer: dict | None = None   # the JSON of the tokenizer.json the data was made with
     hf_config: dict | None = None   # config.json of the Hugging Face model it started from
     run_config: dict | None = None  # the training run's whole config (jaxmp.config.RunConfig)
+    chat: dict | None = None        # the chat template and special tokens (jaxmp.chat)
 
     @classmethod
     def create(cls, family: str, stack: str, config: Any, mesh: Any, rules: Rules,

@@ -307,3 +307,9 @@ class ServeConfig:
     decode_steps: int = opt(8, "HTTP: decode steps per compiled call (more: less overhead per "
                             "token; fewer: new requests join sooner).")
     max_body_bytes: int = opt(1 << 20, "HTTP: largest request body.")
+    prefix_cache_tokens: int | None = opt(None, "HTTP: tokens of prompt prefixes whose keys and "
+                                          "values are kept for reuse (LRU; default 4 x "
+                                          "max_len; 0: off).")
+    chat_template: str | None = opt(None, "HTTP: a chat template (a .jinja file, or a "
+                                    "tokenizer_config.json with one) for /v1/chat/completions "
+                                    "(default: the model's own).")

@@ -74,4 +74,4 @@ def to_hf(ckpt_dir: str, out: str, *, step: int | None = None, dtype: str | None
     params = source.load(target, list(range(model_cfg.num_layers)), model_cfg)  # canonical
     return hf.export(jax.device_get(params), model_cfg.to_json(), fmt, out,
                      base_config=source.hf_config, tokenizer=source.tokenizer,
-                     max_shard_bytes=max_shard_bytes, dtype=dtype)
+                     chat=source.chat, max_shard_bytes=max_shard_bytes, dtype=dtype)

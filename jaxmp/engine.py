@@ -6,19 +6,32 @@ loop that owns the device, requests queued by anyone.
     handle = engine.submit(Request(prompt_ids, max_tokens=32))
     for event in handle: ...                 # Token events, then a Done event
 
-Per iteration the loop admits queued requests into free slots (each prompt is prefilled
-on its own, its keys and values written into its slot's rows of the shared cache), then
-runs one decode step for every slot at once. A request frees its slot the step it ends
-(max tokens, a stop sequence, the end of the context, or its client going away). Two
-kinds of compiled program, made once: prefill per prompt-length bucket (powers of two),
-one decode step; nothing compiles per request.
+Per iteration the loop admits queued requests into free slots (a group of prompts
+prefilled together, their keys and values written into their slots' rows of the shared
+cache), then runs `decode_steps` decode steps for every slot at once. A request frees its
+slot the step it ends (max tokens, a stop sequence or stop token, the end of the context,
+or its client going away: a cancel is seen at the end of the decode call in progress).
+
+Prefix caching: the keys and values of every full block (`prefix_block` tokens) of a
+prompt are kept in a pool on the device (`prefix_cache_tokens` tokens, least recently
+used evicted), indexed on the host by a hash chain of the block's tokens and all before
+it. A prompt that starts with cached blocks has them copied into its slot and only the
+rest prefilled (at least its last token, whose logits choose the first new token); an
+echo request (prompt log-probabilities) hits only blocks whose scores are kept too.
+
+Two kinds of compiled program, made once by `warm_up`: prefill per (group, length
+bucket, scores), the block copies inside it; one decode step. Nothing compiles per
+request.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmp.serve import ServeError, Server, bucket
+from jaxmp.serve import ServeError, Server, bucket, seed_key_data
 from jaxmp.sharding import activation_sharding, spec_for
 
-TOP = 5  # alternatives reported per token (OpenAI's logprobs maximum)
+TOP = 20  # alternatives reported per token (OpenAI's top_logprobs maximum)
 
 
 class QueueFull(ServeError):
@@ -47,6 +60,7 @@ class Request:
     seed: int = 0
     stop: tuple[str, ...] = ()
     prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (echo)
+    stop_ids: tuple[int, ...] = ()  # tokens that end the completion (not part of it)
 
 
 @dataclasses.dataclass
@@ -69,6 +83,9 @@ class Handle:
 
     def __init__(self, request: Request):
         self.request = request
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None  # when the first token was emitted
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.tokens: list[int] = []
@@ -99,15 +116,85 @@ class _Slot:
     text: str = ""
 
 
+@dataclasses.dataclass
+class _Entry:
+    index: int                               # its block of the device pool
+    scores: list[Token | None] | None = None  # its tokens' prompt log-probabilities, if known
+
+
+class PrefixIndex:
+    """The host side of the prefix cache: full prompt blocks, keyed by a SHA-256 chain over
+    the block's tokens and every token before it, mapped to blocks of the device pool;
+    least recently used first. Only the engine's thread touches it."""
+
+    def __init__(self, blocks: int, block: int):
+        self.block, self.capacity = block, blocks
+        self.entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self.free = list(range(blocks))
+        self.lookups = self.hit_tokens = self.prompt_tokens = 0
+
+    def keys(self, prompt: list[int], count: int | None = None) -> list[bytes]:
+        out, h = [], b""
+        n = len(prompt) // self.block if count is None else count
+        for b in range(n):
+            chunk = np.asarray(prompt[b * self.block:(b + 1) * self.block], np.int64)
+            h = hashlib.sha256(h + chunk.tobytes()).digest()
+            out.append(h)
+        return out
+
+    def match(self, keys: list[bytes], scores: bool) -> list[_Entry]:
+        """The cached blocks the keys start with (with their scores, if `scores`)."""
+        out = []
+        for k in keys:
+            e = self.entries.get(k)
+            if e is None or (scores and e.scores is None):
+                break
+            out.append(e)
+        for k in reversed(keys[:len(out)]):  # a block stays longer than the blocks after it
+            self.entries.move_to_end(k)
+        return out
+
+    def allocate(self, key: bytes, pinned: set[int]) -> int | None:
+        """A pool block for `key` (a free one, else the least recently used not pinned)."""
+        if self.free:
+            index = self.free.pop()
+        else:
+            victim = next((k for k, e in self.entries.items() if e.index not in pinned), None)
+            if victim is None:
+                return None
+            index = self.entries.pop(victim).index
+        self.entries[key] = _Entry(index)
+        return index
+
+    def stats(self) -> dict:
+        return {"blocks": len(self.entries), "capacity_blocks": self.capacity,
+                "block_tokens": self.block, "lookups": self.lookups,
+                "prompt_tokens": self.prompt_tokens, "hit_tokens": self.hit_tokens}
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One request's part of a prefill call."""
+    handle: Handle
+    start: int                 # the first position prefilled (earlier ones come from the pool)
+    loads: list[int]           # pool blocks copied into positions [0, len * block)
+    saves: list[tuple[int, int]]  # (block of the prompt, pool block) written after the prefill
+    matched: list[_Entry]
+    keys: list[bytes]
+
+
 class Engine:
     """Continuous batching over `server`'s model and mesh (any serving mesh)."""
 
     def __init__(self, server: Server, *, slots: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, decode_steps: int = 8):
+                 max_len: int | None = None, decode_steps: int = 8,
+                 prefix_cache_tokens: int | None = None, prefix_block: int = 16):
         """`max_len`: the cache length of a slot (prompt + new tokens), default the model's
         context. Every decode step reads every slot's whole cache, so a shorter one is
         faster where requests are short. `decode_steps`: decode steps per compiled call
-        (more: less per-call overhead; fewer: new requests join sooner)."""
+        (more: less per-call overhead; fewer: new requests join sooner).
+        `prefix_cache_tokens`: the prefix cache's size in tokens (default 4 x max_len; 0:
+        off), in blocks of `prefix_block` tokens."""
         if decode_steps < 1:
             raise ValueError(f"decode_steps={decode_steps} must be >= 1")
         self.decode_steps = decode_steps
@@ -117,6 +204,12 @@ class Engine:
         if not 1 < max_len <= server.cfg.seq_len:
             raise ValueError(f"max_len={max_len} must be in [2, {server.cfg.seq_len}] (the "
                              "model's context)")
+        if prefix_block < 1:
+            raise ValueError(f"prefix_block={prefix_block} must be >= 1")
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = 4 * max_len
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens={prefix_cache_tokens} must be >= 0 (0: off)")
         self.max_len = max_len
         shards = server.mesh.shape["data"] * server.mesh.shape["fsdp"]
         if slots % shards:
@@ -136,9 +229,23 @@ class Engine:
         with activation_sharding(mesh, rules):
             self.cache = jax.jit(lambda: server._model(server.params).init_cache(slots,
                                                                                    max_len))()
-        self._prefills: dict[int, Any] = {}
+        self.prefix = PrefixIndex(prefix_cache_tokens // prefix_block, prefix_block)
+        self._max_blocks = max_len // prefix_block
+        self.pool = self._make_pool(max(1, self.prefix.capacity), prefix_block)
+        self._prefills: dict[tuple[int, int, bool], Any] = {}
         self._decode = self._compile_decode()
         self.steps = 0
+
+    def _make_pool(self, blocks: int, block: int) -> tuple[jax.Array, ...]:
+        """The device pool of cached prefix blocks: per cache array (layers, blocks, block,
+        heads, head_dim), laid out like the cache with its batch and length axes whole."""
+        def one(c):
+            spec = tuple(getattr(c.sharding, "spec", ()))
+            spec = spec + (None,) * (c.ndim - len(spec))
+            sh = NamedSharding(self.server.mesh, PartitionSpec(spec[0], None, None, *spec[3:]))
+            shape = (c.shape[0], blocks, block, *c.shape[3:])
+            return jax.jit(lambda: jnp.zeros(shape, c.dtype), out_shardings=sh)()
+        return tuple(one(c) for c in self.cache)
 
     # ------------------------------------------------------------ programs
     def _sample(self, logits, temperature, top_k, top_p, key):
@@ -199,45 +306,69 @@ class Engine:
                        out_shardings=(cache_sh, rep, rep, rep, rep), donate_argnums=1)
 
     def _prefill_fn(self, group: int, length: int, scores: bool):
-        """The prefill of `group` prompts padded to `length` tokens: their cache rows
-        written into their slots of the shared cache (rows marked invalid leave their slot
-        as it was), the first tokens sampled, and with `scores` the log-probabilities of
-        the prompts' own tokens (echo). One program per (group, length, scores)."""
+        """The prefill of `group` prompts, `length` tokens each (padded) at positions
+        start[g] + [0, length), straight into their slots' rows: each slot's cached prefix
+        blocks are first copied in from the pool, then the tokens run through the model
+        attending to everything before them, then the prompt's new full blocks are copied
+        out to the pool. Rows marked invalid leave their slot and the pool as they were.
+        Samples the first tokens; with `scores`, also returns the log-probabilities of the
+        prompts' own tokens (echo). One program per (group, length, scores)."""
         key_ = (group, length, scores)
         if key_ in self._prefills:
             return self._prefills[key_]
-        server = self.server
+        server, block = self.server, self.prefix.block
 
-        def prefill(params, cache, tokens, n, slots, valid, temperature, top_k, top_p, keys):
+        def prefill(params, cache, pool, tokens, n, start, slots, valid, loads, n_loads,
+                    saves, n_saves, temperature, top_k, top_p, keys):
             with activation_sharding(server.mesh, server.rules):
                 model = server._model(params)
-                small = model.init_cache(group, length, cache[0].dtype)
-                logits, small = model.decode(tokens, small, jnp.zeros((group,), jnp.int32))
+                rows = tuple(jnp.take(c, slots, axis=1) for c in cache)  # (L, G, S, N, H)
 
-                def write(g, cache):
+                def load(g, rows):
+                    def one(j, rows):
+                        return tuple(jax.lax.dynamic_update_slice(
+                            r, jax.lax.dynamic_slice_in_dim(p, loads[g, j], 1, axis=1),
+                            (0, g, j * block, 0, 0)) for r, p in zip(rows, pool))
+                    return jax.lax.fori_loop(0, n_loads[g], one, rows)
+                rows = jax.lax.fori_loop(0, group, load, rows)
+                logits, rows = model.decode(tokens, rows, start)
+
+                def write(g, carry):
+                    cache, pool = carry
                     at = (0, slots[g], 0, 0, 0)
                     out = []
-                    for big, part in zip(cache, small):
-                        new = jax.lax.dynamic_slice_in_dim(part, g, 1, axis=1)
+                    for big, r in zip(cache, rows):
+                        new = jax.lax.dynamic_slice_in_dim(r, g, 1, axis=1)
                         old = jax.lax.dynamic_slice(big, at, new.shape)
-                        out.append(jax.lax.dynamic_update_slice(
-                            big, jnp.where(valid[g], new, old), at))
-                    return tuple(out)
-                cache = jax.lax.fori_loop(0, group, write, cache)
+                        out.append(jax.lax.dynamic_update_slice(big, jnp.where(valid[g], new, old),
+                                                                at))
+
+                    def save(j, pool):
+                        src, dst = saves[g, j, 0], saves[g, j, 1]
+                        return tuple(jax.lax.dynamic_update_slice(
+                            p, jax.lax.dynamic_slice(r, (0, g, src * block, 0, 0),
+                                                     (r.shape[0], 1, block, *r.shape[3:])),
+                            (0, dst, 0, 0, 0)) for p, r in zip(pool, rows))
+                    pool = jax.lax.fori_loop(0, jnp.where(valid[g], n_saves[g], 0), save, pool)
+                    return tuple(out), pool
+                cache, pool = jax.lax.fori_loop(0, group, write, (cache, pool))
                 last = jnp.take_along_axis(logits, (n - 1)[:, None, None], axis=1)[:, 0]
-                keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), n)
+                # the stream of a request's draws depends on its absolute positions only
+                keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), start + n)
                 first = self._sample(last, temperature, top_k, top_p, keys)
                 if not scores:
-                    return cache, first, None
+                    return cache, pool, first, None
                 logp = jax.nn.log_softmax(logits, axis=-1)  # (G, length, V)
                 nxt = jnp.roll(tokens, -1, axis=1)
                 prompt_lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
                 top_lp, top_id = jax.lax.top_k(logp, TOP)
-                return cache, first, (prompt_lp, top_id.astype(jnp.int32), top_lp)
+                return cache, pool, first, (prompt_lp, top_id.astype(jnp.int32), top_lp)
         cache_sh = jax.tree_util.tree_map(lambda c: c.sharding, self.cache)
+        pool_sh = jax.tree_util.tree_map(lambda c: c.sharding, self.pool)
         rep = self._replicated
-        fn = jax.jit(prefill, in_shardings=(server.param_shardings, cache_sh) + (rep,) * 8,
-                     out_shardings=(cache_sh, rep, rep), donate_argnums=1)
+        fn = jax.jit(prefill, in_shardings=(server.param_shardings, cache_sh, pool_sh)
+                     + (rep,) * 13, out_shardings=(cache_sh, pool_sh, rep, rep),
+                     donate_argnums=(1, 2))
         self._prefills[key_] = fn
         return fn
 
@@ -250,13 +381,16 @@ class Engine:
         return _geometric(8, 2, self.max_len)
 
     def warm_up(self) -> None:
-        """Compile the decode program and every prefill (group, length) now, not at the
-        first request (prompt scoring for echo compiles at its first use)."""
+        """Compile the decode program and every prefill program now (each group size and
+        length bucket; prompt scoring, which runs alone, for every length), so that no
+        request ever waits for a compile."""
         for group in self.groups():
             for length in self.lengths():
-                self._prefill([Handle(Request([0], 1))], group, length, emit=False)
+                self._run_prefill([], group, length, False)
+        for length in self.lengths():
+            self._run_prefill([], 1, length, True)
         self._step(emit=False)
-        self.active.clear()
+        jax.block_until_ready(self.cache)
 
     # ------------------------------------------------------------ the loop
     def start(self) -> None:
@@ -311,59 +445,131 @@ class Engine:
             if handle.cancelled.is_set():
                 handle.put(Done("cancelled"))
             elif handle.request.prompt_logprobs:
-                self._admit_group([handle])
+                self._admit([handle])
             else:
                 batch.append(handle)
         if batch:
-            self._admit_group(batch)
+            self._admit(batch)
 
-    def _admit_group(self, handles: list[Handle]) -> None:
+    def _admit(self, handles: list[Handle]) -> None:
+        """Prefill a group; if the group fails, each request alone, so that one request's
+        failure is its own."""
         try:
-            group = next(g for g in self.groups() if g >= len(handles))
-            length = bucket(max(len(h.request.prompt) for h in handles), 8)
-            self._prefill(handles, group, min(length, self.max_len))
+            self._prefill(handles)
         except Exception as e:
+            if len(handles) == 1:
+                handles[0].put(Done("error", error=f"{type(e).__name__}: {e}"))
+                return
             for h in handles:
-                h.put(Done("error", error=f"{type(e).__name__}: {e}"))
+                self._admit([h])
 
-    def _prefill(self, handles: list[Handle], group: int, length: int,
-                 emit: bool = True) -> None:
-        """Prefill `handles` (at most `group`) into free slots and emit their first token."""
+    def _plan(self, handles: list[Handle]) -> list[_Plan]:
+        """Where each prompt's prefill starts (after its cached blocks) and which of its
+        blocks go to the pool afterwards."""
+        index, block = self.prefix, self.prefix.block
+        plans, pinned, planned = [], set(), set()
+        for h in handles:
+            r = h.request
+            keys = index.keys(r.prompt) if index.capacity else []
+            # at least the last prompt token runs (its logits choose the first new token);
+            # an echo request re-runs the last cached token too (its logits score the next)
+            usable = keys[:(len(r.prompt) - 1) // block]
+            matched = index.match(usable, r.prompt_logprobs)
+            cached = len(matched) * block
+            start = max(0, cached - 1) if r.prompt_logprobs else cached
+            pinned.update(e.index for e in matched)
+            plans.append(_Plan(h, start, [e.index for e in matched], [], matched, keys))
+        for p in plans:  # after every lookup, so that no block in use is evicted
+            for b in range(len(p.matched), len(p.keys)):
+                if p.keys[b] in index.entries or p.keys[b] in planned:
+                    continue
+                dst = index.allocate(p.keys[b], pinned)
+                if dst is None:
+                    break
+                pinned.add(dst)
+                planned.add(p.keys[b])
+                p.saves.append((b, dst))
+        return plans
+
+    def _prefill(self, handles: list[Handle]) -> None:
+        """Prefill `handles` into free slots and emit their first tokens."""
+        plans = self._plan(handles)
+        group = next(g for g in self.groups() if g >= len(handles))
+        length = min(bucket(max(len(p.handle.request.prompt) - p.start for p in plans), 8),
+                     self.max_len)
+        for p in plans:  # the window [start, start + length) stays inside the slot's rows
+            p.start = min(p.start, self.max_len - length)
+        scores = any(h.request.prompt_logprobs for h in handles)
+        try:
+            out = self._run_prefill(plans, group, length, scores)
+        except Exception:
+            for p in plans:  # blocks planned for the pool were never written
+                for b, dst in p.saves:
+                    self.prefix.entries.pop(p.keys[b], None)
+                    self.prefix.free.append(dst)
+            raise
+        first, prompt = jax.device_get(out)
         free = [i for i in range(self.slots) if i not in self.active]
-        scores = any(h.request.prompt_logprobs for h in handles) and emit
-        tokens = np.zeros((group, length), np.int32)
-        n, slots = np.ones(group, np.int32), np.zeros(group, np.int32)
-        valid = np.zeros(group, bool)
-        temperature, top_k = np.zeros(group, np.float32), np.zeros(group, np.int32)
-        top_p, keys = np.ones(group, np.float32), np.zeros((group, 2), np.uint32)
-        for g, h in enumerate(handles):
-            r = h.request
-            tokens[g, :len(r.prompt)] = r.prompt
-            n[g], slots[g], valid[g] = len(r.prompt), free[g], emit
-            temperature[g], top_k[g], top_p[g] = r.temperature, r.top_k, r.top_p
-            keys[g] = np.asarray(jax.random.key_data(jax.random.key(r.seed)))
-        fn = self._prefill_fn(group, length, scores)
-        self.cache, first, prompt = fn(self.server.params, self.cache, tokens, n, slots, valid,
-                                       temperature, top_k, top_p, keys)
-        if not emit:
-            return
-        first = jax.device_get(first)
-        prompt = jax.device_get(prompt) if scores else None
-        for g, h in enumerate(handles):
-            r = h.request
-            prompt_tokens = None
-            if r.prompt_logprobs:
-                lp, top_id, top_lp = (x[g] for x in prompt)
-                prompt_tokens = [None] + [
-                    Token(r.prompt[i + 1], float(lp[i]), list(zip(top_id[i].tolist(),
-                                                                    top_lp[i].tolist())))
-                    for i in range(len(r.prompt) - 1)]
+        for g, p in enumerate(plans):
+            h, r = p.handle, p.handle.request
+            self.prefix.lookups += 1
+            self.prefix.prompt_tokens += len(r.prompt)
+            self.prefix.hit_tokens += p.start
+            h.cached_tokens = p.start
+            prompt_tokens = self._prompt_scores(p, [x[g] for x in prompt]) if r.prompt_logprobs \
+                else None
             if r.max_tokens == 0:
                 h.put(Done("length", "", prompt_tokens))
                 continue
             slot = free[g]
-            self.active[slot] = _Slot(h, len(r.prompt), keys[g], prompt_tokens)
+            self.active[slot] = _Slot(h, len(r.prompt), seed_key_data(r.seed), prompt_tokens)
             self._emit(slot, *(np.asarray(x)[g] for x in first))
+
+    def _run_prefill(self, plans: list[_Plan], group: int, length: int, scores: bool):
+        """Run the prefill program of (group, length, scores) for `plans` (none: warm-up)."""
+        free = [i for i in range(self.slots) if i not in self.active]
+        mb = max(1, self._max_blocks)
+        tokens = np.zeros((group, length), np.int32)
+        n, start, slots = np.ones(group, np.int32), np.zeros(group, np.int32), np.zeros(group, np.int32)
+        valid = np.zeros(group, bool)
+        loads, n_loads = np.zeros((group, mb), np.int32), np.zeros(group, np.int32)
+        saves, n_saves = np.zeros((group, mb, 2), np.int32), np.zeros(group, np.int32)
+        temperature, top_k = np.zeros(group, np.float32), np.zeros(group, np.int32)
+        top_p, keys = np.ones(group, np.float32), np.zeros((group, 2), np.uint32)
+        for g, p in enumerate(plans):
+            r = p.handle.request
+            part = r.prompt[p.start:]
+            tokens[g, :len(part)] = part
+            n[g], start[g], slots[g], valid[g] = len(part), p.start, free[g], True
+            loads[g, :len(p.loads)], n_loads[g] = p.loads, len(p.loads)
+            if p.saves:
+                saves[g, :len(p.saves)] = p.saves
+            n_saves[g] = len(p.saves)
+            temperature[g], top_k[g], top_p[g] = r.temperature, r.top_k, r.top_p
+            keys[g] = seed_key_data(r.seed)
+        fn = self._prefill_fn(group, length, scores)
+        self.cache, self.pool, first, prompt = fn(
+            self.server.params, self.cache, self.pool, tokens, n, start, slots, valid, loads,
+            n_loads, saves, n_saves, temperature, top_k, top_p, keys)
+        return first, prompt
+
+    def _prompt_scores(self, p: _Plan, computed: list[np.ndarray]) -> list[Token | None]:
+        """Every prompt token's log-probability (None for the first): those before the
+        prefill's start from the cached blocks, the rest from this prefill; kept with the
+        prompt's blocks for later echo requests."""
+        r, block = p.handle.request, self.prefix.block
+        kept = [t for e in p.matched for t in e.scores or []]
+        out: list[Token | None] = kept[:p.start + 1] if p.matched else [None]
+        lp, top_id, top_lp = computed
+        for i in range(p.start, len(r.prompt) - 1):  # logits at i score token i + 1
+            j = i - p.start
+            out.append(Token(r.prompt[i + 1], float(lp[j]),
+                             list(zip(top_id[j].tolist(), top_lp[j].tolist()))))
+        for b, key in enumerate(p.keys):
+            e = self.prefix.entries.get(key)
+            if e is not None and e.scores is None:
+                e.scores = out[b * block:(b + 1) * block]
+        return out
 
     def _step(self, emit: bool = True) -> None:
         n = self.slots
@@ -390,6 +596,10 @@ class Engine:
     def _emit(self, slot: int, token: Any, lp: Any, top_id: Any, top_lp: Any) -> None:
         s = self.active[slot]
         h, r = s.handle, s.handle.request
+        if h.first_token is None:
+            h.first_token = time.perf_counter()
+        if int(token) in r.stop_ids:
+            return self._finish(slot, "stop")
         h.tokens.append(int(token))
         h.put(Token(int(token), float(lp), list(zip(np.asarray(top_id).tolist(),
                                                            np.asarray(top_lp).tolist()))))
@@ -411,6 +621,11 @@ class Engine:
         if text is None:
             text = self.server.decode_text(s.handle.tokens)
         s.handle.put(Done(reason, text, s.prompt, error))
+
+    def stats(self) -> dict:
+        """What /health reports: the queue, the slots, the prefix cache's use."""
+        return {"queued": self.queue.qsize(), "active": len(self.active), "slots": self.slots,
+                "decode_steps": self.steps, "prefix_cache": self.prefix.stats()}
 
 
 def _geometric(start: int, factor: int, last: int) -> list[int]:

@@ -106,6 +106,16 @@ def _model(cfg: RunConfig) -> tuple[Family, Any, Source | None]:
     return source.family, source.model_config(cfg.model), source
 
 
+def _chat(cfg: RunConfig, source: Source | None) -> dict | None:
+    """The chat template the run's checkpoints carry: --tokenizer's directory's (its
+    tokenizer_config.json or chat_template.jinja), else the pretrained model's."""
+    from jaxmp.chat import read_chat
+
+    path = cfg.data.tokenizer
+    own = read_chat(path) if path and os.path.isdir(path) else None
+    return own or (source.chat if source else None)
+
+
 def _tokenizer(cfg: RunConfig, source: Source | None, model_cfg: Any) -> dict | None:
     """The tokenizer the run's checkpoints carry: --tokenizer, else the tokenizer.json
     beside the data (experiments.prepare writes one), else the pretrained model's."""
@@ -242,7 +252,7 @@ def prepare(cfg: RunConfig) -> Run:
     record = CheckpointRecord.create(
         family.name, family.stack, model_cfg, mesh, rules, pipe, data,
         tokenizer=tokenizer, hf_config=source and source.hf_config,
-        run_config=rundir.config_json(cfg))
+        run_config=rundir.config_json(cfg), chat=_chat(cfg, source))
     path = cfg.checkpoint.ckpt_dir or _fresh_run_dir()
     created = not os.path.exists(path)
     lock = _lock(path)  # before anything in the directory is read, created or deleted

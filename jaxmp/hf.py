@@ -295,7 +295,7 @@ def parse_size(text: str) -> int:
 
 def export(params: Any, cfg_json: dict, fmt: HFFormat, out_dir: str, *,
            base_config: dict | None = None, tokenizer: dict | None = None,
-           max_shard_bytes: int = 2 * 10**9, dtype: str | None = None) -> list[str]:
+           chat: dict | None = None, max_shard_bytes: int = 2 * 10**9, dtype: str | None = None) -> list[str]:
     """Write `params` (a pure dict in canonical layer order: host arrays or arrays a
     process can read whole) as a Hugging Face directory. The files are written into a
     temporary sibling directory, moved into place when complete. Returns the file names."""
@@ -338,6 +338,9 @@ def export(params: Any, cfg_json: dict, fmt: HFFormat, out_dir: str, *,
     if tokenizer:
         _write_json(os.path.join(tmp, TOKENIZER), tokenizer)
         names.append(TOKENIZER)
+    if chat:  # the chat template and special tokens, where transformers reads them
+        _write_json(os.path.join(tmp, "tokenizer_config.json"), chat)
+        names.append("tokenizer_config.json")
     if os.path.exists(out_dir):
         os.rmdir(out_dir)  # empty (checked above)
     os.replace(tmp, out_dir)

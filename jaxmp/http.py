@@ -1,14 +1,17 @@
-"""An OpenAI-compatible completions API over the continuous-batching engine (FastAPI; the
-optional `serve` extra).
+"""An OpenAI-compatible API over the continuous-batching engine (FastAPI; the optional
+`serve` extra).
 
     app = make_app(engine, HTTPLimits(api_key="..."))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Endpoints: POST /v1/completions (prompt as text or ids, or a list of them; max_tokens,
-temperature, top_k, top_p, seed, stop, n, stream (server-sent events), logprobs, echo),
-GET /v1/models, GET /health. Handlers only validate and queue; the engine's loop owns
-the device. Every error is a JSON body {"error": {"message", "type", "code"}} with the
-status it deserves, never a stack trace.
+Endpoints: POST /v1/completions, POST /v1/chat/completions (messages rendered with the
+model's chat template), GET /v1/models, GET /v1/models/{id}, GET /health. The request
+fields are OpenAI's (see `openai_fields.py` for each one's handling); handlers only
+validate and queue, the engine's loop owns the device. Every error, whatever its status
+(400, 401, 404, 405, 413, 422, 429, 500), is OpenAI's JSON error object for that request
+alone, never a stack trace. A client that goes away (streaming or not) has its requests
+cancelled at once, and the engine frees their slots at the end of its decode call in
+progress; the middleware is plain ASGI, so the disconnect reaches the handlers.
 """
 
 from __future__ import annotations
@@ -19,77 +22,143 @@ import dataclasses
 import json
 import queue
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
-from jaxmp.engine import TOP, Done, Engine, Handle, QueueFull, Request, Token, check
+from jaxmp.engine import Done, Engine, Handle, QueueFull, Token
+from jaxmp.openai_fields import APIError, ChatSpec, CompletionSpec, parse_chat, parse_completion, read_body
 from jaxmp.serve import ServeError
-
-OPENAI_IGNORED = {"user": None, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
-                  "best_of": 1, "logit_bias": None}  # accepted only at their no-op values
 
 
 @dataclasses.dataclass(frozen=True)
 class HTTPLimits:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
-    max_prompts: int = 64       # prompts x n per request
+    max_prompts: int = 64       # prompts x n (or best_of) per request
     model_name: str = "jaxmp"
+    chat: dict | None = None    # a chat record (jaxmp.chat) replacing the model's own
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+def error_body(status: int, message: str, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": " ".join(str(message).split()), "type": kind,
+                      "param": None, "code": status}}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": " ".join(message.split()), "type": kind,
-                                   "code": status}}, status_code=status)
+    return JSONResponse(error_body(status, message, kind), status_code=status)
+
+
+KINDS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+class Guard:
+    """Plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which hides a client's
+    disconnect from the handlers): the API key and the declared body size of /v1/
+    requests, and a 500 error object for anything that escapes a handler."""
+
+    def __init__(self, app: Any, limits: HTTPLimits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refused = self._refuse(scope)
+        if refused is not None:
+            return await refused(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # never a stack trace; the response may have begun (a stream)
+            if not started:
+                await _error(500, f"internal error ({type(e).__name__})",
+                             "server_error")(scope, receive, send)
+
+    def _refuse(self, scope: dict) -> JSONResponse | None:
+        if not scope["path"].startswith("/v1/"):
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        key = self.limits.api_key
+        if key and headers.get("authorization") != f"Bearer {key}":
+            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                          "authentication_error")
+        size = headers.get("content-length")
+        if size is not None:
+            if not size.strip().isdigit():
+                return _error(400, f"Content-Length {size!r} is not a number")
+            if int(size) > self.limits.max_body_bytes:
+                return _error(413, f"the request body has {size} bytes, over the limit of "
+                              f"{self.limits.max_body_bytes} bytes")
+        return None
 
 
 def make_app(engine: Engine, limits: HTTPLimits = HTTPLimits()) -> Any:
     app = FastAPI(title="jaxmp", docs_url=None, redoc_url=None, openapi_url=None)
-    codec = engine.server.codec
+    app.add_middleware(Guard, limits=limits)
+    created = int(time.time())
+    chat = limits.chat or getattr(engine.server, "chat", None)
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        try:
-            if request.url.path.startswith("/v1/"):
-                if limits.api_key and request.headers.get("authorization") != \
-                        f"Bearer {limits.api_key}":
-                    return _error(401, "missing or wrong API key: send 'Authorization: Bearer "
-                                  "<key>'", "authentication_error")
-                size = request.headers.get("content-length")
-                if size is not None and int(size) > limits.max_body_bytes:
-                    return _error(413, f"the request body has {size} bytes, over the limit "
-                                  f"of {limits.max_body_bytes} bytes")
-            return await call_next(request)
-        except Exception as e:  # never a stack trace
-            return _error(500, f"internal error ({type(e).__name__})", "server_error")
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HTTPRequest, e: HTTPException):
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"
+                   }.get(e.status_code, str(e.detail))
+        return _error(e.status_code, message, KINDS.get(e.status_code, "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, e: RequestValidationError):
+        return _error(422, f"invalid request: {e.errors()}")
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": engine.queue.qsize(), "active": len(engine.active),
-                "slots": engine.slots}
+        return {"status": "ok", **engine.stats()}
+
+    def model_card() -> dict:
+        return {"id": limits.model_name, "object": "model", "created": created,
+                "owned_by": "jaxmp", "context_length": engine.max_len,
+                "max_model_len": engine.max_len}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": limits.model_name, "object": "model",
-                                            "owned_by": "jaxmp",
-                                            "context_length": engine.max_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != limits.model_name:
+            return _error(404, f"the model '{model_id}' does not exist; this server has "
+                          f"'{limits.model_name}'", "not_found_error")
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
+        return await _serve(request, lambda body: parse_completion(body, engine, limits))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await _serve(request, lambda body: parse_chat(body, engine, limits, chat))
+
+    async def _serve(request: HTTPRequest, parse: Any):
         try:
-            body = await _read_body(request, limits.max_body_bytes)
-            spec = parse_completion(body, codec, engine, limits)
-            handles = [engine.submit(r) for r in spec.requests]
+            spec = parse(await read_body(request, limits.max_body_bytes))
+            handles: list[Handle] = []
+            try:
+                for r in spec.requests:
+                    handles.append(engine.submit(r))
+            except BaseException:
+                for h in handles:  # all of a request's completions, or none
+                    h.cancel()
+                raise
         except APIError as e:
             return _error(e.status, e.message, e.kind)
         except QueueFull as e:
@@ -97,127 +166,35 @@ def make_app(engine: Engine, limits: HTTPLimits = HTTPLimits()) -> Any:
         except ServeError as e:
             return _error(400, str(e))
         if spec.stream:
-            return StreamingResponse(_stream(request, handles, spec, codec),
+            return StreamingResponse(_stream(request, handles, spec, limits.model_name),
                                      media_type="text/event-stream")
+        watcher = asyncio.create_task(_watch(request, handles))
         try:
-            results = await _gather(request, handles)
-        except _Gone:
-            return _error(499, "client closed the request")
-        for _, done in results:
+            results = await _gather(handles)
+        finally:
+            watcher.cancel()
+        for _, _, done in results:
+            if done.reason == "cancelled":
+                return _error(499, "client closed the request")
             if done.reason == "error":
                 return _error(500, f"generation failed ({done.error})", "server_error")
-        return JSONResponse(_response(spec, results, codec, limits.model_name))
+        return JSONResponse(spec.response(results, limits.model_name))
 
     return app
 
 
-class _Gone(Exception):
-    pass
+async def _watch(request: Any, handles: list[Handle]) -> None:
+    """Cancel `handles` the moment the client disconnects (ASGI's http.disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for h in handles:
+                h.cancel()
+            return
 
 
-async def _read_body(request: Any, limit: int) -> dict:
-    data = bytearray()
-    async for chunk in request.stream():  # a body without Content-Length is counted too
-        data += chunk
-        if len(data) > limit:
-            raise APIError(413, f"the request body exceeds the limit of {limit} bytes")
-    try:
-        body = json.loads(bytes(data))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
-    return body
-
-
-@dataclasses.dataclass
-class CompletionSpec:
-    prompts: list[list[int]]
-    requests: list[Request]   # prompt-major: prompt i, choice j at i * n + j
-    n: int
-    stream: bool
-    echo: bool
-    logprobs: int | None
-
-
-FIELDS: dict[str, tuple[type, ...]] = {
-    "model": (str,), "prompt": (str, list), "max_tokens": (int,), "temperature": (int, float),
-    "top_k": (int,), "top_p": (int, float), "seed": (int,), "stop": (str, list), "n": (int,),
-    "stream": (bool,), "logprobs": (int,), "echo": (bool,)}
-
-
-def parse_completion(body: dict, codec: Any, engine: Engine, limits: HTTPLimits) -> CompletionSpec:
-    """Validate an OpenAI completions body: each problem one 400 that names the field."""
-    for name, value in body.items():
-        if name in OPENAI_IGNORED:
-            if value not in (OPENAI_IGNORED[name], None):
-                raise APIError(400, f"'{name}' is not supported (leave it out)")
-            continue
-        if name not in FIELDS:
-            raise APIError(400, f"unknown field '{name}'; known: {', '.join(sorted(FIELDS))}")
-        ok = value is None or (isinstance(value, FIELDS[name]) and not (
-            isinstance(value, bool) and bool not in FIELDS[name]))
-        if not ok:
-            want = " or ".join(t.__name__ for t in FIELDS[name])
-            raise APIError(400, f"'{name}' must be {want}, got {type(value).__name__}")
-    get = lambda k, d: d if body.get(k) is None else body[k]
-    if "prompt" not in body:
-        raise APIError(400, "'prompt' is required")
-    prompts = _prompts(body["prompt"], codec)
-    n, max_tokens = get("n", 1), get("max_tokens", 16)
-    logprobs = body.get("logprobs")
-    if n < 1:
-        raise APIError(400, f"'n'={n} must be >= 1")
-    if len(prompts) * n > limits.max_prompts:
-        raise APIError(400, f"{len(prompts)} prompts x n={n} exceeds the limit of "
-                       f"{limits.max_prompts} completions per request")
-    if logprobs is not None and not 0 <= logprobs <= TOP:
-        raise APIError(400, f"'logprobs'={logprobs} must be in [0, {TOP}]")
-    stop = get("stop", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them")
-    echo, stream = get("echo", False), get("stream", False)
-    if stream and n > 1:
-        raise APIError(400, "'stream' with n > 1 is not supported; send n requests")
-    if max_tokens == 0 and not echo:
-        raise APIError(400, "'max_tokens'=0 needs echo=true (scoring the prompt)")
-    seed = get("seed", int(time.time_ns() % 2**31) if get("temperature", 1.0) else 0)
-    requests = [Request(p, max_tokens, float(get("temperature", 1.0)), get("top_k", 0),
-                        float(get("top_p", 1.0)), seed + j, tuple(stop),
-                        prompt_logprobs=echo and logprobs is not None)
-                for p in prompts for j in range(n)]
-    for r in requests:
-        try:
-            check(engine.cfg, r, engine.max_len)
-        except ServeError as e:
-            raise APIError(400, str(e)) from None
-    return CompletionSpec(prompts, requests, n, stream, echo, logprobs)
-
-
-def _prompts(prompt: Any, codec: Any) -> list[list[int]]:
-    """str | list[int] | list[str] | list[list[int]] -> token id lists."""
-    def one(p: Any) -> list[int]:
-        if isinstance(p, str):
-            try:
-                return codec.encode(p)
-            except ValueError as e:
-                raise APIError(400, str(e)) from None
-        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            return list(p)
-        raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of those")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        return [one(prompt)]
-    if isinstance(prompt, list) and prompt:
-        return [one(p) for p in prompt]
-    raise APIError(400, "'prompt' is empty")
-
-
-async def _next(request: Any, handle: Handle) -> Token | Done:
-    """The handle's next event, cancelling it if the client goes away meanwhile. The engine
-    wakes this coroutine through the event loop (no polling); the client is checked when
-    there is nothing to read, at least every half second."""
+async def _next(handle: Handle) -> Token | Done:
+    """The handle's next event; the engine wakes this coroutine through the event loop."""
     if handle.on_event is None:
         loop, waker = asyncio.get_running_loop(), asyncio.Event()
         handle.waker = waker  # type: ignore[attr-defined]
@@ -229,137 +206,71 @@ async def _next(request: Any, handle: Handle) -> Token | Done:
             return handle.events.get_nowait()
         except queue.Empty:
             pass
-        if await request.is_disconnected():
-            handle.cancel()
-            raise _Gone
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(waker.wait(), 0.5)
+            await asyncio.wait_for(waker.wait(), 1.0)
 
 
-async def _gather(request: Any, handles: list[Handle]) -> list[tuple[list[Token], Done]]:
+async def _gather(handles: list[Handle]) -> list[tuple[Handle, list[Token], Done]]:
     out = []
-    try:
-        for h in handles:
-            tokens: list[Token] = []
-            while not isinstance(event := await _next(request, h), Done):
-                tokens.append(event)
-            out.append((tokens, event))
-    except _Gone:
-        for h in handles:
-            h.cancel()
-        raise
+    for h in handles:
+        tokens: list[Token] = []
+        while not isinstance(event := await _next(h), Done):
+            tokens.append(event)
+        out.append((h, tokens, event))
     return out
 
 
-def _logprob_block(codec: Any, ids: list[int], entries: list[Token | None], k: int,
-                   offset: int) -> dict:
-    """OpenAI's logprobs object for tokens `ids` (entries[i] None: no log-prob, the first
-    prompt token)."""
-    block: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for tok, entry in zip(ids, entries):
-        text = codec.decode([tok])
-        block["tokens"].append(text)
-        block["text_offset"].append(offset)
-        offset += len(text)
-        if entry is None:
-            block["token_logprobs"].append(None)
-            block["top_logprobs"].append(None)
-        else:
-            block["token_logprobs"].append(entry.logprob)
-            block["top_logprobs"].append({codec.decode([i]): lp for i, lp in entry.top[:k]}
-                                         if k else {})
-    return block
+async def _stream(request: Any, handles: list[Handle], spec: CompletionSpec | ChatSpec,
+                  model: str) -> AsyncIterator[str]:
+    """Server-sent events: per choice, chunks of text as its tokens arrive (held back while
+    a character's bytes are incomplete or while the text could be the start of a stop
+    sequence), a last chunk with finish_reason; with stream_options.include_usage a usage
+    chunk; then [DONE]. Each choice's texts add up to its non-streamed text."""
+    cid, created = spec.new_id(), int(time.time())
+    events: asyncio.Queue = asyncio.Queue()
 
-
-def _choice(spec: CompletionSpec, index: int, prompt: list[int], tokens: list[Token],
-            done: Done, codec: Any) -> dict:
-    text = done.text
-    kept = _kept(codec, tokens, text) if done.reason == "stop" else tokens
-    prefix = codec.decode(prompt) if spec.echo else ""
-    choice: dict = {"text": prefix + text, "index": index, "finish_reason":
-                    "stop" if done.reason == "stop" else "length", "logprobs": None}
-    if spec.logprobs is not None:
-        block = _logprob_block(codec, [t.id for t in kept], kept, spec.logprobs, len(prefix))
-        if spec.echo:
-            head = _logprob_block(codec, prompt, done.prompt or [None] * len(prompt),
-                                  spec.logprobs, 0)
-            block = {k: head[k] + block[k] for k in block}
-        choice["logprobs"] = block
-    return choice
-
-
-def _kept(codec: Any, tokens: list[Token], text: str) -> list[Token]:
-    """The tokens whose text lies (at least partly) before the cut of a stop sequence."""
-    kept = []
-    for i in range(len(tokens)):
-        if len(codec.decode([t.id for t in tokens[:i]])) >= len(text):
-            break
-        kept.append(tokens[i])
-    return kept
-
-
-def _response(spec: CompletionSpec, results: list, codec: Any, model: str) -> dict:
-    choices = []
-    completion_tokens = 0
-    for index, (tokens, done) in enumerate(results):
-        prompt = spec.prompts[index // spec.n]
-        choices.append(_choice(spec, index, prompt, tokens, done, codec))
-        completion_tokens += len(tokens)
-    prompt_tokens = sum(len(p) for p in spec.prompts) * spec.n
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-            "created": int(time.time()), "model": model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
-
-
-async def _stream(request: Any, handles: list[Handle], spec: CompletionSpec,
-                  codec: Any) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per token (its text held back while a character's
-    bytes are incomplete or while it could be the start of a stop sequence), a last chunk
-    with the rest and finish_reason, then [DONE]. The texts add up to the non-streamed
-    completion."""
-    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    handle, prompt = handles[0], spec.prompts[0]
-    hold = max((len(x) for x in handle.request.stop), default=1) - 1
-
-    def chunk(text: str, finish: str | None, logprobs: dict | None = None) -> str:
-        return "data: " + json.dumps({
-            "id": cid, "object": "text_completion", "created": created, "model": "jaxmp",
-            "choices": [{"text": text, "index": 0, "logprobs": logprobs,
-                         "finish_reason": finish}]}) + "\n\n"
-    sent, ids = "", []
-    try:
-        if spec.echo:
-            yield chunk(codec.decode(prompt), None)
+    async def pump(index: int, handle: Handle) -> None:
         while True:
-            event = await _next(request, handle)
+            event = await _next(handle)
+            await events.put((index, event))
             if isinstance(event, Done):
+                return
+
+    def sse(payload: dict) -> str:
+        return "data: " + json.dumps({"id": cid, "object": spec.chunk_object,
+                                      "created": created, "model": model, **payload}) + "\n\n"
+    watcher = asyncio.create_task(_watch(request, handles))
+    pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    writers = [spec.writer(i, h) for i, h in enumerate(handles)]
+    try:
+        for i in range(len(handles)):
+            for payload in writers[i].start():
+                yield sse(payload)
+        left = len(handles)
+        while left:
+            index, event = await events.get()
+            if isinstance(event, Done):
+                left -= 1
+                if event.reason == "cancelled":
+                    return
                 if event.reason == "error":
-                    yield "data: " + json.dumps({"error": {"message": event.error,
-                                                           "type": "server_error"}}) + "\n\n"
-                else:
-                    yield chunk(event.text[len(sent):],
-                                "stop" if event.reason == "stop" else "length")
-                break
-            ids.append(event.id)
-            text = codec.decode(ids)
-            hits = [text.find(x) for x in handle.request.stop if x in text]
-            # hold back the last `hold` complete characters (a stop may start there), never
-            # counting a character whose bytes are still incomplete as one of them
-            whole = text.rstrip("\ufffd")
-            safe = text[:min(hits)] if hits else whole[:max(0, len(whole) - hold)]
-            safe = safe.rstrip("\ufffd")
-            delta = safe[len(sent):]
-            lp = (_logprob_block(codec, [event.id], [event], spec.logprobs, len(sent))
-                  if spec.logprobs is not None else None)
-            sent += delta
-            yield chunk(delta, None, lp)
+                    yield "data: " + json.dumps(error_body(
+                        500, f"generation failed ({event.error})", "server_error")) + "\n\n"
+                    return
+                for payload in writers[index].finish(event):
+                    yield sse(payload)
+            else:
+                for payload in writers[index].token(event):
+                    yield sse(payload)
+        if spec.include_usage:
+            yield sse({"choices": [], "usage": spec.usage(
+                [len(h.tokens) for h in handles], sum(h.cached_tokens for h in handles))})
         yield "data: [DONE]\n\n"
-    except _Gone:
-        handle.cancel()
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
+    finally:
+        for h in handles:
+            h.cancel()  # a no-op for a finished request; frees the slot of a dropped one
+        for task in (watcher, *pumps):
+            task.cancel()
 
 
 @contextlib.contextmanager
@@ -385,3 +296,4 @@ def running(engine: Engine, limits: HTTPLimits = HTTPLimits(),
         web.should_exit = True
         thread.join()
         sock.close()
+

@@ -34,6 +34,7 @@ class Source:
     hf_config: dict | None = None   # the config.json of a Hugging Face source (or origin)
     step: int | None = None         # the checkpoint step of a jaxmp source
     directory: hf.HFDirectory | None = None
+    chat: dict | None = None        # its chat template and special tokens (jaxmp.chat)
 
     @property
     def kind(self) -> str:
@@ -97,7 +98,10 @@ def open_source(path: str, *, step: int | None = None, name: str = "init_from") 
         from jaxmp.tokenizer import read_tokenizer
 
         tokenizer = read_tokenizer(tok_file) if tok_file else None
-        return Source(path, family, config, tokenizer, directory.config, directory=directory)
+        from jaxmp.chat import read_chat
+
+        return Source(path, family, config, tokenizer, directory.config, directory=directory,
+                      chat=read_chat(path))
     from jaxmp.checkpoint import Checkpoints
 
     ckpts = Checkpoints(path, create=False)
@@ -107,4 +111,4 @@ def open_source(path: str, *, step: int | None = None, name: str = "init_from") 
     finally:
         ckpts.close()
     return Source(path, registry.get(record.family), record.config, record.tokenizer,
-                  record.hf_config, step=step)
+                  record.hf_config, step=step, chat=record.chat)

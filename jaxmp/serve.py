@@ -42,6 +42,22 @@ class ServeError(ValueError):
     """A request the server cannot answer."""
 
 
+SEED_RANGE = (-(1 << 63), 1 << 64)  # any signed or unsigned 64-bit integer
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """A PRNG key's raw data (threefry: two uint32 words) from all 64 bits of `seed`
+    (negative seeds as their two's complement); equal to jax.random.key(seed)'s for seeds
+    in [0, 2^31). ServeError outside SEED_RANGE."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ServeError(f"seed={seed!r} must be an integer")
+    seed = int(seed)
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ServeError(f"seed={seed} is outside the 64-bit range [-2^63, 2^64)")
+    seed %= 1 << 64
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
 def bucket(n: int, lo: int = 1) -> int:
     """Next power of two >= max(n, lo)."""
     return max(lo, 1 << max(0, (n - 1).bit_length()))
@@ -63,7 +79,8 @@ class Server:
 
     def __init__(self, cfg: Any, mesh: str | Mesh = "", *, family: str = "gpt",
                  params: Any = None, rules: Rules | None = None,
-                 devices: Sequence[jax.Device] | None = None, tokenizer: dict | None = None):
+                 devices: Sequence[jax.Device] | None = None, tokenizer: dict | None = None,
+                 chat: dict | None = None):
         self.family = registry.get(family)
         if not self.family.generates:
             raise ServeError(f"a {family!r} model cannot generate; serving needs a token model "
@@ -72,6 +89,7 @@ class Server:
             cfg = dataclasses.replace(cfg, attention="auto")
         self.cfg, self.codec = cfg, TextCodec(cfg.vocab_size, tokenizer)
         self.tokenizer = tokenizer  # the JSON of a tokenizer.json, or None
+        self.chat = chat  # the chat template and special tokens (jaxmp.chat), or None
         self.mesh = mesh if isinstance(mesh, Mesh) else serving_mesh(mesh, devices)
         self.rules = rules or DEFAULT_RULES
         pipe = PipelineSpec(self.mesh.shape["pipe"], 1, 1)
@@ -111,7 +129,7 @@ class Server:
                                  f"{', '.join(generating)})")
             server = cls(family.config_from_json(record.config), mesh, family=record.family,
                          rules=rules or Rules.from_json(record.rules), devices=devices,
-                         tokenizer=tokenizer or record.tokenizer)
+                         tokenizer=tokenizer or record.tokenizer, chat=record.chat)
             target = jax.tree_util.tree_map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(record.param_dtype), sharding=s),
                 server.abstract_params, server.param_shardings)
@@ -131,7 +149,7 @@ class Server:
         source = open_source(path, name="ckpt_dir")
         cfg = source.family.config_from_json(source.config)
         server = cls(cfg, mesh, family=source.family.name, rules=rules, devices=devices,
-                     tokenizer=tokenizer or source.tokenizer)
+                     tokenizer=tokenizer or source.tokenizer, chat=source.chat)
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
             server.abstract_params, server.param_shardings)
@@ -237,6 +255,7 @@ class Server:
         """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy); with
         return_logits, each Generation also holds the logits its tokens were chosen from."""
         ids = check_request(self.cfg, prompts, max_new_tokens, temperature, top_k, self.codec)
+        key = jax.random.wrap_key_data(seed_key_data(seed))
         limit = self.cfg.seq_len
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = bucket(len(ids), shards)
@@ -248,7 +267,7 @@ class Server:
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
         fn = self._compiled_generate(batch, plen, new, temperature == 0, return_logits)
-        out, logits = jax.device_get(fn(self.params, tokens, lengths, jax.random.key(seed),
+        out, logits = jax.device_get(fn(self.params, tokens, lengths, key,
                                         jnp.float32(temperature), jnp.int32(top_k or 0)))
         out = np.asarray(out)
         return [Generation(p, out[i, :max_new_tokens].tolist(),

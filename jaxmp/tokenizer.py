@@ -62,12 +62,17 @@ class TextCodec:
         return self.tokenizer is not None or self.bytes
 
     def encode(self, text: str) -> list[int]:
+        """Text as ids; 'ids:1,2,3' (the command line's way to give ids) as those ids."""
         if text.startswith(IDS_PREFIX):
             try:
                 return [int(t) for t in text[len(IDS_PREFIX):].split(",") if t.strip()]
             except ValueError:
                 raise ValueError(f"{text[:40]!r}: after 'ids:' give integers separated by "
                                  "commas") from None
+        return self.encode_text(text)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text as ids, whatever it says (an API's text prompt: 'ids:1' is text)."""
         if self.tokenizer is not None:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         if not self.bytes:

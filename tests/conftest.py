@@ -24,3 +24,18 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def one():
+    """The HTTP server the quick serving tests share (one warm-up for all of them): the
+    Hugging Face GPT-2 fixture on one device, 4 slots of 64 positions (a chat prompt of the
+    fixture's template is 45 tokens), a 128-token prefix cache (8 blocks of 16: small
+    enough that the tests evict). Yields (url, server, engine)."""
+    from test_http import serving
+
+    with serving("", slots=4, max_len=64, prefix_cache_tokens=128) as s:
+        yield s

@@ -39,24 +39,22 @@ PROMPTS = ["def main(argv):", "Hello", "naïve café", "x", "import json\nprint(
 MAX_TOKENS = [1, 3, 20, 7, 12, 2, 16, 9, 5, 20, 11, 4, 8, 15, 6, 10]
 
 
+MODEL = "tiny-gpt2"  # the served name (not the default), which every reply must carry
+
+
 @contextlib.contextmanager
 def serving(mesh: str = "", *, slots: int = 4, max_queue: int = 64, max_len: int = 32,
-            **limits):
+            prefix_cache_tokens: int | None = None, **limits):
     server = Server.from_checkpoint(TINY, mesh)
-    engine = Engine(server, slots=slots, max_queue=max_queue, max_len=max_len)
+    engine = Engine(server, slots=slots, max_queue=max_queue, max_len=max_len,
+                    prefix_cache_tokens=prefix_cache_tokens)
     engine.warm_up()
     engine.start()
     try:
-        with running(engine, HTTPLimits(**limits)) as url:
+        with running(engine, HTTPLimits(**{"model_name": MODEL, **limits})) as url:
             yield url, server, engine
     finally:
         engine.stop()
-
-
-@pytest.fixture(scope="module")
-def one():
-    with serving("", slots=4) as s:
-        yield s
 
 
 def _post(url, body, **kw):
@@ -69,10 +67,17 @@ async def _concurrent(url, bodies):
                                       for b in bodies])
 
 
-def _expected(server, prompts, max_tokens):
-    """Server.generate of each prompt alone (one batched call: tested equal to alone)."""
+def _expected_tokens(server, prompts, max_tokens):
+    """Server.generate of each prompt alone (one batched call: tested equal to alone), cut
+    at the end-of-text token (where a completion ends)."""
     outs = server.generate(prompts, max_new_tokens=max(max_tokens))
-    return [server.decode_text(o.tokens[:m]) for o, m in zip(outs, max_tokens)]
+    eos = server.codec.end_of_text()
+    cut = lambda t: t[:t.index(eos)] if eos in t else t
+    return [cut(o.tokens[:m]) for o, m in zip(outs, max_tokens)]
+
+
+def _expected(server, prompts, max_tokens):
+    return [server.decode_text(t) for t in _expected_tokens(server, prompts, max_tokens)]
 
 
 def _check_concurrent(url, server):
@@ -82,7 +87,7 @@ def _check_concurrent(url, server):
     got = [r.json()["choices"][0]["text"] for r in replies]
     assert got == _expected(server, PROMPTS, MAX_TOKENS)
     usage = [r.json()["usage"]["completion_tokens"] for r in replies]
-    assert usage == MAX_TOKENS
+    assert usage == [len(t) for t in _expected_tokens(server, PROMPTS, MAX_TOKENS)]
 
 
 def test_sixteen_concurrent_requests_equal_generating_each_alone(one):
@@ -174,7 +179,7 @@ def test_n_with_a_seed_is_reproducible(one):
 def test_models_and_health(one):
     url, _, engine = one
     assert httpx.get(f"{url}/health").json()["slots"] == engine.slots
-    assert httpx.get(f"{url}/v1/models").json()["data"][0]["context_length"] == engine.max_len == 32
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["context_length"] == engine.max_len == 64
 
 
 BAD = [
@@ -183,9 +188,9 @@ BAD = [
     ({"prompt": "x", "temprature": 0.5}, 400, "unknown field 'temprature'"),
     ({"prompt": "x", "max_tokens": 100}, 400, "exceeds the context of 32 tokens by 69"),
     ({"prompt": [1, 2, 999]}, 400, "token ids must be in [0, 500)"),
-    ({"prompt": "x", "logprobs": 9}, 400, "'logprobs'=9 must be in [0, 5]"),
+    ({"prompt": "x", "logprobs": 21}, 400, "'logprobs'=21 must be in [0, 20]"),
     ({"max_tokens": 3}, 400, "'prompt' is required"),
-    ({"prompt": "x", "presence_penalty": 1.0}, 400, "'presence_penalty' is not supported"),
+    ({"prompt": "x", "presence_penalty": 1.0}, 400, "'presence_penalty'=1.0 is not supported"),
     ({"prompt": "x", "n": 40, "max_tokens": 1}, 400, "exceeds the limit of 16 completions"),
     ({"prompt": "x" * 3000}, 413, "the limit of 2048 bytes"),
 ]
@@ -272,8 +277,11 @@ def test_http_benchmark_counts_what_it_asked_for():
         row = h["concurrency"][c]
         assert row["tokens"] == asked and 0 < row["p50_s"] <= row["p99_s"] <= row["wall_s"]
     assert h["equal_lengths_c16_tokens_per_s"] > 0 and h["offline_batch16_tokens_per_s"] > 0
+    p = h["prefix_cache"]
+    assert p["cached_tokens"] == p["prefix_tokens"] // 16 * 16 > 0 and p["speedup"] > 0
     assert {t.target for t in bench_http.http_targets(h)} == {
         "http tokens/s at concurrency 16 / concurrency 1 >= 4",
+        "time to first token, prefix-cache miss / hit >= 5",
         "http tokens/s at c=16 / offline generate batch 16 >= 0.9"}
 
 

@@ -32,8 +32,9 @@ import pytest
 from helpers import ROOT
 
 from jaxmp.engine import Done, Engine, Handle, Request, Token, _Slot
-from jaxmp.http import CompletionSpec, _choice, _stream, running
+from jaxmp.http import _stream, running
 from jaxmp.models.gpt import GPTConfig
+from jaxmp.openai_fields import CompletionSpec, Sampling
 from jaxmp.serve import Server
 from jaxmp.tokenizer import TextCodec, read_tokenizer
 
@@ -224,10 +225,16 @@ def test_generate_first_token_follows_the_reference(tiny_server, next_logits, te
 
 # ---------------------------------------------------------------- streaming
 class _Client:
-    """The request object `_stream` polls: never disconnected."""
+    """The request object `_stream` watches: never disconnected."""
 
-    async def is_disconnected(self) -> bool:
-        return False
+    async def receive(self) -> dict:
+        await asyncio.Event().wait()  # no message, ever
+        return {}
+
+
+def _spec(codec, prompt, stop, echo, logprobs, stream) -> CompletionSpec:
+    sampling = Sampling(1, 0.0, 0, 1.0, 0, tuple(stop), stream, False)
+    return CompletionSpec([prompt], [], 1, 1, sampling, echo, logprobs, codec)
 
 
 def engine_run(codec, ids: list[int], stop: list[str], max_tokens: int) -> list:
@@ -253,8 +260,8 @@ async def _sse(codec, events, stop, prompt, echo, logprobs) -> list[dict]:
     handle = Handle(Request(prompt, 1, stop=tuple(stop)))
     for e in events:
         handle.events.put(e)
-    spec = CompletionSpec([prompt], [handle.request], 1, True, echo, logprobs)
-    lines = [c async for c in _stream(_Client(), [handle], spec, codec)]
+    spec = _spec(codec, prompt, stop, echo, logprobs, True)
+    lines = [c async for c in _stream(_Client(), [handle], spec, "m")]
     assert lines[-1] == "data: [DONE]\n\n"
     return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
 
@@ -279,8 +286,8 @@ def check_stream(codec, ids, stop, max_tokens, *, echo=False, logprobs=None, pro
     assert isinstance(done, Done) and all(isinstance(e, Token) for e in tokens)
     case = f"ids={ids} text={codec.decode(ids)!r} stop={stop} max_tokens={max_tokens}"
     assert (done.text, done.reason) == reference_cut(codec, ids, stop, max_tokens), case
-    spec = CompletionSpec([prompt], [], 1, False, echo, logprobs)
-    plain = _choice(spec, 0, prompt, tokens, done, codec)
+    spec = _spec(codec, prompt, stop, echo, logprobs, False)
+    plain = spec._choice(0, prompt, tokens, done)
     chunks = asyncio.run(_sse(codec, events, stop, prompt, echo, logprobs))
     texts = [c["choices"][0]["text"] for c in chunks]
     assert "".join(texts) == plain["text"], f"{case}: streamed {texts}, plain {plain['text']!r}"
