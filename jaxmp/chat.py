@@ -85,9 +85,13 @@ def read_template_file(path: str, base: dict | None = None) -> dict:
     chat = dict(base or {})
     if path.endswith(".json"):
         try:
-            found = chat_from_config(json.loads(text))
+            config = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"chat_template={path}: not JSON ({e.msg})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"chat_template={path}: not a tokenizer_config.json (a JSON "
+                             "object with a chat_template field)")
+        found = chat_from_config(config)
         if found is None:
             raise ValueError(f"chat_template={path} has no chat_template field")
         chat.update(found)

@@ -353,14 +353,6 @@ MUTATIONS: tuple[Mutation, ...] = (
     # (end of sampling section)
 
     # serving that real clients trust (#25)
-    Mutation("middleware_hides_disconnect", "a Starlette BaseHTTPMiddleware in front of the "
-             "handlers (a dropped client keeps its slot)", "jaxmp/http.py",
-             "    app.add_middleware(Guard, limits=limits)\n",
-             "    app.add_middleware(Guard, limits=limits)\n\n"
-             "    @app.middleware('http')\n"
-             "    async def passthrough(request, call_next):\n"
-             "        return await call_next(request)\n",
-             ("tests/test_openai_api.py", "-k", "dropped_client")),
     Mutation("no_disconnect_watch", "disconnects noticed only when the next token is sent",
              "jaxmp/http.py", "        message = await request.receive()\n",
              "        message = {'type': 'http.request'}\n        await asyncio.sleep(3600)\n",

@@ -242,18 +242,31 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path):
     sock.close()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("XLA_FLAGS", None)
+    template = tmp_path / "chat.jinja"  # --chat_template replaces the model's own
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
     proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", f"--ckpt_dir={TINY}",
-                             f"--http={port}", "--slots=2", "--simulate_devices=1"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             f"--http={port}", "--slots=2", "--simulate_devices=1",
+                             f"--chat_template={template}", "--prefix_cache_tokens=0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         for line in proc.stdout:
             if "serving http://127.0.0.1" in line:
                 break
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()
+        from jaxmp.tokenizer import TextCodec, read_tokenizer
+
+        codec = TextCodec(500, read_tokenizer(TINY))
+        assert chat["usage"]["prompt_tokens"] == len(codec.encode_text("<user>Hi"))
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert health["prefix_cache"]["capacity_blocks"] == 0
         result = {}
 
         def ask():
             result["r"] = _post(f"http://127.0.0.1:{port}", {"prompt": "a", "max_tokens": 60,
-                                                             "temperature": 0})
+                                                             "temperature": 0,
+                                                             "ignore_eos": True})
         t = threading.Thread(target=ask)
         t.start()
         time.sleep(0.3)
