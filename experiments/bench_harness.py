@@ -17,10 +17,10 @@ from flax import nnx
 
 from experiments.bench_results import Json
 from jaxmp.checkpoint import CheckpointRecord, Checkpoints
-from jaxmp.experiment import log
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, lm_loss
 from jaxmp.pipeline import PipelineSpec
+from jaxmp.run.console import log
 from jaxmp.serve import Server
 from jaxmp.sharding import DEFAULT_RULES
 from jaxmp.train import OptConfig, Trainer

@@ -64,9 +64,10 @@ def main(argv: list[str]) -> int:
 def inspect() -> None:
     """Print the plan and, with a pipe axis, the schedule grid; with --target, memory and
     step time on that accelerator; with --search, the layouts that fit, fastest first."""
-    from jaxmp.experiment import check_writable, layout, make_trainer, model_config
     from jaxmp.mesh import format_mesh
     from jaxmp.pipeline import format_timeline, stage_layers
+    from jaxmp.run import layout, make_trainer, model_config
+    from jaxmp.run.console import check_writable
 
     if F.plot:
         check_writable(F.plot, "plot", directory=False)

@@ -171,7 +171,7 @@ class Layout:
     def build(cls, cfg: RunConfig, num_layers: int | None = None,
               devices: Any = None) -> Layout:
         """The layout of `cfg` (at `num_layers` layers if given) over `devices` (all)."""
-        from jaxmp.experiment import layout, make_trainer, model_config
+        from jaxmp.run import layout, make_trainer, model_config
 
         cfg.validate()
         family, model_cfg = model_config(cfg)
@@ -224,7 +224,7 @@ def compile_program(cfg: RunConfig, depth: str = "auto", card: Accelerator | Non
     For a GPU `card`, see `stand_in`."""
     if depth not in DEPTHS:
         raise ValueError(f"plan_depth={depth!r}: expected one of {', '.join(DEPTHS)}")
-    from jaxmp.experiment import model_config
+    from jaxmp.run import model_config
 
     cfg, note = stand_in(cfg, model_config(cfg)[1], card)
     full = Layout.build(cfg, devices=devices)

@@ -26,8 +26,8 @@ flags.DEFINE_bool("overwrite", False, "Replace the train.bin, val.bin and tokeni
 
 
 def prepare() -> None:
-    from jaxmp.experiment import check_writable
     from jaxmp.prepare import prepare as run
+    from jaxmp.run.console import check_writable
 
     if not F.input or not F.output:
         raise ValueError("--input and --output are required")

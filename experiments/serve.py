@@ -66,8 +66,8 @@ def _check_before_restore(cfg: ServeConfig, prompts: list[str]) -> dict | None:
 
 def serve() -> None:
     """Restore, generate (once to compile, once timed), print and write the completions."""
-    from jaxmp.experiment import check_writable
     from jaxmp.mesh import format_mesh
+    from jaxmp.run.console import check_writable
     from jaxmp.serve import Server
 
     cfg = flagtree.build(ServeConfig)

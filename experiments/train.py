@@ -20,9 +20,9 @@ flags.adopt_module_key_flags(flagtree)  # --help lists them as this program's
 
 def main(argv: list[str]) -> int:
     def body() -> None:
-        from jaxmp.experiment import train
+        from jaxmp.demo import train_and_serve
 
-        train(flagtree.build(RunConfig))
+        train_and_serve(flagtree.build(RunConfig))
     return run_guarded(argv, body)
 
 

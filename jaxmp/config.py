@@ -130,6 +130,12 @@ class LogConfig:
     metrics_file: str | None = opt(None, "JSON-lines metrics file (process 0 writes it).")
     log_every: int = opt(10, "Steps between progress lines.")
     profile_dir: str | None = opt(None, "Write a JAX profiler trace of steps 3-4 here.")
+    tensorboard_dir: str | None = opt(None, "Write TensorBoard event files here (every logged "
+                                      "step's metrics and the eval loss; needs tensorboardX).")
+    wandb_project: str | None = opt(None, "Log every logged step's metrics to this Weights & "
+                                    "Biases project (the wandb extra).")
+    wandb_mode: str = opt("online", "Weights & Biases mode: online, offline (files only, sync "
+                          "later) or disabled.")
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Device peaks and model FLOPs utilization (MFU).
 
 This lives in the library, not beside the benchmarks, because the training loop logs MFU
-on every logged step (`jaxmp.experiment`); the compiled-program accounting the benchmarks
+on every logged step (`jaxmp.run`); the compiled-program accounting the benchmarks
 use (HLO parsing, collectives, FLOPs, memory) lives in experiments/.
 """
 

@@ -62,11 +62,11 @@ def layout_trainer(mesh: str, p: int = 1, m: int = 1, r: int = 1, accum: int = 1
                    gather_once: bool = False, model: type = GPT, cfg: Any = CFG,
                    opt: OptConfig = OPT, **layout: Any) -> tuple[Trainer, PipelineSpec]:
     """The Trainer `experiments.train` would build for these layout options: the options
-    go into a RunConfig and through jaxmp.experiment.layout (mesh, pipeline, the rules that
+    go into a RunConfig and through jaxmp.run.layout (mesh, pipeline, the rules that
     --sequence_parallel adds) and make_trainer, the functions the entry point calls, so a
     flag that stops reaching the code fails the tests that use this. ("single": one
     device.)"""
-    from jaxmp import experiment
+    from jaxmp import run as experiment
     from jaxmp.config import RunConfig
     from jaxmp.models import registry
 

@@ -19,7 +19,8 @@ from helpers import ROOT, run_module
 
 from jaxmp.checkpoint import CheckpointError, Checkpoints
 from jaxmp.config import RunConfig
-from jaxmp.experiment import prepare, train
+from jaxmp.demo import train_and_serve
+from jaxmp.run import prepare, train
 
 TINY = dict(num_layers=2, d_model=32, num_heads=4, seq_len=32, batch_size=8, log_every=1,
             serve_mesh="", microbatches=2, warmup_steps=1, mesh="data:2,pipe:2,tensor:2")
@@ -108,9 +109,10 @@ def test_bad_paths_and_files_fail_before_anything_is_created(tmp_path, kind, msg
 def test_closing_demo_settings_are_checked_before_training(tmp_path, settings, msg):
     """The closing serve demo's mesh (4 heads on tensor:3), an empty prompt and a prompt
     longer than the context used to fail only after training (a run that trained to its end
-    exited 2); now prepare refuses them, naming the flag and --serve_mesh= to skip it."""
+    exited 2); now the train entry point's run refuses them before any step, naming the
+    flag and --serve_mesh= to skip it."""
     with pytest.raises(ValueError) as err:
-        prepare(_cfg(tmp_path / "ck", **settings))
+        train_and_serve(_cfg(tmp_path / "ck", **settings))
     assert msg in str(err.value) and "--serve_mesh= to skip" in str(err.value), str(err.value)
     assert not (tmp_path / "ck").exists()
 

@@ -15,9 +15,9 @@ from helpers import CFG, ROOT, batches, canonical, trainer
 
 from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints, export_params
 from jaxmp.config import RunConfig
-from jaxmp.experiment import train
 from jaxmp.models.gpt import GPT, GPTConfig
 from jaxmp.pipeline import PipelineSpec
+from jaxmp.run import train
 from jaxmp.serve import ServeError, Server
 from jaxmp.sharding import DEFAULT_RULES
 

@@ -23,8 +23,8 @@ from helpers import CFG, ROOT, batches, trainer
 
 from jaxmp.checkpoint import CheckpointError, CheckpointRecord, Checkpoints
 from jaxmp.config import RunConfig
-from jaxmp.experiment import train
 from jaxmp.pipeline import PipelineSpec, storage_order
+from jaxmp.run import train
 from jaxmp.sharding import DEFAULT_RULES
 
 slow = pytest.mark.slow  # whole runs and subprocesses: the full suite only

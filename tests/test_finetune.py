@@ -21,11 +21,12 @@ from test_hf import TINY, _tensors
 
 from jaxmp import data
 from jaxmp.config import ModelSpec, RunConfig
-from jaxmp.experiment import model_config, prepare, train
+from jaxmp.demo import train_and_serve as train
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPT, lm_loss
 from jaxmp.prepare import prepare as prepare_text
 from jaxmp.pretrained import open_source
+from jaxmp.run import model_config, prepare
 from jaxmp.tokenizer import TextCodec, read_tokenizer
 from jaxmp.train import Trainer
 

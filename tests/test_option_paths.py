@@ -1,6 +1,6 @@
 """Every option flag reaches the object it configures, through the functions the entry
 point calls: absl parses the flags (experiments.flagtree, as experiments.train does),
-jaxmp.experiment.prepare builds the run, and the model, mesh, pipeline, rules, trainer and
+jaxmp.run.prepare builds the run, and the model, mesh, pipeline, rules, trainer and
 optimizer it holds carry each non-default value. A flag parsed into the config but dropped
 on the way (a field not passed on, a default written in its place) fails here; what each
 object then does with its setting is tested against one device and against the compiled
@@ -13,9 +13,10 @@ import pytest
 from absl import flags
 
 from experiments import flagtree
-from jaxmp import experiment
+from jaxmp import run as experiment
 from jaxmp.config import RunConfig
 from jaxmp.pipeline import PipelineSpec, storage_order
+from jaxmp.run.build import close_run_dir
 
 OPTIMIZER = {"learning_rate": 0.005, "warmup_steps": 3, "weight_decay": 0.05, "clip_norm": 0.5,
              "b1": 0.8, "b2": 0.9, "eps": 1e-7, "min_lr_ratio": 0.2, "grad_accum_steps": 2}
@@ -66,4 +67,4 @@ def test_every_layout_model_and_optimizer_flag_reaches_the_run(tmp_path, family,
         model = tr.model(jax.tree_util.tree_map(lambda a: a, tr.abstract_params))
         assert model.cfg == m
     finally:
-        experiment.close_run_dir(run)
+        close_run_dir(run)

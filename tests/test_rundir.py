@@ -11,9 +11,10 @@ import pytest
 from absl import flags
 
 from experiments import flagtree
-from jaxmp import experiment, rundir
+from jaxmp import rundir
 from jaxmp.config import RunConfig
-from jaxmp.experiment import prepare, train
+from jaxmp.run import prepare, train
+from jaxmp.run.build import close_run_dir
 
 # data:2,fsdp:2 x 2 accumulation parts, a warm-up and validation every 2 steps: a resume
 # must restore the sharded state, the schedule's position, the data order and evaluation.
@@ -122,7 +123,7 @@ def test_resume_allows_what_is_named_and_what_is_free(trained):
         assert "learning_rate 0.001 -> 0.01: the learning rate at step 3 goes from" in notes
         assert "steps 4 -> 6" in notes and "ends at step 6" in notes
     finally:
-        experiment.close_run_dir(run)
+        close_run_dir(run)
     with pytest.raises(ValueError, match=r"holds another model: d_model: 32 in the checkpoint, 64"):
         prepare(RunConfig.flat(**{**TINY, "d_model": 64}, ckpt_dir=path))
     with pytest.raises(ValueError, match="allow_config_change: mesh is not a setting"):
@@ -130,7 +131,7 @@ def test_resume_allows_what_is_named_and_what_is_free(trained):
 
 
 def test_resume_and_replay_equal_the_straight_run(trained, tmp_path):
-    """The real training loop (experiment.train) stopped by --run_until after its step-2
+    """The real training loop (jaxmp.run.train) stopped by --run_until after its step-2
     checkpoint and resumed takes steps 3 and 4 like the run that went straight on: the
     same losses, gradient norms, learning rates and validation losses, and the same final
     state. The straight run is the saved flagfile replayed into a new directory without

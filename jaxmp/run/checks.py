@@ -1,0 +1,96 @@
+"""The checks a run passes before anything is computed: the paths it will write, the
+checkpoint directory's place, the profile's length, the same flags on every process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from jaxmp import rundir
+from jaxmp.config import RunConfig
+from jaxmp.run.console import check_writable
+
+PROFILE_STEPS = 5  # a profiled run must take this many steps for the trace to close
+
+
+def paths(cfg: RunConfig) -> None:
+    """Files the run will write, checked before anything is computed or created."""
+    if not cfg.checkpoint.ckpt_dir and jax.process_count() > 1:
+        raise ValueError("a multi-process run needs ckpt_dir, on storage every process can reach")
+    if cfg.log.metrics_file:
+        check_writable(cfg.log.metrics_file, "metrics_file", directory=False)
+    if cfg.log.profile_dir:
+        check_writable(cfg.log.profile_dir, "profile_dir", directory=True)
+    if cfg.checkpoint.ckpt_dir:
+        check_writable(cfg.checkpoint.ckpt_dir, "ckpt_dir", directory=True)
+        if cfg.model.init_from and (os.path.abspath(cfg.model.init_from)
+                                    == os.path.abspath(cfg.checkpoint.ckpt_dir)):
+            raise ValueError("init_from and ckpt_dir are the same directory; to continue that "
+                             "run use --ckpt_dir alone (it resumes), else give a new ckpt_dir")
+        ckpt_dir(cfg.checkpoint.ckpt_dir)
+    from jaxmp.run import loggers
+
+    loggers.check(cfg)
+    if cfg.demo.serve_mesh:
+        from jaxmp.mesh import parse_mesh
+
+        parse_mesh(cfg.demo.serve_mesh, None)  # the axes and sizes; the device count later
+
+
+def last_complete(directory: str) -> str:
+    """The newest complete checkpoint step in a run directory, read from the file system
+    alone (a peer is lost: no collective can run)."""
+    from jaxmp.checkpoint import TMP_MARK
+
+    steps = sorted(int(e) for e in os.listdir(directory)
+                   if e.isdigit() and TMP_MARK not in e)
+    return f"step {steps[-1]} in {directory}" if steps else f"none yet in {directory}"
+
+
+def profile(cfg: RunConfig, start: int) -> None:
+    """--profile_dir traces the run's third to fifth steps (after compilation)."""
+    end = min(cfg.steps, cfg.run_until) if cfg.run_until else cfg.steps
+    if cfg.log.profile_dir and end - start < PROFILE_STEPS:
+        raise ValueError(f"profile_dir={cfg.log.profile_dir}: the trace covers this run's steps "
+                         f"3 to 5, but it takes {end - start}; train at least "
+                         f"{PROFILE_STEPS} steps, or drop --profile_dir")
+
+
+def ckpt_dir(path: str) -> None:
+    """A checkpoint directory is a run's own: not a Hugging Face model, not a place inside
+    another run (one of its step directories, or below its files)."""
+    from jaxmp.hf import is_hf_directory
+
+    if is_hf_directory(path):
+        raise ValueError(f"ckpt_dir={path} is a Hugging Face model directory; start from it "
+                         "with --init_from and give a new --ckpt_dir for the run")
+    here = os.path.abspath(path)
+    parent = os.path.dirname(here)
+    while parent != here:
+        if os.path.isfile(os.path.join(parent, rundir.CONFIG_JSON)) or (
+                os.path.basename(here).isdigit()
+                and os.path.isdir(os.path.join(parent, os.path.basename(here), "meta"))):
+            raise ValueError(f"ckpt_dir={path} is inside the run directory {parent}; resume that "
+                             "run with --ckpt_dir=" + parent + ", or give a directory of its own")
+        here, parent = parent, os.path.dirname(parent)
+
+
+def same_flags(cfg: RunConfig) -> None:
+    """Every process of a multi-process job must run the same configuration."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    differ = [i for i, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise ValueError(f"process {differ[0]} was started with other training flags than "
+                         "process 0; start every process with the same flags")

@@ -1,0 +1,93 @@
+"""The loop's parts as hooks: research code's own hook at the right steps on a pipeline
+layout (with the metrics the loop reports), an early stop from a hook that checkpoints
+first, and the TensorBoard logger read back with tensorboard's own reader.
+
+Bugs these catch: a hook called at the wrong steps (off by one, not at the last step,
+before the step's update), metrics handed to a hook from another step, a stop request
+that skips the checkpoint or goes on training, TensorBoard scalars that differ from the
+metrics file (another step, another field, a missing eval loss), a logging flag that
+never reaches the loop, a bad logging flag found only after training.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxmp.config import RunConfig
+from jaxmp.run import Hook, train
+from jaxmp.run import every as every_n
+
+# a tiny GPT on data:2,pipe:2,tensor:2 (2 micro-batches): the hooks run around the
+# pipelined step; validation every 3 steps
+TINY = dict(num_layers=2, d_model=32, num_heads=4, seq_len=16, batch_size=8, steps=7,
+            ckpt_every=3, log_every=2, serve_mesh="", warmup_steps=1,
+            mesh="data:2,pipe:2,tensor:2", microbatches=2, eval_every=3, eval_batches=1,
+            async_checkpoint=False)
+
+
+def test_hooks_run_at_their_steps_and_tensorboard_matches_the_metrics_file(tmp_path):
+    seen: list[tuple[int, float, float | None]] = []
+
+    class Record(Hook):
+        every = 3
+
+        def on_step(self, info):
+            seen.append((info.step, info.metrics()["loss"], info.eval_loss))
+
+    starts, ends, every_two = [], [], []
+
+    class Bounds(Hook):
+        def on_start(self, info):
+            starts.append(info.step)
+
+        def on_end(self, info):
+            ends.append(info.step)
+
+    tb, metrics = tmp_path / "tb", tmp_path / "m.jsonl"
+    result = train(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "ck"), metrics_file=str(metrics),
+                                  tensorboard_dir=str(tb)),
+                   hooks=[Record(), Bounds(), every_n(2, lambda i: every_two.append(i.step),
+                                                      at_end=False)])
+    assert [s for s, _, _ in seen] == [3, 6, 7]  # every 3 and the last step
+    assert [loss for _, loss, _ in seen] == [result.losses[s - 1] for s in (3, 6, 7)]
+    assert [e for s, _, e in seen] == [v for _, v in result.eval_losses][:2] + [
+        dict(result.eval_losses)[7]]
+    assert (starts, ends, every_two) == ([0], [7], [2, 4, 6])
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert loss == pytest.approx({r["step"]: r["loss"] for r in rows}, rel=1e-6)
+    assert sorted(loss) == [1, 2, 3, 4, 6, 7]  # logged steps: 1, every 2, evaluated, last
+    lr = {e.step: e.value for e in acc.Scalars("train/learning_rate")}
+    assert lr == pytest.approx({r["step"]: r["learning_rate"] for r in rows}, rel=1e-6)
+    evals = {e.step: e.value for e in acc.Scalars("eval/loss")}
+    assert evals == pytest.approx(dict(result.eval_losses), rel=1e-6)
+
+    # a hook that stops the run: the step is checkpointed first, nothing runs after it
+    def plateau(info):
+        if info.step == 4:
+            info.stop("loss plateau")
+    stopped = train(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "ck2")),
+                    hooks=[every_n(1, plateau)])
+    assert stopped.stopped_by == "loss plateau" and len(stopped.losses) == 4
+    assert stopped.last_saved == 4 and stopped.losses == result.losses[:4]
+    from jaxmp.checkpoint import Checkpoints
+
+    assert Checkpoints(str(tmp_path / "ck2"), create=False).steps()[-1] == 4
+
+
+def test_bad_logging_flags_are_refused_before_anything_runs(tmp_path):
+    from jaxmp.run import prepare
+
+    with pytest.raises(ValueError, match="wandb_mode='sometimes' must be one of online"):
+        prepare(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "a"), wandb_mode="sometimes"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="tensorboard_dir=.* exists and is not a directory"):
+        prepare(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "b"),
+                               tensorboard_dir=str(tmp_path / "file")))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
