@@ -1,5 +1,5 @@
 """absl flags generated from jaxmp's config tree (jaxmp/config.py): one flag per leaf field,
-named by the field (the flat names of DESIGN.md's command-line contract), with its type,
+named by the field (the flat names of the command-line contract), with its type,
 default, help and choices. `--flagfile` and `--helpfull` work as for any absl flag.
 
 Why not ml_collections' config_flags: it names flags by their path (`--config.layout.mesh`),

@@ -2,7 +2,8 @@
 
 Entry points generate their absl flags from these classes (`experiments/flagtree.py`), one
 flag per field with the field's flat name (`--mesh`, `--batch_size`, ...: the command-line
-contract of DESIGN.md), its type, default and help. Python users build the same tree:
+contract scripts rely on, tests/test_architecture.py's CONTRACT), its type, default and
+help. Python users build the same tree:
 
     cfg = RunConfig(layout=LayoutConfig(mesh="tensor:8"), steps=50)
     cfg = RunConfig.flat(mesh="tensor:8", steps=50)     # the same, by flag names

@@ -23,15 +23,26 @@ Names = tuple[str | None, ...]
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Names, std: float | None,
-          value: float = 0.0) -> nnx.Param:
+          value: float = 0.0, *, float32: bool = False) -> nnx.Param:
     """A parameter with logical names: normal(0, std) if std is given (a weight matrix,
     weight-decayed), else constant `value` (a bias or norm parameter: weight_decay=False,
-    whatever its number of dimensions, e.g. the (3, heads, kv) QKV bias)."""
+    whatever its number of dimensions, e.g. the (3, heads, kv) QKV bias). `float32`: the
+    layer computes with it in float32 whatever the compute dtype (a norm's scale), so a
+    server keeps it in float32 (metadata keep_float32, read by `keeps_float32`)."""
     if std is None:
         init = jnp.full(tuple(shape), value, jnp.float32)
     else:
         init = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(init, logical_axes=tuple(names), weight_decay=std is not None)
+    return nnx.Param(init, logical_axes=tuple(names), weight_decay=std is not None,
+                     keep_float32=float32)
+
+
+def keeps_float32(params: nnx.State) -> dict:
+    """Pure dict of booleans: which parameters are used in float32 (`param(float32=True)`;
+    user models may set the keep_float32 metadata too)."""
+    flat = jax.tree_util.tree_map(lambda v: bool(v.get_metadata().get("keep_float32", False)),
+                                  params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(flat) if isinstance(flat, nnx.State) else flat
 
 
 class Dense(nnx.Module):
@@ -58,8 +69,8 @@ class LayerNorm(nnx.Module):
     """LayerNorm over the last dimension, computed in float32, parameters replicated."""
 
     def __init__(self, dim: int, *, eps: float = 1e-5, dtype: Any = jnp.float32):
-        self.scale = param(None, (dim,), ("embed",), None, 1.0)
-        self.bias = param(None, (dim,), ("embed",), None, 0.0)
+        self.scale = param(None, (dim,), ("embed",), None, 1.0, float32=True)
+        self.bias = param(None, (dim,), ("embed",), None, 0.0, float32=True)
         self.eps = eps
         self.dtype = dtype
 

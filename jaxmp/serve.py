@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.checkpoint import Checkpoints
-from jaxmp.layers import LayerNorm
+from jaxmp.layers import keeps_float32
 from jaxmp.mesh import make_mesh
 from jaxmp.models import registry
 from jaxmp.pipeline import PipelineSpec
@@ -347,18 +347,14 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
 def serving_params(model: nnx.Module, params: Any, dtype: Any) -> Any:
     """Parameters as a server holds them: every weight the model casts to its compute
     dtype anyway is stored in that dtype (half the bytes read per token in bf16, no cast
-    per call); LayerNorm parameters, used in float32, stay float32. Outputs are the same
-    as computing from float32 weights."""
+    per call); parameters tagged float32 (norm scales and biases: `layers.param`'s
+    keep_float32), which the layers use in float32, stay float32. Outputs are the same as
+    computing from float32 weights."""
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
         return params
-    keep = {path for path, node in nnx.iter_graph(model) if isinstance(node, LayerNorm)}
-
-    def cast(path: tuple, x: jax.Array) -> jax.Array:
-        keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
-        f32 = any(keys[:len(p)] == tuple(p) for p in keep)
-        return x if f32 else x.astype(dtype)
-    return jax.tree_util.tree_map_with_path(cast, params)
+    keep = keeps_float32(nnx.state(model, nnx.Param))
+    return jax.tree_util.tree_map(lambda x, f32: x if f32 else x.astype(dtype), params, keep)
 
 
 def serving_mesh(spec: str, devices: Sequence[jax.Device] | None) -> Mesh:

@@ -22,7 +22,8 @@ from jaxmp.sharding import DEFAULT_RULES, activation_sharding
 from jaxmp.stack import LayerStack
 from jaxmp.train import OptConfig, Trainer
 
-# DESIGN.md's command-line contract: these flag names must exist (others may be added).
+# The command-line contract: scripts and launch files use these flag names, so they must
+# exist (others may be added).
 CONTRACT = {"model", "preset", "num_layers", "d_model", "num_heads", "seq_len", "mesh",
             "microbatches", "pipeline_repeats", "batch_size", "steps", "learning_rate",
             "warmup_steps", "grad_accum_steps", "seed", "dtype", "remat", "data", "ckpt_dir",

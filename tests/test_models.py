@@ -148,6 +148,31 @@ def test_serving_params_keep_bf16_outputs_exact():
     assert serving_params(model, params, "float32") is params
 
 
+def test_llama_norms_are_served_in_float32():
+    """Llama's RMSNorm scales are tagged float32 like GPT-2's LayerNorm parameters (the
+    server once kept only LayerNorm instances in float32, so RMSNorm scales were cast to
+    bf16 and the logits moved): logits from the held bf16 weights equal those computed from
+    the float32 weights, exactly."""
+    from jaxmp.models.llama import Llama, LlamaConfig
+    from jaxmp.serve import serving_params
+
+    cfg = LlamaConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, seq_len=8,
+                      vocab_size=256, mlp_dim=64, dtype="bfloat16")
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    leaves, tree = jax.tree_util.tree_flatten(nnx.to_pure_dict(params))
+    keys = jax.random.split(jax.random.key(1), len(leaves))  # norm scales not all 1
+    params = tree.unflatten([a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    held = serving_params(model, params, cfg.dtype)
+    dtypes = {"/".join(map(str, (getattr(k, "key", k) for k in path))): a.dtype
+              for path, a in jax.tree_util.tree_flatten_with_path(held)[0]}
+    assert dtypes["blocks/attn_norm/scale"] == dtypes["norm/scale"] == jnp.float32
+    assert dtypes["blocks/mlp/up/kernel"] == jnp.bfloat16
+    tokens = jnp.arange(16).reshape(2, 8) % 256
+    run = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens))
+    np.testing.assert_array_equal(run(held), run(params))
+
+
 @pytest.mark.slow  # (the quick subset stays under 3 minutes)
 def test_gpt_matches_an_independent_reference():
     """jaxmp's GPT against experiments/bench_reference.py, a GPT-2 written without any

@@ -116,7 +116,7 @@ class RMSNorm(nnx.Module):
     """x / rms(x) * scale over the last dimension, in float32 (HF's LlamaRMSNorm)."""
 
     def __init__(self, dim: int, *, eps: float, dtype: Any):
-        self.scale = param(None, (dim,), ("embed",), None, 1.0)
+        self.scale = param(None, (dim,), ("embed",), None, 1.0, float32=True)
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
