@@ -40,10 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmp.serve import ServeError, Server, bucket, seed_key_data
+from jaxmp.sampling import TOP, ServeError, check_prompt, check_sampling, sample, seed_key_data
+from jaxmp.serve import Server, bucket
 from jaxmp.sharding import activation_sharding, spec_for
 
-TOP = 20  # alternatives reported per token (OpenAI's top_logprobs maximum)
+__all__ = ["TOP", "Done", "Engine", "Handle", "QueueFull", "Request", "Token", "check"]
 
 
 class QueueFull(ServeError):
@@ -227,7 +228,7 @@ class Engine:
                                                   rules.activations, strict=False))
         self._replicated = NamedSharding(mesh, PartitionSpec())
         with activation_sharding(mesh, rules):
-            self.cache = jax.jit(lambda: server._model(server.params).init_cache(slots,
+            self.cache = jax.jit(lambda: server.module(server.params).init_cache(slots,
                                                                                    max_len))()
         self.prefix = PrefixIndex(prefix_cache_tokens // prefix_block, prefix_block)
         self._max_blocks = max_len // prefix_block
@@ -248,36 +249,6 @@ class Engine:
         return tuple(one(c) for c in self.cache)
 
     # ------------------------------------------------------------ programs
-    def _sample(self, logits, temperature, top_k, top_p, key):
-        """One token per row: greedy where temperature is 0, else top-k / top-p sampling.
-        logits (B, V) float32 (padding at -1e30). Returns (token, its log-prob, top ids,
-        top log-probs) from the model's own distribution."""
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-        def sampled():
-            scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-            order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
-            vocab = logits.shape[-1]
-            k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-            kth = jnp.take_along_axis(order, (k - 1)[:, None], axis=-1)
-            # top-p over the top-k tokens' renormalized distribution (the order of Hugging
-            # Face's warpers, vLLM and llama.cpp): the smallest set whose probability reaches
-            # top_p, i.e. the tokens whose preceding mass < p
-            probs = jax.nn.softmax(jnp.where(order >= kth, order, -jnp.inf), axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs
-            cut = jnp.where(before < top_p[:, None], order, jnp.inf).min(axis=-1, keepdims=True)
-            keep = (scaled >= kth) & (scaled >= cut)
-            masked = jnp.where(keep, scaled, -jnp.inf)
-            return jax.vmap(lambda k_, row: jax.random.categorical(k_, row))(
-                key, masked).astype(jnp.int32)
-        token = jax.lax.cond(jnp.any(temperature > 0),
-                             lambda: jnp.where(temperature > 0, sampled(), greedy),
-                             lambda: greedy)
-        chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-        top_lp, top_id = jax.lax.top_k(logp, TOP)
-        return token, chosen, top_id.astype(jnp.int32), top_lp
-
     def _compile_decode(self):
         """`decode_steps` decode steps for every slot in one program (a scan): the weights'
         per-call work is paid once per call, and the host syncs once per call. A slot that
@@ -286,7 +257,7 @@ class Engine:
 
         def steps(params, cache, tokens, positions, temperature, top_k, top_p, keys):
             with activation_sharding(server.mesh, server.rules):
-                _, decode = server._decoder(params)
+                _, decode = server.decoder(params)
                 keys = jax.random.wrap_key_data(keys)
 
                 def one(carry, _):
@@ -294,7 +265,7 @@ class Engine:
                     pos = jnp.minimum(pos, last)
                     logits, cache = decode(tok[:, None], cache, pos)
                     step_keys = jax.vmap(jax.random.fold_in)(keys, pos)
-                    out = self._sample(logits[:, 0], temperature, top_k, top_p, step_keys)
+                    out = sample(logits[:, 0], temperature, top_k, top_p, step_keys)
                     return (cache, out[0], pos + 1), out
                 (cache, _, _), out = jax.lax.scan(one, (cache, tokens, positions), None,
                                                   length=self.decode_steps)
@@ -321,7 +292,7 @@ class Engine:
         def prefill(params, cache, pool, tokens, n, start, slots, valid, loads, n_loads,
                     saves, n_saves, temperature, top_k, top_p, keys):
             with activation_sharding(server.mesh, server.rules):
-                model = server._model(params)
+                model = server.module(params)
                 rows = tuple(jnp.take(c, slots, axis=1) for c in cache)  # (L, G, S, N, H)
 
                 def load(g, rows):
@@ -353,15 +324,16 @@ class Engine:
                     return tuple(out), pool
                 cache, pool = jax.lax.fori_loop(0, group, write, (cache, pool))
                 last = jnp.take_along_axis(logits, (n - 1)[:, None, None], axis=1)[:, 0]
-                # the stream of a request's draws depends on its absolute positions only
-                keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), start + n)
-                first = self._sample(last, temperature, top_k, top_p, keys)
+                # a draw is keyed by the position of its logits (the last prompt token's)
+                keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys),
+                                                    start + n - 1)
+                first = sample(last, temperature, top_k, top_p, keys)
                 if not scores:
                     return cache, pool, first, None
                 logp = jax.nn.log_softmax(logits, axis=-1)  # (G, length, V)
                 nxt = jnp.roll(tokens, -1, axis=1)
                 prompt_lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
-                top_lp, top_id = jax.lax.top_k(logp, TOP)
+                top_lp, top_id = jax.lax.top_k(logp, min(TOP, logp.shape[-1]))
                 return cache, pool, first, (prompt_lp, top_id.astype(jnp.int32), top_lp)
         cache_sh = jax.tree_util.tree_map(lambda c: c.sharding, self.cache)
         pool_sh = jax.tree_util.tree_map(lambda c: c.sharding, self.pool)
@@ -639,22 +611,6 @@ def _geometric(start: int, factor: int, last: int) -> list[int]:
 
 def check(cfg: Any, r: Request, max_len: int | None = None) -> None:
     """A request against the model's vocabulary and context (`max_len`: the engine's,
-    default the model's); one line per problem."""
-    context = max_len or cfg.seq_len
-    if not r.prompt:
-        raise ServeError("the prompt is empty; give at least one token")
-    if min(r.prompt) < 0 or max(r.prompt) >= cfg.vocab_size:
-        raise ServeError(f"token ids must be in [0, {cfg.vocab_size}); the prompt has "
-                         f"{min(r.prompt)}..{max(r.prompt)}")
-    if r.max_tokens < 0:
-        raise ServeError(f"max_tokens={r.max_tokens} must be >= 0")
-    over = len(r.prompt) + r.max_tokens - context
-    if len(r.prompt) > context or over > 0:
-        raise ServeError(f"the prompt ({len(r.prompt)} tokens) + max_tokens ({r.max_tokens}) "
-                         f"exceeds the context of {context} tokens by {max(over, 1)}")
-    if not (np.isfinite(r.temperature) and r.temperature >= 0):
-        raise ServeError(f"temperature={r.temperature} must be a number >= 0")
-    if not 0 < r.top_p <= 1:
-        raise ServeError(f"top_p={r.top_p} must be in (0, 1]")
-    if r.top_k < 0:
-        raise ServeError(f"top_k={r.top_k} must be >= 0 (0: no limit)")
+    default the model's); one line per problem (the checks `Server.generate` makes too)."""
+    check_prompt(r.prompt, r.max_tokens, cfg.vocab_size, max_len or cfg.seq_len)
+    check_sampling(r.temperature, r.top_k, r.top_p, cfg.vocab_size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from jaxmp.layers import keeps_float32
 from jaxmp.mesh import make_mesh
 from jaxmp.models import registry
 from jaxmp.pipeline import PipelineSpec
+from jaxmp.sampling import SEED_RANGE, ServeError, check_prompt, check_sampling, sample, seed_key_data  # noqa: F401  (ServeError, seed_key_data: re-exported)
 from jaxmp.sharding import (
     DEFAULT_RULES,
     Rules,
@@ -36,26 +36,6 @@ from jaxmp.sharding import (
     spec_for,
 )
 from jaxmp.tokenizer import TextCodec
-
-
-class ServeError(ValueError):
-    """A request the server cannot answer."""
-
-
-SEED_RANGE = (-(1 << 63), 1 << 64)  # any signed or unsigned 64-bit integer
-
-
-def seed_key_data(seed: int) -> np.ndarray:
-    """A PRNG key's raw data (threefry: two uint32 words) from all 64 bits of `seed`
-    (negative seeds as their two's complement); equal to jax.random.key(seed)'s for seeds
-    in [0, 2^31). ServeError outside SEED_RANGE."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ServeError(f"seed={seed!r} must be an integer")
-    seed = int(seed)
-    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-        raise ServeError(f"seed={seed} is outside the 64-bit range [-2^63, 2^64)")
-    seed %= 1 << 64
-    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
 def bucket(n: int, lo: int = 1) -> int:
@@ -163,13 +143,16 @@ class Server:
     def _hold(self, params: Any) -> Any:
         return serving_params(self._abstract, params, self.cfg.dtype)
 
-    def _model(self, params: Any) -> nnx.Module:
+    def module(self, params: Any) -> nnx.Module:
+        """The model with `params` (inside a jitted function: the serving programs')."""
         return nnx.merge(self.graphdef, params)
 
-    def _decoder(self, params: Any) -> tuple[nnx.Module, Callable[..., Any]]:
+    def decoder(self, params: Any) -> tuple[nnx.Module, Callable[..., Any]]:
         """(model, decode) for a loop of decode calls: decode(tokens, cache, index) with the
-        layer weights split once, before the loop (LayerStack.split)."""
-        model = self._model(params)
+        layer weights split once, before the loop (LayerStack.split). tokens (B, t) go to
+        positions index[b] + [0, t) of the cache (model.init_cache(B, length)); returns the
+        logits (B, t, V) and the new cache."""
+        model = self.module(params)
         layers = model.stack.split(getattr(model, self.family.stack))
         return model, functools.partial(model.decode, layers=layers)
 
@@ -193,7 +176,7 @@ class Server:
     def _predict(self):
         def fn(params, tokens):
             with activation_sharding(self.mesh, self.rules):
-                return self._model(params)(tokens)
+                return self.module(params)(tokens)
         return jax.jit(fn)
 
     def predict(self, tokens: Any) -> jax.Array:
@@ -216,6 +199,8 @@ class Server:
     # ------------------------------------------------------------ generate
     def _compiled_generate(self, batch: int, prompt_len: int, new: int, greedy: bool,
                            return_logits: bool = False):
+        """One program: prefill, then `new` decode steps in a scan, sampling with the
+        engine's sampler (row b keyed by its seed and the position of its logits)."""
         key = (batch, prompt_len, new, greedy, return_logits)
         if key in self._generate:
             return self._generate[key]
@@ -224,9 +209,10 @@ class Server:
                                                  self.rules.activations, strict=False))
         replicated = NamedSharding(self.mesh, PartitionSpec())
 
-        def fn(params, tokens, lengths, key, temperature, top_k):
+        def fn(params, tokens, lengths, keys, temperature, top_k, top_p):
             with activation_sharding(self.mesh, self.rules):
-                model, decode = self._decoder(params)
+                model, decode = self.decoder(params)
+                keys = jax.random.wrap_key_data(keys)
                 cache = model.init_cache(batch, cache_len)
                 zero = jnp.zeros((batch,), jnp.int32)
                 logits, cache = decode(tokens, cache, zero)  # prefill (B, P, V)
@@ -234,8 +220,9 @@ class Server:
 
                 def body(carry, i):
                     logits, cache = carry
+                    step_keys = jax.vmap(jax.random.fold_in)(keys, lengths - 1 + i)
                     tok = (jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else
-                           _sample(logits, jax.random.fold_in(key, i), temperature, top_k))
+                           sample(logits, temperature, top_k, top_p, step_keys)[0])
                     nxt, cache = decode(tok[:, None], cache, lengths + i)
                     return (nxt[:, 0], cache), (tok, logits if return_logits else None)
 
@@ -244,18 +231,22 @@ class Server:
                 return toks.T, None if seen is None else seen[..., :real].swapaxes(0, 1)
 
         compiled = jax.jit(fn, in_shardings=(self.param_shardings, self._batch_sharding(
-            (batch, prompt_len)), rows, replicated, replicated, replicated),
+            (batch, prompt_len)), rows, rows, rows, rows, rows),
             out_shardings=replicated)  # every process gets every completion
         self._generate[key] = compiled
         return compiled
 
     def generate(self, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-                 return_logits: bool = False) -> list[Generation]:
-        """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy); with
-        return_logits, each Generation also holds the logits its tokens were chosen from."""
-        ids = check_request(self.cfg, prompts, max_new_tokens, temperature, top_k, self.codec)
-        key = jax.random.wrap_key_data(seed_key_data(seed))
+                 return_logits: bool = False, top_p: float = 1.0) -> list[Generation]:
+        """Continue each prompt by max_new_tokens tokens (temperature 0 = greedy; top_k,
+        top_p as the engine's sampler takes them); prompt i samples with seed + i, so it
+        draws what the engine draws for it with that seed. With return_logits, each
+        Generation also holds the logits its tokens were chosen from."""
+        ids = check_request(self.cfg, prompts, max_new_tokens, temperature, top_k, self.codec,
+                            top_p)
+        seeds = [seed_key_data(seed)] + [seed_key_data((int(seed) + i) % (1 << 64))
+                                         for i in range(1, len(ids))]
         limit = self.cfg.seq_len
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = bucket(len(ids), shards)
@@ -263,36 +254,36 @@ class Server:
         new = min(bucket(max_new_tokens, 8), limit)
         tokens = np.zeros((batch, plen), np.int32)
         lengths = np.ones((batch,), np.int32)
+        keys = np.zeros((batch, 2), np.uint32)
         for i, p in enumerate(ids):
             tokens[i, :len(p)] = p
-            lengths[i] = len(p)
+            lengths[i], keys[i] = len(p), seeds[i]
         fn = self._compiled_generate(batch, plen, new, temperature == 0, return_logits)
-        out, logits = jax.device_get(fn(self.params, tokens, lengths, key,
-                                        jnp.float32(temperature), jnp.int32(top_k or 0)))
+        full = lambda v, t: np.full((batch,), v, t)
+        out, logits = jax.device_get(fn(self.params, tokens, lengths, keys,
+                                        full(temperature, np.float32), full(top_k or 0, np.int32),
+                                        full(top_p, np.float32)))
         out = np.asarray(out)
         return [Generation(p, out[i, :max_new_tokens].tolist(),
                            None if logits is None else np.asarray(logits[i, :max_new_tokens]))
                 for i, p in enumerate(ids)]
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def check_request(cfg: Any, prompts: Sequence[Sequence[int] | str], max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None,
-                  codec: TextCodec | None = None) -> list[list[int]]:
+                  codec: TextCodec | None = None, top_p: float = 1.0) -> list[list[int]]:
     """The prompts as token ids, after checking a request against a model config (its
-    vocabulary and context) and text codec: callable before any weights are loaded."""
+    vocabulary and context) and text codec: callable before any weights are loaded. The
+    numbers are checked by the engine's own checks (jaxmp.sampling)."""
     codec = codec or TextCodec(cfg.vocab_size)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
         raise ServeError(f"prompts must be a list of prompts (texts or token-id lists), not a "
                          f"{type(prompts).__name__}; e.g. [{prompts!r}]"[:300])
-    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
-        if value is not None and not _is_int(value):
-            raise ServeError(f"{name}={value!r} must be an integer")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
-        raise ServeError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
+    if not _is_int(max_new_tokens):
+        raise ServeError(f"max_new_tokens={max_new_tokens!r} must be an integer")
+    if max_new_tokens < 1:
+        raise ServeError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    check_sampling(temperature, top_k, top_p, cfg.vocab_size)
     ids = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -310,38 +301,14 @@ def check_request(cfg: Any, prompts: Sequence[Sequence[int] | str], max_new_toke
         ids.append([int(t) for t in p])
     if not ids:
         raise ServeError("no prompts given")
-    if max_new_tokens < 1:
-        raise ServeError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ServeError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ServeError(f"top_k={top_k} must be in [1, {cfg.vocab_size}] (the vocabulary size)")
-    limit = cfg.seq_len
     for i, p in enumerate(ids):
-        if not p:
-            raise ServeError(f"prompt {i} is empty; give at least one token")
-        if len(p) > limit:
-            raise ServeError(f"prompt {i} has {len(p)} tokens, longer than the context of {limit}")
-        if len(p) + max_new_tokens > limit:
-            raise ServeError(f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} "
-                             f"overflows the context of {limit}; use max_new_tokens <= "
-                             f"{limit - len(p)}")
-        if min(p) < 0 or max(p) >= cfg.vocab_size:
-            raise ServeError(f"token ids must be in [0, {cfg.vocab_size}); prompt {i} has "
-                             f"{min(p)}..{max(p)}")
+        check_prompt(p, max_new_tokens, cfg.vocab_size, cfg.seq_len, f"prompt {i}",
+                     "max_new_tokens")
     return ids
 
 
-def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
-            top_k: jax.Array) -> jax.Array:
-    """Top-k (0 = all) sampling at `temperature` > 0. logits (B, V). Greedy decoding is a
-    program of its own (no sort, no branch per token)."""
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    vocab = logits.shape[-1]
-    k = jnp.where(top_k > 0, top_k, vocab)
-    kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1), (vocab - k)[None, None], axis=-1)
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def serving_params(model: nnx.Module, params: Any, dtype: Any) -> Any:

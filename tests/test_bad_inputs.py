@@ -374,7 +374,7 @@ def test_serve_checks_the_request_before_reading_weights(tmp_path, six_steps):
     empty.write_text("\n  \n")
     cases = [(["--max_new_tokens=0"], "max_new_tokens=0 must be >= 1"),
              (["--temperature=-1"], "temperature=-1.0 must be a number >= 0"),
-             (["--max_new_tokens=40"], "overflows the context of 32"),
+             (["--max_new_tokens=40"], "exceeds the context of 32 tokens"),
              ([f"--prompt_file={bad}"], f"prompt_file={bad} line 2 is not UTF-8"),
              ([f"--prompt_file={empty}"], f"prompt_file={empty} holds no prompt"),
              (["--output_file=/no/such/dir/o.jsonl"], "output_file=/no/such/dir/o.jsonl")]

@@ -138,11 +138,12 @@ def test_sampling_is_seeded_and_respects_top_k(servers):
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(prompts=[[]], max_new_tokens=4), "prompt 0 is empty"),
     (dict(prompts=[list(range(17))], max_new_tokens=1), "17 tokens, longer than the context of 16"),
-    (dict(prompts=[[1] * 10], max_new_tokens=7), "overflows the context of 16; use "
+    (dict(prompts=[[1] * 10], max_new_tokens=7), r"exceeds the context of 16 tokens by 1; use "
                                                  "max_new_tokens <= 6"),
     (dict(prompts=[[1]], max_new_tokens=2, temperature=-1.0), "temperature=-1.0 must be a number >= 0"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_k=0), r"top_k=0 must be in \[1, 256\]"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_k=257), r"top_k=257 must be in \[1, 256\]"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_k=-1), r"top_k=-1 must be an integer in \[0, 256\]"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_k=257), r"top_k=257 must be an integer in \[0, 256\]"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
     (dict(prompts=[[300]], max_new_tokens=2), r"token ids must be in \[0, 256\)"),
     (dict(prompts=[], max_new_tokens=2), "no prompts given"),
 ])

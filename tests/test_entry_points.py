@@ -39,7 +39,7 @@ def test_train_writes_well_formed_metrics_then_serves(tmp_path):
     assert all(len(r["tokens"]) == 5 and isinstance(r["completion"], str) for r in lines)
     bad = run_module("experiments.serve", f"--ckpt_dir={tmp_path}/ck", "--prompt=x",
                      "--max_new_tokens=40", check=False)
-    assert bad.returncode == 2 and "overflows the context of 32" in bad.stderr
+    assert bad.returncode == 2 and "exceeds the context of 32 tokens" in bad.stderr
 
 
 def test_book_figure_7_1_one_hidden_layer_per_stage(tmp_path):

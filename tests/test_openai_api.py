@@ -445,3 +445,18 @@ def test_best_of_returns_the_most_likely_samples(one):
     assert [c["text"] for c in best["choices"]] == [
         c["text"] for c in sorted(every, key=score, reverse=True)[:2]]
     assert best["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in every)
+
+
+def test_generate_and_the_engine_draw_the_same_tokens_for_a_seed(one):
+    """One serving core: Server.generate's prompt i with seed s + i and the engine's
+    request with seed s + i sample with the same sampler, keyed the same way (by the seed
+    and the position of the logits), so they draw the same tokens. Bugs: the two paths
+    keying draws differently (a batch-wide key, the chunk index, the first two tokens
+    sharing a key), generate without top_p."""
+    _, server, engine = one
+    prompts = [server.encode(p) for p in PROMPTS[:3]]
+    settings = dict(temperature=0.9, top_p=0.8)
+    offline = server.generate(prompts, 10, seed=2**63 + 5, **settings)
+    for i, ids in enumerate(prompts):
+        events = list(engine.submit(Request(ids, 10, top_k=0, seed=2**63 + 5 + i, **settings)))
+        assert [e.id for e in events[:-1]] == offline[i].tokens

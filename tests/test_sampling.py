@@ -1,6 +1,6 @@
 """Sampling distributions and streamed text, against independent references.
 
-Samplers: the engine's (`Engine._sample`: temperature, top-k, top-p, per row) and
+Samplers: the serving core's (`jaxmp.sampling.sample`: temperature, top-k, top-p, per row) and
 `Server.generate`'s (temperature, top-k) draw thousands of tokens from fixed logits in one
 compiled call each; the SET of tokens drawn must be exactly the allowed one (a token
 outside it drawn once fails, every allowed token of probability > 1% must appear) and the
@@ -35,6 +35,7 @@ from jaxmp.engine import Done, Engine, Handle, Request, Token, _Slot
 from jaxmp.http import _stream, running
 from jaxmp.models.gpt import GPTConfig
 from jaxmp.openai_fields import CompletionSpec, Sampling
+from jaxmp.sampling import sample
 from jaxmp.serve import Server
 from jaxmp.tokenizer import TextCodec, read_tokenizer
 
@@ -131,7 +132,7 @@ def engine_draws():
     top_k = np.repeat(np.asarray([c[2] for c in ENGINE_CASES], np.int32), DRAWS)
     top_p = np.repeat(np.asarray([c[3] for c in ENGINE_CASES], np.float32), DRAWS)
     keys = jax.random.split(jax.random.key(0), rows)
-    fn = jax.jit(lambda *a: Engine._sample(None, *a))
+    fn = jax.jit(sample)
     out = jax.device_get(fn(logits, temperature, top_k, top_p, keys))
     return [tuple(np.asarray(x)[i * DRAWS:(i + 1) * DRAWS] for x in out)
             for i in range(len(ENGINE_CASES))]
@@ -214,8 +215,7 @@ def next_logits(tiny_server):
 def test_generate_first_token_follows_the_reference(tiny_server, next_logits, temperature, top_k):
     """Bugs: Server.generate's top_k ignored or off by one (k+1 kept, or the k-th dropped),
     temperature multiplied instead of divided or ignored, every row of a batch drawing the
-    same token (one key for all rows without per-row draws), padded tokens drawable.
-    (Server.generate has no top_p.)"""
+    same token (one key for all rows without per-row draws), padded tokens drawable."""
     seed = int(temperature * 10) * 1000 + (top_k or 0)
     out = tiny_server.generate([PROMPT] * ROWS, 1, temperature=temperature, top_k=top_k, seed=seed)
     first = np.asarray([g.tokens[0] for g in out])
