@@ -259,10 +259,13 @@ def test_prefix_cache_hits_give_the_same_tokens_and_logprobs(one):
     cold, warm = _post(url, b).json(), _post(url, b).json()
     assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 16
     assert warm["choices"][0]["text"] == cold["choices"][0]["text"]  # sampled: same draws
-    # the same second block after another first block is not a hit
-    swapped = _prompt(3, 16) + whole[16:]
+    # a cached block after another cached first block is not a hit: its keys and values
+    # depend on everything before it
+    z = _prompt(3, 16)
+    _post(url, {"prompt": z + _prompt(4, 16) + [5, 5], "max_tokens": 1})  # caches z, then w
+    swapped = z + whole[16:] + [7, 7]  # z, then whole's second block
     r = _post(url, {"prompt": swapped, "max_tokens": 5, "temperature": 0}).json()
-    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 16
     assert r["choices"][0]["text"] == server.decode_text(server.generate([swapped], 5)[0].tokens)
     # the prompt's own log-probabilities on a hit equal predict's
     logits = np.asarray(server.predict([a["prompt"]]))[0, :, :server.cfg.vocab_size]
