@@ -114,6 +114,7 @@ def test_kv_cache_logits_equal_the_full_forward_at_every_step(servers, mesh):
     print(f"{mesh or 'one device'}: max |KV-cache - full forward| logit difference {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_mixed_length_batch_equals_each_alone(servers):
     """A row's result does not depend on the other rows (their lengths, their padding)."""
     server = servers["data:2,tensor:2"]

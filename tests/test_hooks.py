@@ -68,14 +68,20 @@ def test_hooks_run_at_their_steps_and_tensorboard_matches_the_metrics_file(tmp_p
     evals = {e.step: e.value for e in acc.Scalars("eval/loss")}
     assert evals == pytest.approx(dict(result.eval_losses), rel=1e-6)
 
-    # a hook that stops the run: the step is checkpointed first, nothing runs after it
+
+
+@pytest.mark.slow
+def test_a_hook_that_stops_the_run_checkpoints_that_step_first(tmp_path):
+    """info.stop from research code: the step is checkpointed (committed), nothing runs
+    after it, and the losses are the uninterrupted run's."""
     def plateau(info):
         if info.step == 4:
             info.stop("loss plateau")
     stopped = train(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "ck2")),
                     hooks=[every_n(1, plateau)])
+    straight = train(RunConfig.flat(**TINY, run_until=4, ckpt_dir=str(tmp_path / "ck3")))
     assert stopped.stopped_by == "loss plateau" and len(stopped.losses) == 4
-    assert stopped.last_saved == 4 and stopped.losses == result.losses[:4]
+    assert stopped.last_saved == 4 and stopped.losses == straight.losses
     from jaxmp.checkpoint import Checkpoints
 
     assert Checkpoints(str(tmp_path / "ck2"), create=False).steps()[-1] == 4

@@ -147,7 +147,7 @@ def test_kv_cache_equals_the_full_forward_and_rows_are_independent(server, mesh)
         alone = s.generate([g.prompt], NEW, return_logits=True)[0]
         assert alone.tokens == g.tokens
         np.testing.assert_allclose(alone.logits, g.logits, rtol=1e-5, atol=1e-4)
-    assert s._model(s.params).init_cache(1, 8)[0].shape[-2] == s.cfg.num_kv_heads
+    assert s.module(s.params).init_cache(1, 8)[0].shape[-2] == s.cfg.num_kv_heads
 
 
 # ---------------------------------------------------------------- layouts vs one device

@@ -148,6 +148,7 @@ def test_serving_params_keep_bf16_outputs_exact():
     assert serving_params(model, params, "float32") is params
 
 
+@pytest.mark.slow
 def test_llama_norms_are_served_in_float32():
     """Llama's RMSNorm scales are tagged float32 like GPT-2's LayerNorm parameters (the
     server once kept only LayerNorm instances in float32, so RMSNorm scales were cast to

@@ -5,7 +5,6 @@ once per step, sequence parallelism, and a decode loop that reads weights in pla
 import functools
 import re
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -202,7 +201,8 @@ def test_decode_loop_reads_weights_and_cache_in_place():
     server = Server(cfg, "", params=nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     fn = server._compiled_generate(1, 8, 8, True)
     args = (server.params, np.zeros((1, 8), np.int32), np.ones((1,), np.int32),
-            jax.random.key(0), np.float32(0), np.int32(0))
+            np.zeros((1, 2), np.uint32), np.zeros(1, np.float32), np.zeros(1, np.int32),
+            np.ones(1, np.float32))
     module = analysis.parse_hlo(fn.lower(*args).compile().as_text())
     loops = [i for c in module.computations.values() for i in c.instructions
              if i.opcode == "while"]

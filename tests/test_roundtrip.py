@@ -239,7 +239,8 @@ def test_checkpoint_record_keeps_every_record_field():
                   versions={"jaxmp": "9"}, step=7, param_shapes={"w": [2, 3]},
                   params_only=True, param_dtype="bfloat16", tokenizer={"model": {"type": "BPE"}},
                   hf_config={"model_type": "llama", "rope_parameters": {"rope_theta": 1.0}},
-                  run_config={"steps": 9, "model": {"model": "llama", "preset": "tiny"}})
+                  run_config={"steps": 9, "model": {"model": "llama", "preset": "tiny"}},
+                  chat={"chat_template": "{{ messages }}", "eos_token": "</s>"})
     fields = dataclasses.fields(CheckpointRecord)
     assert {f.name for f in fields} == set(values), set(values) ^ {f.name for f in fields}
     for f in fields:

@@ -392,6 +392,7 @@ def _post_stream(url: str, body: dict) -> list[dict]:
     return [json.loads(line)["choices"][0] for line in lines[:-1]]
 
 
+@pytest.mark.slow
 def test_http_stream_with_overlapping_stops_equals_the_plain_answer(tiny_http):
     """End to end through uvicorn: four stop sequences of different lengths, where a
     longer one's prefix appears (at the very start, and just before the cut) before the
@@ -411,6 +412,7 @@ def test_http_stream_with_overlapping_stops_equals_the_plain_answer(tiny_http):
     assert chunks[-1]["finish_reason"] == "stop"
 
 
+@pytest.mark.slow
 def test_http_stream_with_a_stop_completed_by_the_next_token(tiny_http):
     """End to end through uvicorn: the longest stop (4 characters) spans token boundaries
     and its last character comes with the next token, together with a 2-character stop
