@@ -44,6 +44,8 @@ from jaxmp.sampling import TOP, ServeError, check_prompt, check_sampling, sample
 from jaxmp.serve import Server, bucket
 from jaxmp.sharding import activation_sharding, spec_for
 
+MIN_BUCKET = 16  # the shortest prefill (one prefix-cache block)
+
 __all__ = ["TOP", "Done", "Engine", "Handle", "QueueFull", "Request", "Token", "check"]
 
 
@@ -349,8 +351,9 @@ class Engine:
         return _geometric(1, 4, self.slots)
 
     def lengths(self) -> list[int]:
-        """Prompt-length buckets: 8, 16, ... up to max_len."""
-        return _geometric(8, 2, self.max_len)
+        """Prompt-length buckets: 16, 32, ... up to max_len (what a prefill computes is
+        padded to one of them)."""
+        return _geometric(MIN_BUCKET, 2, self.max_len)
 
     def warm_up(self) -> None:
         """Compile the decode program and every prefill program now (each group size and
@@ -467,7 +470,8 @@ class Engine:
         """Prefill `handles` into free slots and emit their first tokens."""
         plans = self._plan(handles)
         group = next(g for g in self.groups() if g >= len(handles))
-        length = min(bucket(max(len(p.handle.request.prompt) - p.start for p in plans), 8),
+        length = min(bucket(max(len(p.handle.request.prompt) - p.start for p in plans),
+                            MIN_BUCKET),
                      self.max_len)
         for p in plans:  # the window [start, start + length) stays inside the slot's rows
             p.start = min(p.start, self.max_len - length)

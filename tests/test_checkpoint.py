@@ -93,7 +93,7 @@ def _window_logits(server, gens) -> np.ndarray:
     return np.asarray(server.predict(window))[..., :CFG.vocab_size]
 
 
-@pytest.mark.parametrize("mesh", [m if m in ("", "tensor:4", "pipe:2") else
+@pytest.mark.parametrize("mesh", [m if m in ("", "tensor:4") else
                                   pytest.param(m, marks=pytest.mark.slow) for m in SERVE_MESHES])
 def test_kv_cache_logits_equal_the_full_forward_at_every_step(servers, mesh):
     """Each decoded token's logits (KV cache, a batch of three prompt lengths) equal the
