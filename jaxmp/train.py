@@ -148,6 +148,23 @@ def settle(mesh: Mesh, tree: Any) -> Any:
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], Any]
 
 
+def _check_pipeline(model: nnx.Module, mesh: Mesh) -> None:
+    """A mesh with a `pipe` axis needs the model's layer stacks built for that many stages
+    (otherwise the layers would only be split over `pipe`, run one after another on every
+    device: no pipeline, silently)."""
+    from jaxmp.pipeline import PipelineError
+    from jaxmp.stack import LayerStack
+
+    pipe = mesh.shape.get("pipe", 1)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, LayerStack) and node.pipeline.stages != pipe and (
+                pipe > 1 or node.pipeline.enabled):
+            raise PipelineError(
+                f"the mesh has pipe={pipe} but the model's layer stack was built for "
+                f"{node.pipeline.stages} pipeline stage(s); build the model with "
+                f"PipelineSpec(stages={pipe}, microbatches=...) (or use a mesh without pipe)")
+
+
 class Trainer:
     """Compiles the train step of `model` (an NNX module, or a function building one)
     on `mesh` under `rules`. Batches are dicts of arrays whose leading axis is the batch."""
@@ -159,6 +176,7 @@ class Trainer:
         self.shard_state = shard_state
         self._factory = model if not isinstance(model, nnx.Module) else None
         abstract = nnx.eval_shape(model) if self._factory else model
+        _check_pipeline(abstract, mesh)
         self.graphdef, abs_params, self.rest = nnx.split(abstract, nnx.Param, ...)
         if self._factory and jax.tree_util.tree_leaves(self.rest):
             # Variables other than nnx.Param (RNG streams, statistics) ride along unchanged;

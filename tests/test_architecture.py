@@ -202,3 +202,38 @@ def test_a_family_of_ones_own_trains_from_the_command_line(tmp_path):
     rec = Checkpoints(f"{tmp_path}/ck", create=False).record()
     assert rec.family == "toy" and rec.config == {"num_layers": 4, "width": 32}
     assert "served step" not in proc.stdout  # not a generating family: no serve demo
+
+
+def test_import_is_light_and_every_export_resolves():
+    """`import jaxmp` loads none of Orbax, the serving stack or the model families (they
+    load on first use); every name in jaxmp.__all__ resolves, Llama and the layer-wise MLP's
+    config under an unambiguous name included. Bugs: an eager import of a heavy module
+    back in jaxmp/__init__.py (2.8 s of Orbax per import), an export that names a moved
+    function."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxmp; heavy = [m for m in ('orbax', 'orbax.checkpoint', "
+            "'jaxmp.serve', 'jaxmp.models.gpt', 'fastapi') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    import jaxmp
+
+    for name in jaxmp.__all__:
+        assert getattr(jaxmp, name) is not None, name
+    assert {"Llama", "LlamaConfig", "LayerwiseMLPConfig", "train", "Hook"} <= set(jaxmp.__all__)
+    assert jaxmp.MLPConfig is jaxmp.LayerwiseMLPConfig
+
+
+def test_a_pipe_mesh_needs_a_model_built_for_its_stages():
+    """A model built without a PipelineSpec on a mesh with pipe=2 used to train without a
+    pipeline (layers split over pipe, run one after another): now the Trainer refuses it,
+    naming the fix."""
+    import jaxmp
+
+    mesh = jaxmp.make_mesh("pipe:2,data:4")
+    cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16)
+    with pytest.raises(jaxmp.PipelineError, match=r"pipe=2 but the model's layer stack was "
+                       r"built for 1 pipeline stage\(s\); build the model with "
+                       r"PipelineSpec\(stages=2"):
+        Trainer(lambda: jaxmp.GPT(cfg, rngs=nnx.Rngs(0)), jaxmp.lm_loss, mesh)

@@ -1,6 +1,7 @@
 """What the token-decoder families (GPT-2, Llama) share: the vocabulary padded to a
 multiple of 128 (so it splits over `tensor`) and masked out of the logits, the head
-dimension, the checks of settings every decoder has, presets, token batches."""
+dimension, the checks of settings every decoder has, presets, token batches, the
+next-token loss."""
 
 from __future__ import annotations
 
@@ -77,3 +78,15 @@ def mask_padding(logits: jax.Array, vocab_size: int) -> jax.Array:
 
 def token_batches(cfg: Any, source: str, batch_size: int, seed: int) -> data.TokenBatches:
     return data.TokenBatches.from_source(source, cfg.vocab_size, batch_size, cfg.seq_len, seed)
+
+
+def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean next-token cross-entropy of a decoder (model(tokens) -> logits (B, T, V),
+    float32, padding masked). batch['tokens']: (B, T+1)."""
+    tokens = batch["tokens"]
+    logits = model(tokens[:, :-1])  # (B, T, V) float32, vocab-sharded
+    targets = tokens[:, 1:]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+    target_logit = jnp.sum(logits * onehot, axis=-1)
+    return jnp.mean(lse - target_logit)

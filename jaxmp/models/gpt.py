@@ -16,7 +16,14 @@ from flax import nnx
 
 from jaxmp import data
 from jaxmp.layers import RESIDUAL, DecoderBlock, Embed, LayerNorm, gather_sequence, param, scale_std
-from jaxmp.models.decoder import DecoderShape, from_preset, mask_padding, token_batches, zero_padding_rows
+from jaxmp.models.decoder import (  # noqa: F401  (lm_loss: re-exported)
+    DecoderShape,
+    from_preset,
+    lm_loss,
+    mask_padding,
+    token_batches,
+    zero_padding_rows,
+)
 from jaxmp.models.gpt_hf import GPT2
 from jaxmp.models.registry import Family, register
 from jaxmp.pipeline import PipelineSpec
@@ -140,17 +147,6 @@ class GPT(nnx.Module):
         shape = (c.num_layers, batch, length or c.seq_len, c.num_heads, c.head_dim)
         z = jnp.zeros(shape, dtype or jnp.dtype(c.dtype))
         return constrain(z, CACHE_NAMES), constrain(z, CACHE_NAMES)
-
-
-def lm_loss(model: GPT, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean next-token cross-entropy. batch['tokens']: (B, T+1)."""
-    tokens = batch["tokens"]
-    logits = model(tokens[:, :-1])  # (B, T, V) float32, vocab-sharded
-    targets = tokens[:, 1:]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-    target_logit = jnp.sum(logits * onehot, axis=-1)
-    return jnp.mean(lse - target_logit)
 
 
 def flops_per_token(cfg: GPTConfig) -> float:

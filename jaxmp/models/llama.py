@@ -32,8 +32,14 @@ from jaxmp.layers import (
     param,
     write_cache,
 )
-from jaxmp.models.decoder import DecoderShape, from_preset, mask_padding, token_batches, zero_padding_rows
-from jaxmp.models.gpt import lm_loss
+from jaxmp.models.decoder import (
+    DecoderShape,
+    from_preset,
+    lm_loss,
+    mask_padding,
+    token_batches,
+    zero_padding_rows,
+)
 from jaxmp.models.llama_hf import LLAMA
 from jaxmp.models.registry import Family, register
 from jaxmp.pipeline import PipelineSpec

@@ -48,6 +48,9 @@ class MLPConfig:
         return dataclasses.asdict(self)
 
 
+LayerwiseMLPConfig = MLPConfig  # the name jaxmp exports (not to be read with jaxmp.MLP, a layer)
+
+
 class Hidden(nnx.Module):
     """One hidden layer: relu(h W + b), width preserved."""
 
