@@ -116,7 +116,9 @@ class CheckpointRecord:
     @classmethod
     def from_json(cls, d: dict) -> CheckpointRecord:
         d = dict(d)
-        d["family"], d["stack"] = d.pop("model", "gpt"), d.pop("stacked", "blocks")
+        from jaxmp.models.registry import DEFAULT
+
+        d["family"], d["stack"] = d.pop("model", DEFAULT), d.pop("stacked", "blocks")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

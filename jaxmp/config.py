@@ -62,11 +62,38 @@ class ModelSpec:
 
     @property
     def family(self) -> str:
-        return self.model or "gpt"
+        from jaxmp.models.registry import DEFAULT
+
+        return self.model or DEFAULT
 
     def overrides(self, *names: str) -> dict[str, Any]:
         """The given settings that were set (not None), by name."""
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def family_overrides(self, family: str, config_cls: type,
+                         rename: dict[str, str] | None = None) -> dict[str, Any]:
+        """The model flags that were set, as fields of the family's config dataclass
+        (`rename`: a flag's field there, e.g. d_model -> hidden_dim). A flag the family's
+        config has no field for is an error naming the family: it would be ignored."""
+        rename = rename or {}
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        takes = [n for n in MODEL_FLAGS if rename.get(n, n) in fields]
+        out = {}
+        for name in MODEL_FLAGS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name not in takes:
+                raise ValueError(f"--{name} is not a setting of the {family} family (it takes "
+                                 f"{', '.join('--' + n for n in takes)}); drop it")
+            out[rename.get(name, name)] = value
+        return out
+
+
+# The model-shape and compute flags a family may take (ModelSpec fields; each family's
+# config dataclass says which it has).
+MODEL_FLAGS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "seq_len", "vocab_size",
+               "dtype", "remat", "attention", "scan_layers")
 
 
 @dataclasses.dataclass

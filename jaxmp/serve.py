@@ -57,7 +57,7 @@ class Server:
     checkpoint straight into it; `Server(cfg, mesh, params=...)` serves parameters in hand
     (canonical layer order)."""
 
-    def __init__(self, cfg: Any, mesh: str | Mesh = "", *, family: str = "gpt",
+    def __init__(self, cfg: Any, mesh: str | Mesh = "", *, family: str = registry.DEFAULT,
                  params: Any = None, rules: Rules | None = None,
                  devices: Sequence[jax.Device] | None = None, tokenizer: dict | None = None,
                  chat: dict | None = None):

@@ -237,3 +237,20 @@ def test_a_pipe_mesh_needs_a_model_built_for_its_stages():
                        r"built for 1 pipeline stage\(s\); build the model with "
                        r"PipelineSpec\(stages=2"):
         Trainer(lambda: jaxmp.GPT(cfg, rngs=nnx.Rngs(0)), jaxmp.lm_loss, mesh)
+
+
+@pytest.mark.parametrize("family,flags,bad", [
+    ("mlp", dict(num_heads=4), "num_heads"), ("mlp", dict(seq_len=64), "seq_len"),
+    ("mlp", dict(attention="xla"), "attention"), ("gpt", dict(num_kv_heads=2), "num_kv_heads"),
+])
+def test_a_flag_a_family_does_not_take_is_an_error_naming_the_family(family, flags, bad):
+    """The flags a family accepts come from its config dataclass: the MLP family used to
+    ignore --num_heads (and --seq_len, --attention) silently. The flags it does take still
+    reach its config (--d_model is the MLP's hidden width)."""
+    from jaxmp.run import model_config
+
+    with pytest.raises(ValueError, match=f"--{bad} is not a setting of the {family} family|"
+                       f"{bad} is a llama setting"):
+        model_config(RunConfig.flat(model=family, **flags))
+    _, cfg = model_config(RunConfig.flat(model="mlp", d_model=48, num_layers=2, dtype="bfloat16"))
+    assert (cfg.hidden_dim, cfg.num_layers, cfg.dtype) == (48, 2, "bfloat16")

@@ -161,8 +161,8 @@ def _config(spec: Any, source: str) -> GPTConfig:
         raise ValueError("num_kv_heads is a llama setting; GPT-2 attention has one KV head per "
                          "query head (use --model=llama for grouped-query attention)")
     vocab = spec.vocab_size or (BYTE_VOCAB if data.is_byte_source(source) else GPT2_VOCAB)
-    over = spec.overrides("num_layers", "d_model", "num_heads", "seq_len", "dtype", "remat",
-                          "attention", "scan_layers")
+    over = spec.family_overrides("gpt", GPTConfig)
+    over.pop("vocab_size", None)
     return preset(spec.preset, vocab_size=vocab, **over)
 
 

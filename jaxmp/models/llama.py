@@ -342,8 +342,8 @@ def _config(spec: Any, source: str) -> LlamaConfig:
     base = PRESETS.get(spec.preset, {})
     vocab = spec.vocab_size or base.get("vocab_size") or (
         BYTE_VOCAB if data.is_byte_source(source) else DEFAULT_TOKEN_VOCAB)
-    over = spec.overrides("num_layers", "d_model", "num_heads", "num_kv_heads", "seq_len",
-                          "dtype", "remat", "attention", "scan_layers")
+    over = spec.family_overrides("llama", LlamaConfig)
+    over.pop("vocab_size", None)
     return preset(spec.preset, vocab_size=vocab, **over)
 
 

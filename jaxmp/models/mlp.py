@@ -134,9 +134,7 @@ class SyntheticBatches:
 
 def _config(spec: Any, source: str) -> MLPConfig:
     """The MLP of the command line: --num_layers hidden layers of width --d_model."""
-    over = spec.overrides("num_layers", "dtype", "remat", "scan_layers")
-    if spec.d_model is not None:
-        over["hidden_dim"] = spec.d_model
+    over = spec.family_overrides("mlp", MLPConfig, {"d_model": "hidden_dim"})
     cfg = MLPConfig(**over)
     cfg.validate()
     return cfg

@@ -58,6 +58,8 @@ _FAMILIES: dict[str, Family] = {}
 _BUILTIN = ("jaxmp.models.gpt", "jaxmp.models.llama", "jaxmp.models.mlp")
 
 
+DEFAULT = "gpt"  # the family of a run that names none (and of checkpoints from before names)
+
 def register(family: Family) -> Family:
     """Add a family (a second registration of a name replaces the first: re-imports)."""
     _FAMILIES[family.name] = family
