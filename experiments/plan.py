@@ -39,6 +39,7 @@ from jaxmp.accelerators import GIB, KNOWN, Accelerator
 from jaxmp.config import RunConfig, replace_flat
 from jaxmp.layers import CHUNK
 from jaxmp.mesh import format_mesh
+from jaxmp.models.registry import model_shape
 from jaxmp.pipeline import bubble_factor
 from jaxmp.train import Trainer
 
@@ -228,7 +229,7 @@ def compile_program(cfg: RunConfig, depth: str = "auto", card: Accelerator | Non
 
     cfg, note = stand_in(cfg, model_config(cfg)[1], card)
     full = Layout.build(cfg, devices=devices)
-    unrolled = getattr(full.model_cfg, "scan_layers", True) is False
+    unrolled = not model_shape(full.model_cfg).scan_layers
     depths = reduced_depths(full) if depth == "reduced" or (depth == "auto" and unrolled) else None
     if depths is None:
         return (full, full.compile(),
@@ -245,12 +246,12 @@ def stand_in(cfg: RunConfig, model_cfg: Any, card: Accelerator | None) -> tuple[
     no (T, T) scores for the backward pass, and XLA's CPU attention does. Chunked attention
     (jaxmp.layers.causal_attention) stands in for it: the same memory behaviour and about
     the FLOPs flash attention's backward pass spends recomputing the scores."""
-    attention = getattr(model_cfg, "attention", None)
+    shape = model_shape(model_cfg)
     gpu_target = card is not None and card.name in KNOWN
     on_gpu = jax.default_backend() == "gpu"
-    t = getattr(model_cfg, "seq_len", 0)
-    if (not gpu_target or on_gpu or attention not in ("auto", "cudnn")
-            or getattr(model_cfg, "dtype", "") != "bfloat16" or t % min(CHUNK, t or 1)):
+    t = shape.seq_len
+    if (not gpu_target or on_gpu or shape.attention not in ("auto", "cudnn")
+            or shape.dtype != "bfloat16" or t % min(CHUNK, t or 1)):
         return cfg, ""
     return (replace_flat(cfg, attention="chunked"),
             "; cuDNN flash attention compiled as chunked attention")
@@ -454,8 +455,9 @@ def make_plan(layout: Layout, program: Program, card: Accelerator, how: str) -> 
     batch_b = sum(analysis.sharded_bytes(jax.ShapeDtypeStruct(v.shape, v.dtype), sh)
                   for (k, v), sh in zip(layout.batch.items(),
                                         tr.batch_sharding(layout.batch).values()))
-    dtype = getattr(model_cfg, "dtype", "float32")
-    scanned = pipe.enabled or getattr(model_cfg, "scan_layers", True)
+    shape = model_shape(model_cfg)
+    dtype = shape.dtype
+    scanned = pipe.enabled or shape.scan_layers
     efficiency = card.efficiency_for(scanned)
     compute_s = program.flops / (card.peak(dtype) * efficiency)
     scale = (card.bf16_activation_scale if dtype == "bfloat16" and jax.default_backend() == "cpu"
@@ -468,7 +470,7 @@ def make_plan(layout: Layout, program: Program, card: Accelerator, how: str) -> 
         params_bytes=params_b, opt_bytes=opt_b, compute_param_bytes=compute_b,
         gathered=compute_b > params_b, batch_bytes=batch_b,
         ticks=(r * m + p - 1) if pipe.enabled else 1,
-        remat=getattr(model_cfg, "remat", "none"), flops=program.flops, compute_s=compute_s,
+        remat=shape.remat or "none", flops=program.flops, compute_s=compute_s,
         bubble_s=bubble_s, collectives=collective_times(program, layout.mesh.shape, card),
         model_flops=fpt(model_cfg) * layout.tokens_per_step if fpt else None, dtype=dtype,
         efficiency=efficiency, activation_scale=scale)

@@ -29,6 +29,7 @@ from experiments.plan import Layout, PlanResult, compile_program, link_of, link_
 from jaxmp.accelerators import Accelerator
 from jaxmp.config import RunConfig, replace_flat
 from jaxmp.mesh import format_mesh
+from jaxmp.models.registry import model_shape
 from jaxmp.pipeline import bubble_factor
 
 REMAT_LEVEL = {"none": 0, "dots": 1, "block": 2}
@@ -207,17 +208,18 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
                                      grad_accum_steps=1, pipeline_fsdp_gather_once=False),
                         devices=jax.devices()[:1])  # the model, its batch and counts
     mc = base.model_cfg
-    if not hasattr(mc, "remat"):
+    shape = model_shape(mc)
+    if shape.remat is None:
         remats = ("none",)
     n_params = sum(math.prod(a.shape) for a in
                    jax.tree_util.tree_leaves(base.trainer.abstract_params))
     fpt = base.family.flops_per_token
     model_flops = fpt(mc) * base.tokens_per_step if fpt else 6.0 * n_params * base.tokens_per_step
-    dtype = getattr(mc, "dtype", "float32")
+    dtype = shape.dtype
     itemsize = 2 if dtype == "bfloat16" else 4
-    batch, seq_len = cfg.data.batch_size, getattr(mc, "seq_len", 1)
+    batch, seq_len = cfg.data.batch_size, shape.seq_len
     found_all = candidates(num_devices, mc.num_layers, batch, card.devices_per_host, remats)
-    est = {c: estimate_s(c, n_params, model_flops, mc.num_layers, getattr(mc, "d_model", 0),
+    est = {c: estimate_s(c, n_params, model_flops, mc.num_layers, shape.width,
                          seq_len, batch, itemsize, card, dtype)
            for c in found_all}
     order = sorted(found_all, key=lambda c: (est[c], REMAT_LEVEL[c.remat], c.accum))

@@ -54,7 +54,10 @@ def check_run_fits(trainer: Any, model_cfg: Any, batch_size: int, accum: int) ->
     them, when the run cannot fit; call before anything is allocated."""
     mesh = trainer.mesh
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    seq = getattr(model_cfg, "seq_len", 1)
+    from jaxmp.models.registry import model_shape
+
+    shape = model_shape(model_cfg)
+    seq = shape.seq_len
     batch_host = batch_size * (seq + 1) * 4  # the global batch as int32 tokens on the host
     host = host_available_bytes()
     if host is not None and batch_host > host:
@@ -63,7 +66,7 @@ def check_run_fits(trainer: Any, model_cfg: Any, batch_size: int, accum: int) ->
                           f"{_gib(host)} available; use a smaller --batch_size")
     state = trainer.state_bytes_per_device()
     rows = max(1, batch_size // max(1, accum) // shards)
-    vocab = getattr(model_cfg, "padded_vocab", 0)
+    vocab = shape.vocab
     tensor = mesh.shape["tensor"] * (mesh.shape["pipe"] if vocab else 1)
     logits = rows * seq * vocab * 4 // max(1, tensor)
     need = state + logits

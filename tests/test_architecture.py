@@ -254,3 +254,19 @@ def test_a_flag_a_family_does_not_take_is_an_error_naming_the_family(family, fla
         model_config(RunConfig.flat(model=family, **flags))
     _, cfg = model_config(RunConfig.flat(model="mlp", d_model=48, num_layers=2, dtype="bfloat16"))
     assert (cfg.hidden_dim, cfg.num_layers, cfg.dtype) == (48, 2, "bfloat16")
+
+
+def test_model_shape_reads_each_family_config():
+    """The planner and the memory check read a typed ModelShape, not getattr probes: a
+    decoder's width, context and padded vocabulary, the MLP's hidden width and no vocab."""
+    from jaxmp.models.llama import LlamaConfig
+    from jaxmp.models.mlp import MLPConfig
+    from jaxmp.models.registry import model_shape
+
+    g = model_shape(GPTConfig(num_layers=2, d_model=64, num_heads=4, seq_len=32,
+                              vocab_size=300, dtype="bfloat16", remat="block"))
+    assert (g.num_layers, g.width, g.seq_len, g.vocab, g.dtype, g.remat, g.attention) == (
+        2, 64, 32, 384, "bfloat16", "block", "auto")
+    assert model_shape(LlamaConfig(scan_layers=False)).scan_layers is False
+    m = model_shape(MLPConfig(hidden_dim=48, num_layers=3))
+    assert (m.width, m.seq_len, m.vocab, m.attention, m.remat) == (48, 1, 0, None, "none")

@@ -36,6 +36,32 @@ class Batches(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the planner and the memory check read of a model config, typed: one place
+    that knows which fields a family's config has (`model_shape`), instead of probes."""
+    num_layers: int
+    width: int = 0          # d_model (decoders), hidden width (the MLP)
+    seq_len: int = 1        # tokens per example (1: not a sequence model)
+    vocab: int = 0          # padded vocabulary of the logits (0: no vocabulary)
+    dtype: str = "float32"  # compute dtype
+    remat: str | None = None       # None: the family has no remat setting
+    attention: str | None = None   # None: no attention
+    scan_layers: bool = True
+
+
+def model_shape(cfg: Any) -> ModelShape:
+    """The ModelShape of a family config dataclass, from the fields it declares (a
+    decoder's d_model / seq_len / padded_vocab, the MLP's hidden_dim, dtype, remat,
+    attention, scan_layers)."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    has = lambda name, default: getattr(cfg, name) if name in fields else default
+    width = has("d_model", has("hidden_dim", 0))
+    return ModelShape(cfg.num_layers, width, has("seq_len", 1),
+                      cfg.padded_vocab if "vocab_size" in fields else 0, has("dtype", "float32"),
+                      has("remat", None), has("attention", None), has("scan_layers", True))
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     # (flat model settings from the config tree (config.ModelSpec), data source) -> config;
