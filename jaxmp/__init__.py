@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "RunConfig": "jaxmp.config", "train": "jaxmp.run", "Hook": "jaxmp.run",
     "every": "jaxmp.run",
     # layers
-    "MLP": "jaxmp.layers", "Attention": "jaxmp.layers", "DecoderBlock": "jaxmp.layers",
+    "MLP": "jaxmp.models.gpt", "Attention": "jaxmp.models.gpt", "DecoderBlock": "jaxmp.models.gpt",
     "Dense": "jaxmp.layers", "Embed": "jaxmp.layers", "LayerNorm": "jaxmp.layers",
     # meshes
     "AXES": "jaxmp.mesh", "MeshError": "jaxmp.mesh", "format_mesh": "jaxmp.mesh",

@@ -270,3 +270,36 @@ def test_model_shape_reads_each_family_config():
     assert model_shape(LlamaConfig(scan_layers=False)).scan_layers is False
     m = model_shape(MLPConfig(hidden_dim=48, num_layers=3))
     assert (m.width, m.seq_len, m.vocab, m.attention, m.remat) == (48, 1, 0, None, "none")
+
+
+# Lower layers never import higher ones (function-level imports included): the building
+# blocks know nothing of model families, runs or serving; a run knows nothing of serving;
+# nothing in the library imports the entry points.
+LAYERS = {
+    "jaxmp/mesh.py": ("jaxmp.models", "jaxmp.run", "jaxmp.serve", "jaxmp.engine", "jaxmp.http"),
+    "jaxmp/sharding.py": ("jaxmp.models", "jaxmp.run", "jaxmp.serve", "jaxmp.engine"),
+    "jaxmp/layers.py": ("jaxmp.models", "jaxmp.run", "jaxmp.serve", "jaxmp.engine"),
+    "jaxmp/stack.py": ("jaxmp.models", "jaxmp.run", "jaxmp.serve", "jaxmp.engine"),
+    "jaxmp/pipeline.py": ("jaxmp.models", "jaxmp.run", "jaxmp.serve", "jaxmp.engine"),
+    "jaxmp/train.py": ("jaxmp.models", "jaxmp.run", "jaxmp.serve", "jaxmp.engine"),
+    "jaxmp/sampling.py": ("jaxmp.serve", "jaxmp.engine", "jaxmp.http", "jaxmp.run"),
+    "jaxmp/run/*.py": ("jaxmp.serve", "jaxmp.engine", "jaxmp.http", "jaxmp.demo"),
+    "jaxmp/**/*.py": ("experiments",),
+}
+
+
+def test_no_module_imports_a_higher_layer():
+    import ast
+    import glob
+    import os
+
+    broken = []
+    for pattern, forbidden in LAYERS.items():
+        for path in glob.glob(os.path.join(ROOT, pattern), recursive=True):
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            for node in ast.walk(tree):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                broken += [f"{os.path.relpath(path, ROOT)} imports {n}" for n in names
+                           if any(n == f or n.startswith(f + ".") for f in forbidden)]
+    assert not broken, broken

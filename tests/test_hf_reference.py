@@ -25,9 +25,9 @@ import pytest
 from flax import nnx
 
 from jaxmp import hf
-from jaxmp.layers import DecoderBlock, _gelu, _layer_norm
+from jaxmp.layers import _layer_norm
 from jaxmp.models import registry
-from jaxmp.models.gpt import GPT, GPTConfig
+from jaxmp.models.gpt import GPT, DecoderBlock, GPTConfig, _gelu
 from jaxmp.models.llama import rope_frequencies
 from jaxmp.pretrained import open_source
 from jaxmp.serve import Server

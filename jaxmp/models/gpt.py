@@ -8,6 +8,7 @@ unrolled loop. The family's registry entry is at the end of this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp import data
-from jaxmp.layers import RESIDUAL, DecoderBlock, Embed, LayerNorm, gather_sequence, param, scale_std
+from jaxmp.layers import (
+    RESIDUAL,
+    Dense,
+    Embed,
+    KVCache,
+    LayerNorm,
+    causal_attention,
+    gather_sequence,
+    gathered,
+    param,
+    scale_std,
+    write_cache,
+)
 from jaxmp.models.decoder import (  # noqa: F401  (lm_loss: re-exported)
     DecoderShape,
     from_preset,
@@ -35,6 +48,85 @@ X_NAMES = RESIDUAL
 CACHE_NAMES = ("layers", "batch", "length", "heads", "kv")  # (L, B, S, N, H)
 
 
+# ---------------------------------------------------------------- GPT-2's blocks
+class Attention(nnx.Module):
+    """Causal multi-head self-attention: column-parallel QKV, row-parallel output."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, out_std: float = 0.02,
+                 dtype: Any = jnp.float32, implementation: str | None = None):
+        if dim % heads:
+            raise ValueError(f"d_model={dim} is not divisible by num_heads={heads}")
+        hd = dim // heads
+        self.qkv = Dense((dim,), (3, heads, hd), ("embed",), (None, "heads", "kv"), rngs=rngs,
+                         dtype=dtype)
+        self.out = Dense((heads, hd), (dim,), ("heads", "kv"), ("embed",), rngs=rngs,
+                         std=out_std, dtype=dtype)
+        self.implementation = implementation  # causal_attention's: xla / cudnn / chunked
+
+    def __call__(self, x: jax.Array, cache: KVCache | None = None,
+                 index: jax.Array | None = None,
+                 layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
+        """x: (B, T, D). With a cache (B, S, N, H) the T new positions start at `index` (B,).
+        With `layer`, the cache is the whole stack (L, B, S, N, H) and only this layer's
+        new positions are written (no copy of the layer's slab)."""
+        names = ("batch", "length", "heads", "kv")
+        qkv = gathered(self.qkv, x)  # (B, T, 3, N, H)
+        q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
+        if cache is None:
+            y = causal_attention(q, k, v, self.implementation)
+        else:
+            t = x.shape[1]
+            cache = tuple(write_cache(c, new, index, layer) for c, new in zip(cache, (k, v)))
+            k_all, v_all = (c if layer is None else c[layer] for c in cache)  # (B, S, N, H)
+            q_pos = index[:, None] + jnp.arange(t)[None, :]  # (B, T)
+            mask = jnp.arange(k_all.shape[1])[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
+            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                             mask=mask[:, None])
+        y = constrain(y, names)
+        return self.out(y), cache
+
+
+class MLP(nnx.Module):
+    """Column-parallel expansion, tanh-GELU, row-parallel projection."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, out_std: float = 0.02,
+                 dtype: Any = jnp.float32):
+        self.fc = Dense((dim,), (hidden,), ("embed",), ("mlp",), rngs=rngs, dtype=dtype)
+        self.proj = Dense((hidden,), (dim,), ("mlp",), ("embed",), rngs=rngs, std=out_std,
+                          dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = constrain(gathered(self.fc, x), ("batch", "length", "mlp"))
+        return self.proj(_gelu(h))
+
+
+# Recomputed in the backward pass, like _layer_norm: autodiff of tanh-GELU keeps several
+# (B, T, mlp) intermediates, recomputing keeps only its input.
+_gelu = jax.checkpoint(functools.partial(jax.nn.gelu, approximate=True))
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-LayerNorm GPT-2 block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
+                 out_std: float = 0.02, dtype: Any = jnp.float32, attention: str | None = None):
+        self.ln1 = LayerNorm(dim, dtype=dtype)
+        self.attn = Attention(dim, heads, rngs=rngs, out_std=out_std, dtype=dtype,
+                              implementation=attention)
+        self.ln2 = LayerNorm(dim, dtype=dtype)
+        self.mlp = MLP(dim, mlp_dim, rngs=rngs, out_std=out_std, dtype=dtype)
+
+    def __call__(self, x: jax.Array, cache: KVCache | None = None,
+                 index: jax.Array | None = None,
+                 layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
+        x = constrain(x, RESIDUAL)
+        a, cache = self.attn(self.ln1(x), cache, index, layer)
+        x = constrain(x + a, RESIDUAL)  # with sequence parallelism: a reduce-scatter
+        x = x + self.mlp(self.ln2(x))
+        return constrain(x, RESIDUAL), cache
+
+
+# ---------------------------------------------------------------- the model
 @dataclasses.dataclass(frozen=True)
 class GPTConfig(DecoderShape):
     num_layers: int = 4
