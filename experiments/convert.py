@@ -49,5 +49,10 @@ def main(argv: list[str]) -> int:
     return run_guarded(argv, convert)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `jaxmp-convert` console script (pyproject's [project.scripts])."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console()

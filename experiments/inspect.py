@@ -1,6 +1,6 @@
 """Print, without training, where every parameter lives and the pipeline schedule; with
 --target, the layout's memory per device and step time on that accelerator; with --search,
-the layouts that fit it, fastest first (experiments/plan.py, plan_search.py).
+the layouts that fit it, fastest first (jaxmp/plan/planner.py, search.py).
 
     python -m experiments.inspect --preset=small --mesh=data:2,pipe:2,tensor:2 --microbatches=4
     python -m experiments.inspect --preset=xl --dtype=bfloat16 --vocab_size=50257 \
@@ -96,7 +96,7 @@ def inspect() -> None:
     if F.plot:
         plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats)
     if card is not None:
-        from experiments.plan import plan
+        from jaxmp.plan.planner import plan
 
         print()
         print(plan(cfg, card, tree.plan.plan_depth).format())
@@ -106,7 +106,7 @@ def target_of(tree: InspectConfig):
     """The --target accelerator with the plan flags applied (None without --target)."""
     import jax
 
-    from experiments.plan import target
+    from jaxmp.plan.planner import target
 
     p = tree.plan
     if p.target is None:
@@ -124,7 +124,7 @@ def target_of(tree: InspectConfig):
 def search(tree: InspectConfig, card) -> None:
     import jax
 
-    from experiments.plan_search import search as run_search
+    from jaxmp.plan.search import search as run_search
 
     n = len(jax.devices())
     cfg = tree.run_config()
@@ -139,5 +139,10 @@ def search(tree: InspectConfig, card) -> None:
         print(found.found[0][1].format())
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `jaxmp-inspect` console script (pyproject's [project.scripts])."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console()

@@ -188,5 +188,10 @@ def _after_failure(workers: Workers, failed: int, last: bool = True) -> int:
     return 1
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `jaxmp-launch` console script (pyproject's [project.scripts])."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console()

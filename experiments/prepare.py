@@ -42,5 +42,10 @@ def main(argv: list[str]) -> int:
     return run_guarded(argv, prepare)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `jaxmp-prepare` console script (pyproject's [project.scripts])."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console()

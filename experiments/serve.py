@@ -191,5 +191,10 @@ def serve_http(cfg: ServeConfig) -> None:
           "answered", flush=True)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `jaxmp-serve` console script (pyproject's [project.scripts])."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console()

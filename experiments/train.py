@@ -26,5 +26,10 @@ def main(argv: list[str]) -> int:
     return run_guarded(argv, body)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `jaxmp-train` console script (pyproject's [project.scripts])."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console()

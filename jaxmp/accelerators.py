@@ -47,7 +47,7 @@ class Accelerator:
         return self.efficiency if scanned else self.unrolled_efficiency
 
 
-# Calibrated by experiments.bench_plan on GPT-2 small's H100 steps (BUILD_NOTES "GPU"): the
+# Calibrated by experiments.bench.plan_check on GPT-2 small's H100 steps (BUILD_NOTES "GPU"): the
 # HLO FLOPs the planner counts ran at these fractions of the bf16 peak (82.2 ms scanned,
 # 67.9 ms unrolled), and the H100 held 0.442 x the activations XLA's CPU compile of the same
 # step reports (16.9 GiB peak). H200 and A100 take the same fractions (assumed: same

@@ -303,3 +303,23 @@ def test_no_module_imports_a_higher_layer():
                 broken += [f"{os.path.relpath(path, ROOT)} imports {n}" for n in names
                            if any(n == f or n.startswith(f + ".") for f in forbidden)]
     assert not broken, broken
+
+
+def test_console_scripts_name_the_entry_points():
+    """pyproject's jaxmp-* scripts point at each entry point's console(), which runs the
+    same main as `python -m experiments.X` (a renamed module or function breaks the
+    installed command, not the module). Read without importing: each entry point defines
+    its own absl flags, so two cannot share a process."""
+    import ast
+    import os
+
+    text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
+    block = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^(jaxmp-\w+) = "([\w.:]+)"', block, re.M))
+    assert set(scripts) == {f"jaxmp-{n}" for n in ("train", "serve", "inspect", "prepare",
+                                                     "convert", "launch", "bench")}
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        path = os.path.join(ROOT, *module.split(".")) + ".py"
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name

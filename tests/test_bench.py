@@ -5,8 +5,7 @@ import json
 import pytest
 from helpers import run_module
 
-from experiments import analysis, hlo
-from experiments import hlo_weightflow as weightflow
+from jaxmp.plan import analysis, hlo, weightflow
 
 MESH = {"data": 1, "fsdp": 1, "pipe": 2, "tensor": 2}  # 4 devices, ids row-major
 
@@ -173,7 +172,7 @@ def test_weight_derivation_stops_at_computed_values():
     """A weight mixed with data (a bias added to a dot's output) or picked by data (an
     embedding lookup) is an activation; a weight scaled by a constant or cut by a counter
     is still the weight."""
-    from experiments.hlo_weightflow import DATA, NEUTRAL, Flow
+    from jaxmp.plan.weightflow import DATA, NEUTRAL, Flow
 
     w, v = Flow(frozenset({"w"})), Flow(frozenset({"v"}))
     local = weightflow._local
@@ -245,7 +244,7 @@ def test_group_axes_and_shapes():
 
 
 def test_gpu_suite_skips_on_cpu():
-    from experiments import bench_gpu
+    from experiments.bench import gpu as bench_gpu
 
     assert bench_gpu.gpu_suite(quick=True) is None
 
@@ -329,7 +328,7 @@ def test_profile_summary_counts_per_call():
     import jax
     import jax.numpy as jnp
 
-    from experiments import bench_profile
+    from experiments.bench import profile_trace as bench_profile
 
     dev = jax.devices()[0]
     f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
@@ -350,7 +349,7 @@ def test_profile_summary_counts_per_call():
 def test_gpu_suite_code_path_on_cpu(tmp_path):
     """The GPU suite's own code, run on one CPU device with a 2-layer model (cpu_ok): what
     the GPU session runs cannot fail on a typo. Checks the table and the roofline maths."""
-    from experiments import bench_gpu
+    from experiments.bench import gpu as bench_gpu
 
     sizes = bench_gpu.GpuSizes(
         models=("small",), batches=(("small", 2),), steps=1, generate_batches=(1,), prompt=8,

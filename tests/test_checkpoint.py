@@ -335,8 +335,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
 def test_pipe_serving_keeps_layer_weights_on_their_stage(servers):
     """KV-cache decode on pipe:2 runs through the pipeline: no all-gather of the stacked
     layer weights, nor of any piece, reshaping or cast of them (traced through the program)."""
-    from experiments import analysis
-    from experiments import hlo_weightflow as weightflow
+    from jaxmp.plan import analysis, weightflow
 
     server = servers["pipe:2"]
     fn = server._compiled_generate(1, 8, 8, True)

@@ -281,7 +281,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path):
 
 @pytest.mark.slow
 def test_http_benchmark_counts_what_it_asked_for():
-    from experiments import bench_http
+    from experiments.bench import http_load as bench_http
 
     server = Server.from_checkpoint(TINY, "")
     h = bench_http.http_record(server, count=4, longest=20, slots=4)

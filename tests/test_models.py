@@ -176,12 +176,12 @@ def test_llama_norms_are_served_in_float32():
 
 @pytest.mark.slow  # (the quick subset stays under 3 minutes)
 def test_gpt_matches_an_independent_reference():
-    """jaxmp's GPT against experiments/bench_reference.py, a GPT-2 written without any
+    """jaxmp's GPT against experiments/bench/reference.py, a GPT-2 written without any
     jaxmp code: logits, loss and every gradient (float32). Both sides of the layout tests
     share the model code, so this is what catches a wrong LayerNorm, attention scale,
     GELU variant, position embedding or tied head."""
-    from experiments import bench_reference as ref
-    from experiments.bench_speed import to_reference_params
+    from experiments.bench import reference as ref
+    from experiments.bench.speed import to_reference_params
 
     cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, seq_len=16, vocab_size=300)
     graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)

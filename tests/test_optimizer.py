@@ -254,7 +254,7 @@ def test_decay_mask_is_matrices_only(decayed_by_library):
 
 
 def test_qkv_bias_is_not_decayed(decayed_by_library):
-    """The QKV bias is a bias (GPT-2 / nanoGPT and experiments/bench_reference.py do not decay
+    """The QKV bias is a bias (GPT-2 / nanoGPT and experiments/bench/reference.py do not decay
     it), although it has three dimensions besides the layers axis. Catches a mask that counts
     dimensions instead of telling matrices from biases."""
     assert QKV_BIAS not in decayed_by_library

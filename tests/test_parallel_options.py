@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from helpers import CFG, assert_same_run, layout_trainer, run
 
-from experiments import analysis, hlo
 from jaxmp.models.gpt import GPT, GPTConfig
+from jaxmp.plan import analysis, hlo
 from jaxmp.serve import Server
 from jaxmp.sharding import DEFAULT_RULES
 

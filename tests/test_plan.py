@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from helpers import run_module
 
-from experiments.analysis import CollectiveKey, MemoryFigures, memory_figures
-from experiments.plan import Layout, Program, collective_times, compile_program, link_of, make_plan, target
-from experiments.plan_search import candidates, search
 from jaxmp.accelerators import GIB, H100
 from jaxmp.config import RunConfig, replace_flat
+from jaxmp.plan.analysis import CollectiveKey, MemoryFigures, memory_figures
+from jaxmp.plan.planner import Layout, Program, collective_times, compile_program, link_of, make_plan, target
+from jaxmp.plan.search import candidates, search
 
 MESH16 = {"data": 2, "fsdp": 1, "pipe": 2, "tensor": 4}  # 16 devices, row-major
 

@@ -128,9 +128,8 @@ def test_weight_gathers_traced_through_compiled_train_steps():
     backward); under the pipeline and tensor parallelism none."""
     from helpers import batches, trainer
 
-    from experiments import analysis
-    from experiments import hlo_weightflow as weightflow
     from jaxmp.pipeline import PipelineSpec
+    from jaxmp.plan import analysis, weightflow
 
     def traced(mesh: str, pipe: PipelineSpec = PipelineSpec()):
         compiled = trainer(mesh, pipe, CFG).lower(batches(1)[0]).compile()

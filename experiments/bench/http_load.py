@@ -18,8 +18,8 @@ import time
 import httpx
 import numpy as np
 
-from experiments.bench_harness import log
-from experiments.bench_results import Json, Target
+from experiments.bench.harness import log
+from experiments.bench.results import Json, Target
 from jaxmp.engine import Engine
 from jaxmp.http import running
 from jaxmp.serve import Server
@@ -148,7 +148,7 @@ def http_targets(h: Json) -> list[Target]:
 
 
 def http_table(h: Json) -> str:
-    from experiments.bench_results import table
+    from experiments.bench.results import table
 
     rows = [[c, f"{r['tokens_per_s']:,.1f}", f"{r['p50_s']:.2f}", f"{r['p99_s']:.2f}"]
             for c, r in h["concurrency"].items()]

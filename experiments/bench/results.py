@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
+from jaxmp.plan.text import table  # noqa: F401  (re-exported: the suites import it from here)
+
 Json = dict[str, Any]
 
 
@@ -42,15 +44,6 @@ class SuiteResult(Protocol):
     def targets(self) -> list[Target]:
         """The targets this suite's figures are checked against, each with its value."""
         ...
-
-
-def table(head: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(c) for c in r] for r in [head, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths]),
-                      *(line(r) for r in cells[1:])])
 
 
 def mib(n: float) -> str:

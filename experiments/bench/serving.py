@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import analysis, bench_http
-from experiments.bench_harness import (
+from experiments.bench import http_load as bench_http
+from experiments.bench.harness import (
     directory_bytes,
     gpt_trainer,
     kv_generation,
@@ -20,9 +20,10 @@ from experiments.bench_harness import (
     single_mesh,
     timed,
 )
-from experiments.bench_results import Json, Target, mib, table
+from experiments.bench.results import Json, Target, mib, table
 from jaxmp.checkpoint import Checkpoints
 from jaxmp.models.gpt import GPTConfig, num_params, preset
+from jaxmp.plan import analysis
 from jaxmp.serve import Server, bucket
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from experiments.bench_harness import gpt_trainer, log, single_mesh, tokens_batch
-from experiments.bench_results import Json, Target, table
-from experiments.bench_structure import STRUCTURE_FULL, STRUCTURE_QUICK
+from experiments.bench.harness import gpt_trainer, log, single_mesh, tokens_batch
+from experiments.bench.results import Json, Target, table
+from experiments.bench.structure import STRUCTURE_FULL, STRUCTURE_QUICK
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPTConfig
 from jaxmp.pipeline import PipelineSpec

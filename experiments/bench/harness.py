@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.bench_results import Json
+from experiments.bench.results import Json
 from jaxmp.checkpoint import CheckpointRecord, Checkpoints
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, lm_loss

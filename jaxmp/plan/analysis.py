@@ -10,9 +10,9 @@ XLA's own `compiled.cost_analysis()["flops"]` counts a while body once whatever 
 count (seen with jaxlib 0.10.2: 4 and 8 scanned layers give almost the same figure), so
 `hlo_flops` recounts dots and elementwise work with the loop multipliers.
 
-HLO parsing lives in experiments.hlo (the names the accounting needs are re-exported
+HLO parsing lives in jaxmp.plan.hlo (the names the accounting needs are re-exported
 here), the weight dataflow (which all-gathers gather a weight) in
-experiments.hlo_weightflow; device peaks and MFU in the library (jaxmp.throughput).
+jaxmp.plan.weightflow; device peaks and MFU in the library (jaxmp.throughput).
 
 The analytic minima next to the compiled figures:
 
@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments.hlo import (
+from jaxmp.plan.hlo import (
     COLLECTIVES,
     ELEMENTWISE,
     HloInstruction,

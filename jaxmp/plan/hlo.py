@@ -1,7 +1,7 @@
 """Optimized HLO text, parsed: computations of instructions, shapes and bytes, loop trip
 counts, and a walker that visits every instruction reachable from ENTRY with how many
 times it runs per program run (while bodies x trip count). The accounting in
-experiments.analysis and the weight dataflow in experiments.hlo_weightflow read programs
+jaxmp.plan.analysis and the weight dataflow in jaxmp.plan.weightflow read programs
 through it.
 """
 

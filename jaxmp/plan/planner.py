@@ -2,7 +2,7 @@
 
 The real train step (the one `experiments.train` runs) is compiled ahead of time for the
 target's device count on a simulated CPU mesh and read with the benchmarks' accounting
-(experiments.analysis): XLA's memory analysis per device, the HLO's FLOPs (loop bodies x
+(jaxmp.plan.analysis): XLA's memory analysis per device, the HLO's FLOPs (loop bodies x
 trip counts) and its collectives per mesh axis. Then:
 
 - memory per device = arguments + temporaries + outputs not aliased to the arguments (the
@@ -33,14 +33,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments import analysis
-from experiments.analysis import CollectiveKey, MemoryFigures
 from jaxmp.accelerators import GIB, KNOWN, Accelerator
 from jaxmp.config import RunConfig, replace_flat
 from jaxmp.layers import CHUNK
 from jaxmp.mesh import format_mesh
 from jaxmp.models.registry import model_shape
 from jaxmp.pipeline import bubble_factor
+from jaxmp.plan import analysis
+from jaxmp.plan.analysis import CollectiveKey, MemoryFigures
 from jaxmp.train import Trainer
 
 DEPTHS = ("auto", "full", "reduced")

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from experiments.hlo import (
+from jaxmp.plan.hlo import (
     ELEMENTWISE,
     HloInstruction,
     HloModule,

@@ -11,16 +11,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from experiments import analysis
-from experiments import hlo_weightflow as weightflow
-from experiments.bench_harness import gpt_trainer, log, single_mesh, tokens_batch
-from experiments.bench_results import Json, Target, count_mib, mib, table
-from experiments.hlo import HloModule
+from experiments.bench.harness import gpt_trainer, log, single_mesh, tokens_batch
+from experiments.bench.results import Json, Target, count_mib, mib, table
 from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, num_params
 from jaxmp.models.llama import Llama, LlamaConfig
 from jaxmp.models.llama import num_params as llama_params
 from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_factor
+from jaxmp.plan import analysis, weightflow
+from jaxmp.plan.hlo import HloModule
 from jaxmp.sharding import DEFAULT_RULES, shards_of
 from jaxmp.train import OptConfig, Trainer
 

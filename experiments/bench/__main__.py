@@ -21,7 +21,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from experiments.bench_results import Json, SuiteResult, Target, table
+from experiments.bench.results import Json, SuiteResult, Target, table
 from experiments.common import parse_flags, run_guarded
 
 F = flags.FLAGS
@@ -76,7 +76,7 @@ def targets_table(checks: list[Target]) -> str:
 # ---------------------------------------------------------------------------- main
 def gpu_sizes() -> Any:
     """The gpu suite's sizes from the --gpu_* flags (None with --quick)."""
-    from experiments.bench_gpu import GpuSizes
+    from experiments.bench.gpu import GpuSizes
 
     if F.quick:
         return None
@@ -101,7 +101,12 @@ def gpu_sizes() -> Any:
 def suite_runners(quick: bool, layouts: list[str], attention: str,
                   ) -> dict[str, Callable[[], SuiteResult | None]]:
     """Each suite by name, ready to run (imported here: JAX starts after main sets XLA_FLAGS)."""
-    from experiments import bench_compile, bench_gpu, bench_plan, bench_serve, bench_speed, bench_structure
+    from experiments.bench import compiling as bench_compile
+    from experiments.bench import gpu as bench_gpu
+    from experiments.bench import plan_check as bench_plan
+    from experiments.bench import serving as bench_serve
+    from experiments.bench import speed as bench_speed
+    from experiments.bench import structure as bench_structure
 
     return {"structure": lambda: bench_structure.structure_suite(quick, layouts),
             "compile": lambda: bench_compile.compile_suite(quick),
@@ -114,7 +119,7 @@ def suite_runners(quick: bool, layouts: list[str], attention: str,
 def run(suites: list[str], quick: bool, layouts: list[str], attention: str) -> Json:
     import jax
 
-    from experiments.bench_harness import device_summary
+    from experiments.bench.harness import device_summary
 
     out: Json = {"device": device_summary(), "jax_version": jax.__version__,
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -169,5 +174,10 @@ def main(argv: list[str]) -> int:
     return run_guarded(argv, body)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `jaxmp-bench` console script (pyproject's [project.scripts])."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console()

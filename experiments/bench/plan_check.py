@@ -21,12 +21,12 @@ from typing import Any
 
 import jax
 
-from experiments import plan as planning
-from experiments.analysis import memory_figures
-from experiments.bench_harness import log, timed
-from experiments.bench_results import Json, Target, table
+from experiments.bench.harness import log, timed
+from experiments.bench.results import Json, Target, table
 from jaxmp.accelerators import GIB, H100
 from jaxmp.config import RunConfig
+from jaxmp.plan import planner as planning
+from jaxmp.plan.analysis import memory_figures
 
 MEMORY_BASE = dict(num_layers=16, d_model=256, num_heads=8, seq_len=128, batch_size=16)
 MEMORY_ROWS: tuple[dict[str, Any], ...] = (

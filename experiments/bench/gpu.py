@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import analysis
-from experiments.bench_harness import gpt_trainer, kv_generation, log, saved_checkpoint, timed, tokens_batch
-from experiments.bench_results import Json, Target, mib, table
+from experiments.bench.harness import gpt_trainer, kv_generation, log, saved_checkpoint, timed, tokens_batch
+from experiments.bench.results import Json, Target, mib, table
 from jaxmp import throughput
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPTConfig, flops_per_token, num_params, preset
+from jaxmp.plan import analysis
 from jaxmp.serve import Server
 from jaxmp.train import OptConfig, Trainer
 
@@ -187,7 +187,7 @@ def _gpu_model(cfg: GPTConfig, name: str, device: jax.Device, s: GpuSizes, suite
 def _gpu_time(cfg: GPTConfig, name: str, trainer: Trainer, compiled: Any, b: int, need: int,
               compile_s: float, device: jax.Device, s: GpuSizes, suite: GpuResult,
               generate: bool) -> Json:
-    from experiments import bench_profile
+    from experiments.bench import profile_trace as bench_profile
 
     batch = trainer.put_batch(tokens_batch(b, cfg.seq_len, cfg.vocab_size))
     holder = {"state": trainer.init_state()}
@@ -249,7 +249,7 @@ def _write_hlo(folder: str, name: str, hlo: str) -> None:
 def _gpu_generate(cfg: GPTConfig, state: Any, trainer: Trainer, s: GpuSizes,
                   suite: GpuResult) -> Json:
     """KV-cache greedy decoding through Server, against the memory roofline at batch 1."""
-    from experiments import bench_profile
+    from experiments.bench import profile_trace as bench_profile
 
     with saved_checkpoint(state, cfg, trainer.mesh) as (path, _):
         server = Server.from_checkpoint(path, "")

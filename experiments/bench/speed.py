@@ -1,5 +1,5 @@
 """The speed suite: jaxmp's one-device train step against a plain JAX + optax GPT
-(experiments/bench_reference.py), alternating, on the same weights and batch; then
+(experiments/bench/reference.py), alternating, on the same weights and batch; then
 KV-cache greedy decoding tokens/s."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import jax
 
-from experiments import bench_reference as ref
-from experiments.bench_harness import generation_speed, gpt_trainer, log, single_mesh, timed, tokens_batch
-from experiments.bench_results import Json, Target, table
+from experiments.bench import reference as ref
+from experiments.bench.harness import generation_speed, gpt_trainer, log, single_mesh, timed, tokens_batch
+from experiments.bench.results import Json, Target, table
 from jaxmp.models.gpt import GPTConfig, num_params
 from jaxmp.train import OptConfig, Trainer
 

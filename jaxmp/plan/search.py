@@ -4,7 +4,7 @@ Every layout of the device count is a candidate: data x fsdp x pipe x tensor siz
 within a host), micro-batches and circular repeats of the pipeline, gathering FSDP weights
 once per step, rematerialization and gradient accumulation. A rough analytic estimate
 (FLOPs, bubble, recompute, Megatron / FSDP / data-parallel / pipeline traffic) only orders
-them; each layout proposed has been compiled for the target (experiments.plan) and fits
+them; each layout proposed has been compiled for the target (jaxmp.plan.planner) and fits
 by its plan's memory. The search stops at the compile budget, or once `top` layouts fit
 and the next one's estimate is 1.5x the fastest compiled plan's time. Shortcuts keep the
 compiles few, from memory falling with more remat and more accumulation: a layout needing
@@ -24,13 +24,13 @@ from typing import Any
 
 import jax
 
-from experiments import analysis
-from experiments.plan import Layout, PlanResult, compile_program, link_of, link_speed, make_plan, size
 from jaxmp.accelerators import Accelerator
 from jaxmp.config import RunConfig, replace_flat
 from jaxmp.mesh import format_mesh
 from jaxmp.models.registry import model_shape
 from jaxmp.pipeline import bubble_factor
+from jaxmp.plan import analysis
+from jaxmp.plan.planner import Layout, PlanResult, compile_program, link_of, link_speed, make_plan, size
 
 REMAT_LEVEL = {"none": 0, "dots": 1, "block": 2}
 REMAT_COST = {"none": 1.0, "dots": 1.15, "block": 4 / 3}  # forward recomputed: ~1/3 more
@@ -154,7 +154,7 @@ class SearchResult:
                          f"{(p.compute_s - p.bubble_s) * 1e3:.1f}", f"{p.bubble_s * 1e3:.1f}",
                          f"{p.collective_s * 1e3:.1f}",
                          "-" if p.mfu is None else f"{p.mfu:.1%}", why(p)])
-        from experiments.bench_results import table
+        from jaxmp.plan.text import table
 
         lines = [table(head, rows)] if rows else ["no layout fits"]
         reasons = "; ".join(f"{v} {k}" for k, v in sorted(self.rejected.items(),
