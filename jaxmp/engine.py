@@ -26,13 +26,10 @@ request.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -40,74 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmp.sampling import TOP, ServeError, check_prompt, check_sampling, sample, seed_key_data
+from jaxmp.engine_programs import decode_program, prefill_program
+from jaxmp.prefix_cache import Plan, PrefixIndex, plan_prefills
+from jaxmp.requests import Done, Handle, QueueFull, Request, Token, check
+from jaxmp.sampling import TOP, seed_key_data
 from jaxmp.serve import Server, bucket
 from jaxmp.sharding import activation_sharding, spec_for
 
 MIN_BUCKET = 16  # the shortest prefill (one prefix-cache block)
 
 __all__ = ["TOP", "Done", "Engine", "Handle", "QueueFull", "Request", "Token", "check"]
-
-
-class QueueFull(ServeError):
-    """The engine's queue is full: try again later."""
-
-
-@dataclasses.dataclass
-class Request:
-    prompt: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0          # 0: the whole vocabulary
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (echo)
-    stop_ids: tuple[int, ...] = ()  # tokens that end the completion (not part of it)
-
-
-@dataclasses.dataclass
-class Token:
-    id: int
-    logprob: float
-    top: list[tuple[int, float]]   # the TOP most likely (id, logprob) at this position
-
-
-@dataclasses.dataclass
-class Done:
-    reason: str                     # "length" | "stop" | "cancelled" | "error"
-    text: str = ""                  # the completion's text, cut before a stop sequence
-    prompt: list[Token | None] | None = None  # with prompt_logprobs: per prompt token
-    error: str | None = None
-
-
-class Handle:
-    """A submitted request: iterate its events; `cancel()` frees its slot."""
-
-    def __init__(self, request: Request):
-        self.request = request
-        self.submitted = time.perf_counter()
-        self.first_token: float | None = None  # when the first token was emitted
-        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
-        self.events: queue.Queue = queue.Queue()
-        self.cancelled = threading.Event()
-        self.tokens: list[int] = []
-        self.on_event: Any = None  # called (from the engine's thread) after each event
-
-    def put(self, event: Token | Done) -> None:
-        self.events.put(event)
-        if self.on_event is not None:
-            self.on_event()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def __iter__(self) -> Iterator[Token | Done]:
-        while True:
-            event = self.events.get()
-            yield event
-            if isinstance(event, Done):
-                return
 
 
 @dataclasses.dataclass
@@ -117,73 +56,6 @@ class _Slot:
     key: np.ndarray      # raw PRNG key data of the request
     prompt: list[Token | None] | None = None  # the prompt's scores (echo), if asked
     text: str = ""
-
-
-@dataclasses.dataclass
-class _Entry:
-    index: int                               # its block of the device pool
-    scores: list[Token | None] | None = None  # its tokens' prompt log-probabilities, if known
-
-
-class PrefixIndex:
-    """The host side of the prefix cache: full prompt blocks, keyed by a SHA-256 chain over
-    the block's tokens and every token before it, mapped to blocks of the device pool;
-    least recently used first. Only the engine's thread touches it."""
-
-    def __init__(self, blocks: int, block: int):
-        self.block, self.capacity = block, blocks
-        self.entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
-        self.free = list(range(blocks))
-        self.lookups = self.hit_tokens = self.prompt_tokens = 0
-
-    def keys(self, prompt: list[int], count: int | None = None) -> list[bytes]:
-        out, h = [], b""
-        n = len(prompt) // self.block if count is None else count
-        for b in range(n):
-            chunk = np.asarray(prompt[b * self.block:(b + 1) * self.block], np.int64)
-            h = hashlib.sha256(h + chunk.tobytes()).digest()
-            out.append(h)
-        return out
-
-    def match(self, keys: list[bytes], scores: bool) -> list[_Entry]:
-        """The cached blocks the keys start with (with their scores, if `scores`)."""
-        out = []
-        for k in keys:
-            e = self.entries.get(k)
-            if e is None or (scores and e.scores is None):
-                break
-            out.append(e)
-        for k in reversed(keys[:len(out)]):  # a block stays longer than the blocks after it
-            self.entries.move_to_end(k)
-        return out
-
-    def allocate(self, key: bytes, pinned: set[int]) -> int | None:
-        """A pool block for `key` (a free one, else the least recently used not pinned)."""
-        if self.free:
-            index = self.free.pop()
-        else:
-            victim = next((k for k, e in self.entries.items() if e.index not in pinned), None)
-            if victim is None:
-                return None
-            index = self.entries.pop(victim).index
-        self.entries[key] = _Entry(index)
-        return index
-
-    def stats(self) -> dict:
-        return {"blocks": len(self.entries), "capacity_blocks": self.capacity,
-                "block_tokens": self.block, "lookups": self.lookups,
-                "prompt_tokens": self.prompt_tokens, "hit_tokens": self.hit_tokens}
-
-
-@dataclasses.dataclass
-class _Plan:
-    """One request's part of a prefill call."""
-    handle: Handle
-    start: int                 # the first position prefilled (earlier ones come from the pool)
-    loads: list[int]           # pool blocks copied into positions [0, len * block)
-    saves: list[tuple[int, int]]  # (block of the prompt, pool block) written after the prefill
-    matched: list[_Entry]
-    keys: list[bytes]
 
 
 class Engine:
@@ -252,99 +124,20 @@ class Engine:
 
     # ------------------------------------------------------------ programs
     def _compile_decode(self):
-        """`decode_steps` decode steps for every slot in one program (a scan): the weights'
-        per-call work is paid once per call, and the host syncs once per call. A slot that
-        ends inside a call decodes on to the call's end into its own rows (discarded)."""
-        server, last = self.server, self.max_len - 1
-
-        def steps(params, cache, tokens, positions, temperature, top_k, top_p, keys):
-            with activation_sharding(server.mesh, server.rules):
-                _, decode = server.decoder(params)
-                keys = jax.random.wrap_key_data(keys)
-
-                def one(carry, _):
-                    cache, tok, pos = carry
-                    pos = jnp.minimum(pos, last)
-                    logits, cache = decode(tok[:, None], cache, pos)
-                    step_keys = jax.vmap(jax.random.fold_in)(keys, pos)
-                    out = sample(logits[:, 0], temperature, top_k, top_p, step_keys)
-                    return (cache, out[0], pos + 1), out
-                (cache, _, _), out = jax.lax.scan(one, (cache, tokens, positions), None,
-                                                  length=self.decode_steps)
-                return (cache, *out)  # each (decode_steps, slots, ...)
-        rows, rep = self._rows, self._replicated
         cache_sh = jax.tree_util.tree_map(lambda c: c.sharding, self.cache)
-        return jax.jit(steps, in_shardings=(server.param_shardings, cache_sh, rows, rows, rows,
-                                            rows, rows, rows),
-                       out_shardings=(cache_sh, rep, rep, rep, rep), donate_argnums=1)
+        return decode_program(self.server, self.decode_steps, self.max_len, self._rows,
+                              self._replicated, cache_sh)
 
     def _prefill_fn(self, group: int, length: int, scores: bool):
-        """The prefill of `group` prompts, `length` tokens each (padded) at positions
-        start[g] + [0, length), straight into their slots' rows: each slot's cached prefix
-        blocks are first copied in from the pool, then the tokens run through the model
-        attending to everything before them, then the prompt's new full blocks are copied
-        out to the pool. Rows marked invalid leave their slot and the pool as they were.
-        Samples the first tokens; with `scores`, also returns the log-probabilities of the
-        prompts' own tokens (echo). One program per (group, length, scores)."""
-        key_ = (group, length, scores)
-        if key_ in self._prefills:
-            return self._prefills[key_]
-        server, block = self.server, self.prefix.block
-
-        def prefill(params, cache, pool, tokens, n, start, slots, valid, loads, n_loads,
-                    saves, n_saves, temperature, top_k, top_p, keys):
-            with activation_sharding(server.mesh, server.rules):
-                model = server.module(params)
-                rows = tuple(jnp.take(c, slots, axis=1) for c in cache)  # (L, G, S, N, H)
-
-                def load(g, rows):
-                    def one(j, rows):
-                        return tuple(jax.lax.dynamic_update_slice(
-                            r, jax.lax.dynamic_slice_in_dim(p, loads[g, j], 1, axis=1),
-                            (0, g, j * block, 0, 0)) for r, p in zip(rows, pool))
-                    return jax.lax.fori_loop(0, n_loads[g], one, rows)
-                rows = jax.lax.fori_loop(0, group, load, rows)
-                logits, rows = model.decode(tokens, rows, start)
-
-                def write(g, carry):
-                    cache, pool = carry
-                    at = (0, slots[g], 0, 0, 0)
-                    out = []
-                    for big, r in zip(cache, rows):
-                        new = jax.lax.dynamic_slice_in_dim(r, g, 1, axis=1)
-                        old = jax.lax.dynamic_slice(big, at, new.shape)
-                        out.append(jax.lax.dynamic_update_slice(big, jnp.where(valid[g], new, old),
-                                                                at))
-
-                    def save(j, pool):
-                        src, dst = saves[g, j, 0], saves[g, j, 1]
-                        return tuple(jax.lax.dynamic_update_slice(
-                            p, jax.lax.dynamic_slice(r, (0, g, src * block, 0, 0),
-                                                     (r.shape[0], 1, block, *r.shape[3:])),
-                            (0, dst, 0, 0, 0)) for p, r in zip(pool, rows))
-                    pool = jax.lax.fori_loop(0, jnp.where(valid[g], n_saves[g], 0), save, pool)
-                    return tuple(out), pool
-                cache, pool = jax.lax.fori_loop(0, group, write, (cache, pool))
-                last = jnp.take_along_axis(logits, (n - 1)[:, None, None], axis=1)[:, 0]
-                # a draw is keyed by the position of its logits (the last prompt token's)
-                keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys),
-                                                    start + n - 1)
-                first = sample(last, temperature, top_k, top_p, keys)
-                if not scores:
-                    return cache, pool, first, None
-                logp = jax.nn.log_softmax(logits, axis=-1)  # (G, length, V)
-                nxt = jnp.roll(tokens, -1, axis=1)
-                prompt_lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
-                top_lp, top_id = jax.lax.top_k(logp, min(TOP, logp.shape[-1]))
-                return cache, pool, first, (prompt_lp, top_id.astype(jnp.int32), top_lp)
-        cache_sh = jax.tree_util.tree_map(lambda c: c.sharding, self.cache)
-        pool_sh = jax.tree_util.tree_map(lambda c: c.sharding, self.pool)
-        rep = self._replicated
-        fn = jax.jit(prefill, in_shardings=(server.param_shardings, cache_sh, pool_sh)
-                     + (rep,) * 13, out_shardings=(cache_sh, pool_sh, rep, rep),
-                     donate_argnums=(1, 2))
-        self._prefills[key_] = fn
-        return fn
+        """The prefill program of (group, length, scores), compiled at its first use
+        (warm_up uses every one)."""
+        key = (group, length, scores)
+        if key not in self._prefills:
+            shardings = lambda tree: jax.tree_util.tree_map(lambda c: c.sharding, tree)
+            self._prefills[key] = prefill_program(
+                self.server, group, scores, self.prefix.block, shardings(self.cache),
+                shardings(self.pool), self._replicated)
+        return self._prefills[key]
 
     def groups(self) -> list[int]:
         """Prefill group sizes: 1, 4, 16, ... up to the slots (and the slots)."""
@@ -438,37 +231,9 @@ class Engine:
             for h in handles:
                 self._admit([h])
 
-    def _plan(self, handles: list[Handle]) -> list[_Plan]:
-        """Where each prompt's prefill starts (after its cached blocks) and which of its
-        blocks go to the pool afterwards."""
-        index, block = self.prefix, self.prefix.block
-        plans, pinned, planned = [], set(), set()
-        for h in handles:
-            r = h.request
-            keys = index.keys(r.prompt) if index.capacity else []
-            # at least the last prompt token runs (its logits choose the first new token);
-            # an echo request re-runs the last cached token too (its logits score the next)
-            usable = keys[:(len(r.prompt) - 1) // block]
-            matched = index.match(usable, r.prompt_logprobs)
-            cached = len(matched) * block
-            start = max(0, cached - 1) if r.prompt_logprobs else cached
-            pinned.update(e.index for e in matched)
-            plans.append(_Plan(h, start, [e.index for e in matched], [], matched, keys))
-        for p in plans:  # after every lookup, so that no block in use is evicted
-            for b in range(len(p.matched), len(p.keys)):
-                if p.keys[b] in index.entries or p.keys[b] in planned:
-                    continue
-                dst = index.allocate(p.keys[b], pinned)
-                if dst is None:
-                    break
-                pinned.add(dst)
-                planned.add(p.keys[b])
-                p.saves.append((b, dst))
-        return plans
-
     def _prefill(self, handles: list[Handle]) -> None:
         """Prefill `handles` into free slots and emit their first tokens."""
-        plans = self._plan(handles)
+        plans = plan_prefills(self.prefix, handles)
         group = next(g for g in self.groups() if g >= len(handles))
         length = min(bucket(max(len(p.handle.request.prompt) - p.start for p in plans),
                             MIN_BUCKET),
@@ -501,7 +266,7 @@ class Engine:
             self.active[slot] = _Slot(h, len(r.prompt), seed_key_data(r.seed), prompt_tokens)
             self._emit(slot, *(np.asarray(x)[g] for x in first))
 
-    def _run_prefill(self, plans: list[_Plan], group: int, length: int, scores: bool):
+    def _run_prefill(self, plans: list[Plan], group: int, length: int, scores: bool):
         """Run the prefill program of (group, length, scores) for `plans` (none: warm-up)."""
         free = [i for i in range(self.slots) if i not in self.active]
         mb = max(1, self._max_blocks)
@@ -529,7 +294,7 @@ class Engine:
             n_loads, saves, n_saves, temperature, top_k, top_p, keys)
         return first, prompt
 
-    def _prompt_scores(self, p: _Plan, computed: list[np.ndarray]) -> list[Token | None]:
+    def _prompt_scores(self, p: Plan, computed: list[np.ndarray]) -> list[Token | None]:
         """Every prompt token's log-probability (None for the first): those before the
         prefill's start from the cached blocks, the rest from this prefill; kept with the
         prompt's blocks for later echo requests."""
@@ -613,8 +378,3 @@ def _geometric(start: int, factor: int, last: int) -> list[int]:
     return out + [last]
 
 
-def check(cfg: Any, r: Request, max_len: int | None = None) -> None:
-    """A request against the model's vocabulary and context (`max_len`: the engine's,
-    default the model's); one line per problem (the checks `Server.generate` makes too)."""
-    check_prompt(r.prompt, r.max_tokens, cfg.vocab_size, max_len or cfg.seq_len)
-    check_sampling(r.temperature, r.top_k, r.top_p, cfg.vocab_size)

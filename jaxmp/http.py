@@ -31,8 +31,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from jaxmp.engine import Done, Engine, Handle, QueueFull, Token
-from jaxmp.openai_fields import APIError, ChatSpec, CompletionSpec, parse_chat, parse_completion, read_body
+from jaxmp.engine import Engine
+from jaxmp.openai_fields import APIError, parse_chat, parse_completion, read_body
+from jaxmp.openai_responses import ChatSpec, CompletionSpec
+from jaxmp.requests import Done, Handle, QueueFull, Token
 from jaxmp.serve import ServeError
 
 
@@ -106,39 +108,9 @@ class Guard:
 def make_app(engine: Engine, limits: HTTPLimits = HTTPLimits()) -> Any:
     app = FastAPI(title="jaxmp", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, limits=limits)
-    created = int(time.time())
     chat = limits.chat or getattr(engine.server, "chat", None)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: HTTPRequest, e: HTTPException):
-        message = {404: f"no such endpoint: {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"
-                   }.get(e.status_code, str(e.detail))
-        return _error(e.status_code, message, KINDS.get(e.status_code, "invalid_request_error"))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: HTTPRequest, e: RequestValidationError):
-        return _error(422, f"invalid request: {e.errors()}")
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", **engine.stats()}
-
-    def model_card() -> dict:
-        return {"id": limits.model_name, "object": "model", "created": created,
-                "owned_by": "jaxmp", "context_length": engine.max_len,
-                "max_model_len": engine.max_len}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        if model_id != limits.model_name:
-            return _error(404, f"the model '{model_id}' does not exist; this server has "
-                          f"'{limits.model_name}'", "not_found_error")
-        return model_card()
+    _error_handlers(app)
+    _info_routes(app, engine, limits)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -181,6 +153,45 @@ def make_app(engine: Engine, limits: HTTPLimits = HTTPLimits()) -> Any:
         return JSONResponse(spec.response(results, limits.model_name))
 
     return app
+
+
+def _error_handlers(app: Any) -> None:
+    """OpenAI's error object for the statuses FastAPI answers itself (404, 405, 422)."""
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HTTPRequest, e: HTTPException):
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"
+                   }.get(e.status_code, str(e.detail))
+        return _error(e.status_code, message, KINDS.get(e.status_code, "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, e: RequestValidationError):
+        return _error(422, f"invalid request: {e.errors()}")
+
+
+def _info_routes(app: Any, engine: Engine, limits: HTTPLimits) -> None:
+    """/health (the engine's queue, slots and prefix cache) and OpenAI's model routes."""
+    created = int(time.time())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.stats()}
+
+    def model_card() -> dict:
+        return {"id": limits.model_name, "object": "model", "created": created,
+                "owned_by": "jaxmp", "context_length": engine.max_len,
+                "max_model_len": engine.max_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != limits.model_name:
+            return _error(404, f"the model '{model_id}' does not exist; this server has "
+                          f"'{limits.model_name}'", "not_found_error")
+        return model_card()
 
 
 async def _watch(request: Any, handles: list[Handle]) -> None:

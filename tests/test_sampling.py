@@ -34,7 +34,8 @@ from helpers import ROOT
 from jaxmp.engine import Done, Engine, Handle, Request, Token, _Slot
 from jaxmp.http import _stream, running
 from jaxmp.models.gpt import GPTConfig
-from jaxmp.openai_fields import CompletionSpec, Sampling
+from jaxmp.openai_fields import Sampling
+from jaxmp.openai_responses import CompletionSpec
 from jaxmp.sampling import sample
 from jaxmp.serve import Server
 from jaxmp.tokenizer import TextCodec, read_tokenizer
