@@ -42,7 +42,7 @@ _EXPORTS: dict[str, str] = {
     "LOGICAL_NAMES": "jaxmp.sharding", "Plan": "jaxmp.sharding", "Rules": "jaxmp.sharding",
     "ShardingError": "jaxmp.sharding", "activation_sharding": "jaxmp.sharding",
     "constrain": "jaxmp.sharding", "logical_axes": "jaxmp.sharding", "plan": "jaxmp.sharding",
-    "LayerStack": "jaxmp.stack", "OptConfig": "jaxmp.train", "Trainer": "jaxmp.train",
+    "LayerStack": "jaxmp.stack", "OptConfig": "jaxmp.optim", "Trainer": "jaxmp.train",
     "TrainState": "jaxmp.train",
     # serving
     "ServeError": "jaxmp.sampling", "Server": "jaxmp.serve",
