@@ -97,3 +97,37 @@ def test_bad_logging_flags_are_refused_before_anything_runs(tmp_path):
         prepare(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "b"),
                                tensorboard_dir=str(tmp_path / "file")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_wandb_logger_gets_the_metrics_file_rows(tmp_path, monkeypatch):
+    """--wandb_project through the loop: wandb.init with the project, the mode and the run's
+    config, one log call per logged step with the metrics file's numbers at that step,
+    finish at the end. (wandb itself is an optional extra: a stand-in module records the
+    calls; what wandb does with them is its own business.)"""
+    import sys
+    import types
+
+    calls: dict = {"log": []}
+
+    class FakeRun:
+        def log(self, row, step):
+            calls["log"].append((step, row))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kw):
+        calls["init"] = kw
+        return FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    metrics = tmp_path / "m.jsonl"
+    train(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "ck"), metrics_file=str(metrics),
+                         wandb_project="proj", wandb_mode="offline"))
+    assert calls["init"]["project"] == "proj" and calls["init"]["mode"] == "offline"
+    assert calls["init"]["config"]["steps"] == TINY["steps"] and calls.get("finished")
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [s for s, _ in calls["log"]] == [r["step"] for r in rows]
+    for (_, logged), row in zip(calls["log"], rows):
+        assert logged["train/loss"] == row["loss"]
+        assert logged.get("eval/loss") == row.get("eval_loss")
