@@ -199,85 +199,102 @@ class _MeshInfo:
     error: str | None = None  # why no layout of this mesh can be built
 
 
+@dataclasses.dataclass
+class _Progress:
+    """What the search has learnt so far: layouts that fit or not per shape, each mesh's
+    fixed bytes, the least activation bytes per unit per remat, why candidates were set
+    aside."""
+    fits: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    misses: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    meshes: dict = dataclasses.field(default_factory=dict)
+    per_unit: dict = dataclasses.field(default_factory=dict)
+    found: list = dataclasses.field(default_factory=list)
+    rejected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    compiled: int = 0
+    best: float = math.inf
+
+    def dominated(self, c: Candidate) -> str | None:
+        """Why a layout of the same shape already compiled makes `c` pointless (or None)."""
+        level = REMAT_LEVEL[c.remat]
+        if any(REMAT_LEVEL[o.remat] >= level and o.accum >= c.accum for o in self.misses[c.base]):
+            return "need more memory than a layout that did not fit"
+        if any(REMAT_LEVEL[o.remat] <= level and o.accum <= c.accum for o in self.fits[c.base]):
+            return "slower than a fitting layout of the same shape"
+        return None
+
+    def too_big(self, c: Candidate, info: _MeshInfo, units: float, memory: int) -> str | None:
+        """Why `c`'s mesh rules it out, or its memory certainly exceeds `memory` (or None)."""
+        if info.error:
+            return f"invalid ({info.error})"
+        if info.fixed_bytes > memory:
+            return "parameters, optimizer state and gradients alone do not fit"
+        if c.remat in self.per_unit and info.fixed_bytes + self.per_unit[c.remat] * units > memory:
+            return "activations (scaled from the compiled layouts) do not fit"
+        return None
+
+    def record(self, c: Candidate, result: PlanResult, info: _MeshInfo, units: float) -> None:
+        self.compiled += 1
+        rest = max(0, result.peak_bytes - info.fixed_bytes) / max(units, 1.0)
+        self.per_unit[c.remat] = min(self.per_unit.get(c.remat, rest), rest)
+        if result.fits:
+            self.found.append((c, result))
+            self.fits[c.base].append(c)
+            self.best = min(self.best, result.step_s)
+        else:
+            self.rejected["compiled, does not fit"] += 1
+            self.misses[c.base].append(c)
+
+
 def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
            max_compiles: int = 40, depth: str = "auto",
            remats: tuple[str, ...] = ("none", "dots", "block"),
            progress: Callable[[str], None] | None = None) -> SearchResult:
-    """The fitting layouts of `cfg`'s model and global batch on `num_devices` x `card`."""
+    """The fitting layouts of `cfg`'s model and global batch on `num_devices` x `card`:
+    candidates in order of a rough estimate, each pruned by what earlier compiles showed
+    or compiled for the target, until `top` fit and the rest are well behind."""
     base = Layout.build(replace_flat(cfg, mesh="", microbatches=1, pipeline_repeats=1,
                                      grad_accum_steps=1, pipeline_fsdp_gather_once=False),
                         devices=jax.devices()[:1])  # the model, its batch and counts
-    mc = base.model_cfg
-    shape = model_shape(mc)
-    if shape.remat is None:
-        remats = ("none",)
+    mc, shape = base.model_cfg, model_shape(base.model_cfg)
+    remats = remats if shape.remat is not None else ("none",)
     n_params = sum(math.prod(a.shape) for a in
                    jax.tree_util.tree_leaves(base.trainer.abstract_params))
     fpt = base.family.flops_per_token
     model_flops = fpt(mc) * base.tokens_per_step if fpt else 6.0 * n_params * base.tokens_per_step
-    dtype = shape.dtype
-    itemsize = 2 if dtype == "bfloat16" else 4
-    batch, seq_len = cfg.data.batch_size, shape.seq_len
+    itemsize = 2 if shape.dtype == "bfloat16" else 4
+    batch = cfg.data.batch_size
     found_all = candidates(num_devices, mc.num_layers, batch, card.devices_per_host, remats)
-    est = {c: estimate_s(c, n_params, model_flops, mc.num_layers, shape.width,
-                         seq_len, batch, itemsize, card, dtype)
-           for c in found_all}
+    est = {c: estimate_s(c, n_params, model_flops, mc.num_layers, shape.width, shape.seq_len,
+                         batch, itemsize, card, shape.dtype) for c in found_all}
     order = sorted(found_all, key=lambda c: (est[c], REMAT_LEVEL[c.remat], c.accum))
-    rejected: collections.Counter[str] = collections.Counter()
-    fits: dict[tuple, list[Candidate]] = collections.defaultdict(list)
-    misses: dict[tuple, list[Candidate]] = collections.defaultdict(list)
-    meshes: dict[tuple, _MeshInfo] = {}
-    per_unit: dict[str, float] = {}  # remat -> least activation bytes per unit seen
-    found: list[tuple[Candidate, PlanResult]] = []
-    compiled = 0
-    budget_hit = False
-    found_best = math.inf
+    state, budget_hit = _Progress(), False
     for c in order:
-        level = REMAT_LEVEL[c.remat]
-        if any(REMAT_LEVEL[o.remat] >= level and o.accum >= c.accum for o in misses[c.base]):
-            rejected["need more memory than a layout that did not fit"] += 1
+        if (why := state.dominated(c)) is not None:
+            state.rejected[why] += 1
             continue
-        if any(REMAT_LEVEL[o.remat] <= level and o.accum <= c.accum for o in fits[c.base]):
-            rejected["slower than a fitting layout of the same shape"] += 1
-            continue
-        if len(found) >= top and est[c] > STOP_MARGIN * found_best:
+        if len(state.found) >= top and est[c] > STOP_MARGIN * state.best:
             break  # even its rough estimate is well behind a compiled layout that fits
-        info = meshes.get(c.mesh) or meshes.setdefault(c.mesh, _mesh_info(cfg, c))
-        if info.error:
-            rejected[f"invalid ({info.error})"] += 1
+        info = state.meshes.get(c.mesh) or state.meshes.setdefault(c.mesh, _mesh_info(cfg, c))
+        units = activation_units(c, batch, shape.seq_len, mc.num_layers)
+        if (why := state.too_big(c, info, units, card.memory_bytes)) is not None:
+            state.rejected[why] += 1
             continue
-        if info.fixed_bytes > card.memory_bytes:
-            rejected["parameters, optimizer state and gradients alone do not fit"] += 1
-            continue
-        units = activation_units(c, batch, seq_len, mc.num_layers)
-        if c.remat in per_unit and info.fixed_bytes + per_unit[c.remat] * units > card.memory_bytes:
-            rejected["activations (scaled from the compiled layouts) do not fit"] += 1
-            continue
-        if compiled >= max_compiles:
+        if state.compiled >= max_compiles:
             budget_hit = True
             break
-        run_cfg = replace_flat(cfg, **c.settings())
         try:
-            layout, program, how = compile_program(run_cfg, depth, card)
+            layout, program, how = compile_program(replace_flat(cfg, **c.settings()), depth, card)
         except ValueError as e:  # (ShardingError, PipelineError, MeshError are ValueErrors)
-            rejected[f"invalid ({_short(e)})"] += 1
+            state.rejected[f"invalid ({_short(e)})"] += 1
             continue
-        compiled += 1
         result = make_plan(layout, program, card, how)
-        rest = max(0, result.peak_bytes - info.fixed_bytes) / max(units, 1.0)
-        per_unit[c.remat] = min(per_unit.get(c.remat, rest), rest)
+        state.record(c, result, info, units)
         if progress:
-            progress(f"  {compiled:3d}. {c.flags()}: {size(result.peak_bytes)}, "
+            progress(f"  {state.compiled:3d}. {c.flags()}: {size(result.peak_bytes)}, "
                      f"{result.step_s * 1e3:.1f} ms" + ("" if result.fits else " (does not fit)"))
-        if result.fits:
-            found.append((c, result))
-            fits[c.base].append(c)
-            found_best = min(found_best, result.step_s)
-        else:
-            rejected["compiled, does not fit"] += 1
-            misses[c.base].append(c)
-    found.sort(key=lambda cp: cp[1].step_s)
-    return SearchResult(found, dict(rejected), len(found_all), compiled, budget_hit)
+    state.found.sort(key=lambda cp: cp[1].step_s)
+    return SearchResult(state.found, dict(state.rejected), len(found_all), state.compiled,
+                        budget_hit)
 
 
 def _mesh_info(cfg: RunConfig, c: Candidate) -> _MeshInfo:
