@@ -108,22 +108,8 @@ def prepare(inputs: list[str], tokenizer: str | None, output: str, *,
     os.makedirs(output, exist_ok=True)
     paths = os.path.join(output, "train.bin"), os.path.join(output, "val.bin")
     writers = [TokenWriter(p, vocab) for p in paths]
-    every = max(2, round(1 / val_fraction))
     try:
-        bar = _bar(len(docs), progress)
-        for start in range(0, len(docs), CHUNK):
-            chunk = docs[start:start + CHUNK]
-            for i, ids in enumerate(codec.encode_batch(chunk), start):
-                ids = ids + ([eot] if eot is not None else [])
-                if len(docs) == 1:  # one document: its tail is the validation split
-                    cut = max(1, int(len(ids) * (1 - val_fraction)))
-                    writers[0].write(np.asarray(ids[:cut]))
-                    writers[1].write(np.asarray(ids[cut:]))
-                else:
-                    writers[int(i % every == every - 1 or i == len(docs) - 1 and
-                                writers[1].count == 0)].write(np.asarray(ids))
-            bar.update(len(chunk))
-        bar.close()
+        _write_split(docs, codec, eot, writers, val_fraction, progress)
     except BaseException:
         for w in writers:
             w.abort()
@@ -138,15 +124,42 @@ def prepare(inputs: list[str], tokenizer: str | None, output: str, *,
                         "give more text")
     for w in writers:
         w.close()
+    _write_tokenizer(output, tok)
+    return Prepared(paths[0], paths[1], writers[0].count, writers[1].count, len(docs))
+
+
+def _write_split(docs: list[str], codec: TextCodec, eot: int | None, writers: list[TokenWriter],
+                 val_fraction: float, progress: bool) -> None:
+    """Every k-th document (k = 1 / val_fraction) to the validation writer, the rest to
+    the training one; a single document's tail is the validation split."""
+    every = max(2, round(1 / val_fraction))
+    bar = _bar(len(docs), progress)
+    for start in range(0, len(docs), CHUNK):
+        chunk = docs[start:start + CHUNK]
+        for i, ids in enumerate(codec.encode_batch(chunk), start):
+            ids = ids + ([eot] if eot is not None else [])
+            if len(docs) == 1:
+                cut = max(1, int(len(ids) * (1 - val_fraction)))
+                writers[0].write(np.asarray(ids[:cut]))
+                writers[1].write(np.asarray(ids[cut:]))
+            else:
+                writers[int(i % every == every - 1 or i == len(docs) - 1 and
+                            writers[1].count == 0)].write(np.asarray(ids))
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _write_tokenizer(output: str, tok: dict | None) -> None:
+    """tokenizer.json beside the token files (atomically); a byte-level run removes an old
+    one, which training would otherwise take as the data's."""
     tok_path = os.path.join(output, "tokenizer.json")
     if tok is not None:
         tmp = tok_path + ".partial"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(tok, f, ensure_ascii=False)
         os.replace(tmp, tok_path)
-    elif os.path.exists(tok_path):  # bytes now: an old tokenizer would be taken as the data's
+    elif os.path.exists(tok_path):
         os.remove(tok_path)
-    return Prepared(paths[0], paths[1], writers[0].count, writers[1].count, len(docs))
 
 
 def _remove_if_empty(directory: str, created: bool) -> None:
