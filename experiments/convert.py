@@ -14,7 +14,7 @@ import time
 
 from absl import app, flags
 
-from experiments.common import parse_flags, run_guarded
+from jaxmp.cli.startup import parse_flags, run_guarded
 
 F = flags.FLAGS
 flags.DEFINE_string("input", None, "A jaxmp checkpoint directory or a Hugging Face directory.")

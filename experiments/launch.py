@@ -32,7 +32,7 @@ import time
 
 from absl import app, flags
 
-from experiments.cli import fail, parse_flags
+from jaxmp.cli.errors import fail, parse_flags
 
 F = flags.FLAGS
 flags.DEFINE_integer("num_processes", 2, "Local processes to start.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments.common import parse_flags, run_guarded
+from jaxmp.cli.startup import parse_flags, run_guarded
 
 F = flags.FLAGS
 flags.DEFINE_multi_string("input", [], "A text file or a directory of them (repeatable).")

@@ -12,8 +12,8 @@ import time
 
 from absl import app, flags
 
-from experiments import flagtree
-from experiments.common import parse_flags, run_guarded
+from jaxmp.cli import flagtree
+from jaxmp.cli.startup import parse_flags, run_guarded
 from jaxmp.config import ServeConfig
 
 flagtree.define(ServeConfig)

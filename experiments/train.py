@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import flagtree
-from experiments.common import parse_flags, run_guarded
+from jaxmp.cli import flagtree
+from jaxmp.cli.startup import parse_flags, run_guarded
 from jaxmp.config import RunConfig
 
 flagtree.define(RunConfig)

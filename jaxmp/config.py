@@ -1,6 +1,6 @@
 """The configuration tree of a run: typed dataclasses, each default in exactly one place.
 
-Entry points generate their absl flags from these classes (`experiments/flagtree.py`), one
+Entry points generate their absl flags from these classes (`jaxmp/cli/flagtree.py`), one
 flag per field with the field's flat name (`--mesh`, `--batch_size`, ...: the command-line
 contract scripts rely on, tests/test_architecture.py's CONTRACT), its type, default and
 help. Python users build the same tree:

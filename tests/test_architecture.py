@@ -36,7 +36,7 @@ def test_flags_are_the_config_tree():
     twice and drifting, fails here."""
     from absl import flags
 
-    from experiments import flagtree
+    from jaxmp.cli import flagtree
 
     fv = flags.FlagValues()
     flagtree.define(RunConfig, fv)

@@ -1,5 +1,5 @@
 """Every option flag reaches the object it configures, through the functions the entry
-point calls: absl parses the flags (experiments.flagtree, as experiments.train does),
+point calls: absl parses the flags (jaxmp.cli.flagtree, as experiments.train does),
 jaxmp.run.prepare builds the run, and the model, mesh, pipeline, rules, trainer and
 optimizer it holds carry each non-default value. A flag parsed into the config but dropped
 on the way (a field not passed on, a default written in its place) fails here; what each
@@ -12,8 +12,8 @@ import jax
 import pytest
 from absl import flags
 
-from experiments import flagtree
 from jaxmp import run as experiment
+from jaxmp.cli import flagtree
 from jaxmp.config import RunConfig
 from jaxmp.pipeline import PipelineSpec, storage_order
 from jaxmp.run.build import close_run_dir

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from experiments import flagtree
 from jaxmp import rundir
+from jaxmp.cli import flagtree
 from jaxmp.config import RunConfig
 from jaxmp.run import prepare, train
 from jaxmp.run.build import close_run_dir

@@ -22,7 +22,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from experiments.bench.results import Json, SuiteResult, Target, table
-from experiments.common import parse_flags, run_guarded
+from jaxmp.cli.startup import parse_flags, run_guarded
 
 F = flags.FLAGS
 SUITES = ("structure", "compile", "speed", "serve", "gpu", "plan")

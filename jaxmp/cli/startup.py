@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
-from experiments.cli import fail, parse_flags  # noqa: F401 (entry points import them here)
+from jaxmp.cli.errors import fail, parse_flags  # noqa: F401 (entry points import them here)
 
 SIMULATE = flags.DEFINE_integer(
     "simulate_devices", 8,
