@@ -231,11 +231,7 @@ def _pipeline(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array, spec: Pi
     if state is not None:
         state = _to_stages(state, state_names, p, r, k, "activations")
 
-    # (B, ...) -> (m, B/m, ...): micro-batch i takes rows i, m+i, 2m+i, ... so that every
-    # micro-batch keeps the batch's data sharding (no data moves).
-    mb = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
-    buf = constrain(jnp.broadcast_to(mb[None], (p, *mb.shape)), ("stage", None, *x_names))
-    out = constrain(jnp.zeros((p, *mb.shape[1:]), x.dtype), ("stage", *x_names))
+    buf, out = _microbatches(x, p, m, x_names)
     stage = jnp.arange(p)
 
     run_stages = jax.vmap(_stage_fn(layer_fn), spmd_axis_name="pipe")
@@ -270,6 +266,20 @@ def _pipeline(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array, spec: Pi
         return y
     state = jax.tree_util.tree_map(lambda a: a.reshape(L, *a.shape[3:]), state)
     return y, state
+
+
+def _microbatches(x: jax.Array, p: int, m: int, x_names: tuple[str | None, ...]
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The tick loop's buffers: every stage's copy of the m micro-batches (p, m, B/m, ...)
+    (stage 0 reads its fresh input there; the finished ones come back to it) and the
+    stages' outputs (p, B/m, ...). (B, ...) -> (m, B/m, ...): micro-batch i takes rows i,
+    m+i, 2m+i, ... so that every micro-batch keeps the batch's data sharding (no data
+    moves)."""
+    b = x.shape[0]
+    mb = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
+    buf = constrain(jnp.broadcast_to(mb[None], (p, *mb.shape)), ("stage", None, *x_names))
+    out = constrain(jnp.zeros((p, *mb.shape[1:]), x.dtype), ("stage", *x_names))
+    return buf, out
 
 
 def _to_stages(tree: Any, names: Any, p: int, r: int, k: int, kind: str) -> Any:
