@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from experiments.bench import traffic
 from experiments.bench.harness import gpt_trainer, log, single_mesh, tokens_batch
 from experiments.bench.results import Json, Target, count_mib, mib, table
 from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
@@ -18,9 +19,8 @@ from jaxmp.models.gpt import GPT, GPTConfig, num_params
 from jaxmp.models.llama import Llama, LlamaConfig
 from jaxmp.models.llama import num_params as llama_params
 from jaxmp.pipeline import PipelineError, PipelineSpec, bubble_factor
-from jaxmp.plan import analysis, weightflow
-from jaxmp.plan.hlo import HloModule
-from jaxmp.sharding import DEFAULT_RULES, shards_of
+from jaxmp.plan import analysis
+from jaxmp.sharding import DEFAULT_RULES
 from jaxmp.train import OptConfig, Trainer
 
 
@@ -74,7 +74,6 @@ QUICK_OPTION_ROWS: tuple[tuple[str, int, int, str], ...] = (
 OPTIONS = ("", "sp", "gather-once", "accum2", "replicated-state", "llama")
 MICROBATCHES = (1, 4, 8)
 REPEATS = (1, 2)
-DP_AXES = ("data", "fsdp", "data+fsdp")
 
 
 # ====================================================================== the result
@@ -310,15 +309,15 @@ def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
     return {
         "layout": format_mesh(mesh), "option": option, "devices": n, "microbatches": m,
         "repeats": r, "compile_s": compile_s,
-        **_memory(compiled, trainer.abstract_state(), plan.bytes_per_device, shape, n),
+        **traffic.memory(compiled, trainer.abstract_state(), plan.bytes_per_device, shape, n),
         "collectives": analysis.collective_totals(found),
-        "collectives_by_axes": _by_axes(found),
-        **_parallel_traffic(found, cfg, sizes.batch, shape, m, r, bubble, plan, option),
+        "collectives_by_axes": traffic.by_axes(found),
+        **traffic.parallel_traffic(found, cfg, sizes.batch, shape, m, r, bubble, plan, option),
         "fsdp_traffic": {"all_gather": analysis.axis_bytes(found, "fsdp", ("all-gather",)),
                          "reduction": analysis.axis_bytes(found, "fsdp", ("all-reduce", "reduce-scatter"))},
         "sp_predicted_saving_bytes": (sp_predicted_saving(cfg, rows, shape, m, r)
                                       if option == "sp" else None),
-        "weight_all_gathers": _weight_gathers(compiled, module),
+        "weight_all_gathers": traffic.weight_gathers(compiled, module),
         "flops_per_device": flops.flops,
         "dot_flops_per_device": flops.dot_flops,
         "ideal_flops_per_device": single_flops / n,
@@ -327,96 +326,3 @@ def structure_row(sizes: StructureSizes, layout: str, m: int, r: int,
         "xla_cost_analysis_flops": float(cost.get("flops", 0.0)),
         "unknown_trip_counts": flops.unknown_loops,
     }
-
-
-def _memory(compiled: Any, abstract: Any, param_bytes: int, shape: Mapping[str, int],
-            n: int) -> Json:
-    """The compiled program's memory figures and the train state per device vs the ideal."""
-    mem = analysis.memory_figures(compiled)
-    state_dev = analysis.sharded_bytes(abstract, compiled.input_shardings[0][0])
-    ideal_state = 3 * analysis.tree_bytes(abstract.params) / n  # params + Adam's two moments
-    return {
-        "argument_bytes": mem.argument_bytes, "temp_bytes": mem.temp_bytes,
-        "output_bytes": mem.output_bytes, "alias_bytes": mem.alias_bytes,
-        "peak_estimate_bytes": mem.peak_estimate_bytes,
-        "param_bytes_per_device": param_bytes,
-        "state_bytes_per_device": state_dev,
-        "ideal_state_bytes_per_device": ideal_state,
-        "state_ratio": state_dev / ideal_state,
-        # Data parallelism replicates the state by design: the ideal of the model-parallel
-        # axes alone (fsdp, pipe, tensor) is total / (devices / data).
-        "replica_ideal_state_bytes_per_device": ideal_state * shape["data"],
-        "replica_state_ratio": state_dev / (ideal_state * shape["data"]),
-    }
-
-
-def _by_axes(found: Mapping[analysis.CollectiveKey, tuple[int, int]]) -> dict[str, Json]:
-    """{'op@axes[loop]': {count, bytes}}, sorted by op, axes, inside a loop."""
-    keys = sorted(found, key=lambda k: (k.op, k.axes, k.in_loop))
-    return {f"{k.op}@{k.axes}{'[loop]' if k.in_loop else ''}": _cb(found[k]) for k in keys}
-
-
-def _cb(count_bytes: tuple[int, int] | dict[str, int]) -> dict[str, int]:
-    if isinstance(count_bytes, dict):
-        return {"count": int(count_bytes["count"]), "bytes": int(count_bytes["bytes"])}
-    return {"count": int(count_bytes[0]), "bytes": int(count_bytes[1])}
-
-
-def _parallel_traffic(found: Mapping[analysis.CollectiveKey, tuple[int, int]], cfg: GPTConfig,
-                      batch: int, shape: Mapping[str, int], m: int, r: int, bubble: float,
-                      plan: Any, option: str = "") -> Json:
-    """Each parallelism's compiled traffic against its analytic minimum (None where the
-    layout does not use it): Megatron's all-reduces over tensor, the pipeline's hand-offs
-    over pipe, the gradient reduction over data and fsdp."""
-    p = shape["pipe"]
-    rows = batch // (shape["data"] * shape["fsdp"])
-    itemsize = jnp.dtype(cfg.dtype).itemsize
-    tp = None
-    if shape["tensor"] > 1:
-        minimum = analysis.megatron_allreduce(cfg.num_layers / p, rows, cfg.seq_len,
-                                              cfg.d_model, itemsize, m if p > 1 else 1)
-        loop = analysis.collective_totals(found, axes="tensor", in_loop=True)
-        compiled_tp = loop["all-reduce"]
-        if option == "sp":  # 4 reduce-scatters + 6 all-gathers per layer replace 4 all-reduces
-            minimum = (minimum[0] * 10 // 4, minimum[1] * 10 // 4)
-            compiled_tp = {k: loop["all-gather"][k] + loop["reduce-scatter"][k]
-                           for k in ("count", "bytes")}
-        tp = {"compiled_allreduce": _cb(compiled_tp), "megatron_min": _cb(minimum),
-              "bytes_ratio": compiled_tp["bytes"] / minimum[1],
-              "count_ratio": compiled_tp["count"] / minimum[0],
-              "expected_ratio": bubble}
-    pp = None
-    if p > 1:
-        minimum = analysis.pipeline_permutes(p, m, r, rows, cfg.seq_len, cfg.d_model, itemsize)
-        compiled_pp = analysis.collective_totals(found, axes="pipe")["collective-permute"]
-        pp = {"compiled_permute": _cb(compiled_pp), "handoff_min": _cb(minimum),
-              "bytes_ratio": compiled_pp["bytes"] / minimum[1],
-              "count_ratio": compiled_pp["count"] / minimum[0]}
-    dp = _gradient_reduction(found, shape, plan) if shape["data"] * shape["fsdp"] > 1 else None
-    return {"tensor_parallel": tp, "pipeline": pp, "data_parallel": dp}
-
-
-def _gradient_reduction(found: Mapping[analysis.CollectiveKey, tuple[int, int]],
-                        shape: Mapping[str, int], plan: Any) -> Json:
-    """The compiled all-reduce / reduce-scatter bytes over data and fsdp against each
-    device's gradients before that reduction (the parameters split only over pipe and
-    tensor): reducing them once is the minimum traffic."""
-    grad = sum(row.bytes_total // shards_of(row.spec, shape, ("pipe", "tensor"))
-               for row in plan.rows)
-    reduced = {"count": 0, "bytes": 0}
-    for k, (count, nbytes) in found.items():
-        if k.op in ("all-reduce", "reduce-scatter") and k.axes in DP_AXES:
-            reduced["count"] += count
-            reduced["bytes"] += nbytes
-    return {"compiled_gradient_reduction": reduced, "gradient_bytes": grad,
-            "bytes_ratio": reduced["bytes"] / grad}
-
-
-def _weight_gathers(compiled: Any, module: HloModule) -> Json:
-    """All-gathers of a weight or a piece, reshaping or cast of one, traced from the
-    state's parameters through the program (weightflow.weight_derived_gathers)."""
-    weights = {i: path for i, path in weightflow.jax_entry_parameters(compiled, module).items()
-               if path.startswith("args[0].params")}
-    gathers = weightflow.weight_derived_gathers(module, weights)
-    return {"count": sum(g.executions for g in gathers), "bytes": sum(g.bytes for g in gathers),
-            "weights": sorted({w for g in gathers for w in g.weights})}
