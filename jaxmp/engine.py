@@ -259,6 +259,7 @@ class Engine:
             h.cached_tokens = p.start
             prompt_tokens = self._prompt_scores(p, [x[g] for x in prompt]) if r.prompt_logprobs \
                 else None
+            h.prompt_scores = prompt_tokens
             if r.max_tokens == 0:
                 h.put(Done("length", "", prompt_tokens))
                 continue

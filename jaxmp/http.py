@@ -48,7 +48,10 @@ class HTTPLimits:
 
 
 def error_body(status: int, message: str, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": " ".join(str(message).split()), "type": kind,
+    """OpenAI's error object; the message on one line, and encodable whatever a client
+    sent (a lone surrogate in a field name is shown escaped)."""
+    message = " ".join(str(message).split()).encode("utf-8", "backslashreplace").decode()
+    return {"error": {"message": message, "type": kind,
                       "param": None, "code": status}}
 
 
@@ -92,7 +95,8 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         key = self.limits.api_key
-        if key and headers.get("authorization") != f"Bearer {key}":
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if key and (scheme.lower() != "bearer" or given.strip() != key):
             return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                           "authentication_error")
         size = headers.get("content-length")
@@ -106,7 +110,8 @@ class Guard:
 
 
 def make_app(engine: Engine, limits: HTTPLimits = HTTPLimits()) -> Any:
-    app = FastAPI(title="jaxmp", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxmp", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # /v1/completions/ is a 404 error object, not a 307
     app.add_middleware(Guard, limits=limits)
     chat = limits.chat or getattr(engine.server, "chat", None)
     _error_handlers(app)
@@ -275,7 +280,7 @@ async def _stream(request: Any, handles: list[Handle], spec: CompletionSpec | Ch
                     yield sse(payload)
         if spec.include_usage:
             yield sse({"choices": [], "usage": spec.usage(
-                [len(h.tokens) for h in handles], sum(h.cached_tokens for h in handles))})
+                [len(h.tokens) for h in handles], spec.cached(handles))})
         yield "data: [DONE]\n\n"
     finally:
         for h in handles:

@@ -11,7 +11,7 @@ How each field is handled:
   (completions: up to TOP alternatives; chat: a boolean with top_logprobs), echo,
   ignore_eos (completions, an extension as in vLLM: go on past the end-of-text token).
 - accepted with no effect: user, store, metadata, service_tier, parallel_tool_calls,
-  modalities (text only), reasoning_effort.
+  reasoning_effort; modalities only as ["text"].
 - accepted only at their neutral value (anything else is a 400 that says so):
   frequency_penalty and presence_penalty (0), logit_bias (empty), suffix (empty),
   tools / functions (empty), tool_choice / function_call ("none" or "auto" with no tools),
@@ -56,6 +56,9 @@ async def read_body(request: Any, limit: int) -> dict:
         raise APIError(400, f"the body is not valid JSON ({e.msg} at character {e.pos})") from None
     except UnicodeDecodeError as e:
         raise APIError(400, f"the body is not valid JSON (not UTF-8 at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, deep nesting
+        raise APIError(400, f"the body is not valid JSON here ({type(e).__name__}: "
+                       f"{str(e)[:80]})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     return body
@@ -286,6 +289,9 @@ def parse_chat(body: dict, engine: Engine, limits: Any, chat: dict | None) -> Ch
     from jaxmp.chat import ChatError, ChatTemplate
 
     _check_types(body, CHAT)
+    if body.get("modalities") not in (None, ["text"]):
+        raise APIError(400, f"'modalities'={json.dumps(body['modalities'])[:60]}: this server "
+                       "answers text only; send [\"text\"] or leave it out")
     messages = body.get("messages")
     if not messages:
         raise APIError(400, "'messages' is required (a non-empty list)")
@@ -304,7 +310,9 @@ def parse_chat(body: dict, engine: Engine, limits: Any, chat: dict | None) -> Ch
     if sampling.n > limits.max_prompts:
         raise APIError(400, f"n={sampling.n} exceeds the limit of {limits.max_prompts} "
                        "completions per request")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = max(1, engine.max_len - len(prompt))  # the rest of the context
     if max_tokens < 1:

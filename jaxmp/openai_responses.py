@@ -39,11 +39,15 @@ class TextStream:
         self.codec, self.handle, self.sent, self.ids = codec, handle, "", []
         stops = handle.request.stop
         self.hold = max((len(x) for x in stops), default=1) - 1
+        self.before = ""  # the text of the tokens before the newest
+        self.kept = True  # whether the newest token starts before a stop's cut
 
     def token(self, event: Token) -> str:
         self.ids.append(event.id)
         text = self.codec.decode(self.ids)
         hits = [text.find(x) for x in self.handle.request.stop if x in text]
+        # the plain answer keeps a token's log-probability if its text starts before the cut
+        self.kept, self.before = not hits or len(self.before) < min(hits), text
         # hold back the last `hold` complete characters (a stop may start there), never
         # counting a character whose bytes are still incomplete as one of them
         whole = text.rstrip("\ufffd")
@@ -71,8 +75,10 @@ def logprob_block(codec: Any, ids: list[int], entries: list[Token | None], k: in
             block["top_logprobs"].append(None)
         else:
             block["token_logprobs"].append(entry.logprob)
-            block["top_logprobs"].append({codec.decode([i]): lp for i, lp in entry.top[:k]}
-                                         if k else {})
+            top: dict = {}
+            for i, lp in entry.top[:k]:  # tokens with the same text: the likelier one
+                top.setdefault(codec.decode([i]), lp)
+            block["top_logprobs"].append(top)
     return block
 
 
@@ -101,7 +107,15 @@ class CompletionSpec:
         return f"cmpl-{uuid.uuid4().hex[:24]}"
 
     def usage(self, completion_tokens: list[int], cached: int | None = None) -> dict:
-        return _usage(sum(len(p) for p in self.prompts) * self.n, sum(completion_tokens), cached)
+        """Each prompt counted once (however many samples it has), every sample's tokens."""
+        return _usage(sum(len(p) for p in self.prompts), sum(completion_tokens), cached)
+
+    def cached(self, handles: list[Handle]) -> int:
+        """Prompt tokens that came from the prefix cache, once per prompt (its samples'
+        most)."""
+        k = self.best_of
+        return sum(max(h.cached_tokens for h in handles[i * k:(i + 1) * k])
+                   for i in range(len(handles) // k))
 
     def _choice(self, index: int, prompt: list[int], tokens: list[Token], done: Done) -> dict:
         codec = self.codec
@@ -129,7 +143,7 @@ class CompletionSpec:
         return {"id": self.new_id(), "object": "text_completion", "created": int(time.time()),
                 "model": model, "choices": choices, "system_fingerprint": None,
                 "usage": self.usage([len(t) for _, t, _ in results],
-                                    sum(h.cached_tokens for h, _, _ in results))}
+                                    self.cached([h for h, _, _ in results]))}
 
     def writer(self, index: int, handle: Handle) -> CompletionWriter:
         return CompletionWriter(self, index, handle)
@@ -139,6 +153,8 @@ class CompletionWriter:
     def __init__(self, spec: CompletionSpec, index: int, handle: Handle):
         self.spec, self.index, self.handle = spec, index, handle
         self.text = TextStream(spec.codec, handle)
+        self.prefix: str | None = None  # the echoed prompt's text, once sent
+        self.offset = 0  # the completion's text_offset so far (the plain answer's count)
 
     def _chunk(self, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
         out = {"choices": [{"text": text, "index": self.index, "logprobs": logprobs,
@@ -146,19 +162,34 @@ class CompletionWriter:
         return {**out, "usage": None} if self.spec.include_usage else out
 
     def start(self) -> list[dict]:
-        if not self.spec.echo:
+        return []
+
+    def _echo(self) -> list[dict]:
+        """The echoed prompt, once, before the first token (with its tokens' scores, which
+        the engine has by then)."""
+        if not self.spec.echo or self.prefix is not None:
             return []
-        return [self._chunk(self.spec.codec.decode(self.handle.request.prompt), None)]
+        prompt, spec = self.handle.request.prompt, self.spec
+        self.prefix = spec.codec.decode(prompt)
+        lp = None
+        if spec.logprobs is not None:
+            scores = self.handle.prompt_scores or [None] * len(prompt)
+            lp = logprob_block(spec.codec, prompt, scores, spec.logprobs, 0)
+        return [self._chunk(self.prefix, None, lp)]
 
     def token(self, event: Token) -> list[dict]:
+        out = self._echo()
+        delta = self.text.token(event)
         lp = None
-        if self.spec.logprobs is not None:
+        if self.spec.logprobs is not None and self.text.kept:
             lp = logprob_block(self.spec.codec, [event.id], [event], self.spec.logprobs,
-                               len(self.text.sent))
-        return [self._chunk(self.text.token(event), None, lp)]
+                               len(self.prefix or "") + self.offset)
+        self.offset += len(self.spec.codec.decode([event.id]))
+        return out + [self._chunk(delta, None, lp)]
 
     def finish(self, done: Done) -> list[dict]:
-        return [self._chunk(self.text.rest(done), "stop" if done.reason == "stop" else "length")]
+        return self._echo() + [self._chunk(self.text.rest(done),
+                                           "stop" if done.reason == "stop" else "length")]
 
 
 @dataclasses.dataclass
@@ -185,6 +216,10 @@ class ChatSpec:
     def usage(self, completion_tokens: list[int], cached: int | None = None) -> dict:
         return _usage(len(self.prompt), sum(completion_tokens), cached)
 
+    def cached(self, handles: list[Handle]) -> int:
+        """Prompt tokens from the prefix cache (the one prompt: its samples' most)."""
+        return max(h.cached_tokens for h in handles)
+
     def logprob_content(self, tokens: list[Token]) -> list[dict]:
         def entry(i: int, lp: float) -> dict:
             piece = self.codec.decode([i])
@@ -205,7 +240,7 @@ class ChatSpec:
         return {"id": self.new_id(), "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": choices, "system_fingerprint": None,
                 "usage": self.usage([len(t) for _, t, _ in results],
-                                    sum(h.cached_tokens for h, _, _ in results))}
+                                    self.cached([h for h, _, _ in results]))}
 
     def writer(self, index: int, handle: Handle) -> ChatWriter:
         return ChatWriter(self, index, handle)
@@ -227,7 +262,8 @@ class ChatWriter:
         return [self._chunk({"role": "assistant", "content": ""}, None)]
 
     def token(self, event: Token) -> list[dict]:
-        return [self._chunk({"content": self.text.token(event)}, None, [event])]
+        delta = self.text.token(event)
+        return [self._chunk({"content": delta}, None, [event] if self.text.kept else [])]
 
     def finish(self, done: Done) -> list[dict]:
         rest = self.text.rest(done)

@@ -54,6 +54,7 @@ class Handle:
         self.submitted = time.perf_counter()
         self.first_token: float | None = None  # when the first token was emitted
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
+        self.prompt_scores: list | None = None  # with prompt_logprobs: set at the prefill
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.tokens: list[int] = []

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 TOP = 20  # alternatives reported per token (OpenAI's top_logprobs maximum)
+PADDING = -1e30  # the logit of a padding entry of the vocabulary (models.decoder.NEG_INF)
+MAX_TEMPERATURE = 1e30  # float32's range, with room
 SEED_RANGE = (-(1 << 63), 1 << 64)  # any signed or unsigned 64-bit integer
 
 
@@ -52,6 +54,9 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
 
     def sampled():
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        # padding (-1e30) stays out of reach whatever the temperature (at 1e30 it would
+        # divide up to the real tokens' level)
+        scaled = jnp.where(logits > PADDING / 2, scaled, -jnp.inf)
         order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
         vocab = logits.shape[-1]
         k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -84,6 +89,9 @@ def check_sampling(temperature: Any, top_k: Any, top_p: Any, vocab: int) -> None
         raise ServeError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ServeError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
+    if temperature > MAX_TEMPERATURE:
+        raise ServeError(f"temperature={temperature:g} is beyond float32's range; use at most "
+                         f"{MAX_TEMPERATURE:g}")
     if top_k is not None and (not _is_int(top_k) or not 0 <= top_k <= vocab):
         raise ServeError(f"top_k={top_k!r} must be an integer in [0, {vocab}] (0: no limit; "
                          "the vocabulary size at most)")

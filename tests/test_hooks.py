@@ -131,3 +131,39 @@ def test_wandb_logger_gets_the_metrics_file_rows(tmp_path, monkeypatch):
     for (_, logged), row in zip(calls["log"], rows):
         assert logged["train/loss"] == row["loss"]
         assert logged.get("eval/loss") == row.get("eval_loss")
+
+
+def test_hook_edge_cases_a_new_user_tried(tmp_path):
+    """A hook's every checked before anything runs; a stop asked in on_start trains no
+    step; a hook whose close() raises still lets the run close its directory (the lock
+    released, the save committed: the next run resumes). Bugs: every=0 running only at
+    the end or None failing after compilation, a step taken after a stop, a lock held
+    until the process exits."""
+    from jaxmp.run import prepare
+
+    for bad in (0, -1, None, 2.5):
+        class Bad(Hook):
+            every = bad
+        with pytest.raises(ValueError, match=f"every={bad!r} must be an integer >= 1"):
+            train(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "bad")), hooks=[Bad()])
+    assert not (tmp_path / "bad").exists()
+
+    class StopAtOnce(Hook):
+        def on_start(self, info):
+            info.stop("nothing to do")
+    r = train(RunConfig.flat(**TINY, ckpt_dir=str(tmp_path / "none")), hooks=[StopAtOnce()])
+    assert r.losses == [] and r.stopped_by == "nothing to do"
+
+    class BadClose(Hook):
+        def close(self):
+            raise RuntimeError("close failed")
+    cfg = RunConfig.flat(**{**TINY, "steps": 3}, ckpt_dir=str(tmp_path / "ck"))
+    with pytest.raises(RuntimeError, match="close failed"):
+        train(cfg, hooks=[BadClose()])
+    run = prepare(RunConfig.flat(**{**TINY, "steps": 5}, ckpt_dir=str(tmp_path / "ck")))
+    try:
+        assert run.resume_from == 3  # the lock was released and step 3 committed
+    finally:
+        from jaxmp.run.build import close_run_dir
+
+        close_run_dir(run)

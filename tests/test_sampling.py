@@ -37,7 +37,7 @@ from jaxmp.models.gpt import GPTConfig
 from jaxmp.openai_fields import Sampling
 from jaxmp.openai_responses import CompletionSpec
 from jaxmp.sampling import sample
-from jaxmp.serve import Server
+from jaxmp.serve import ServeError, Server
 from jaxmp.tokenizer import TextCodec, read_tokenizer
 
 TINY = os.path.join(ROOT, "tests", "fixtures", "hf_gpt2_tiny")
@@ -431,3 +431,22 @@ def test_http_stream_with_a_stop_completed_by_the_next_token(tiny_http):
     assert plain["text"] == text[:b - 3] and plain["finish_reason"] == "stop", (text, stop)
     chunks = _post_stream(tiny_http, {**body, "stop": stop})
     assert "".join(ch["text"] for ch in chunks) == plain["text"], (text, stop, chunks)
+
+
+def test_padding_is_never_drawn_at_any_temperature():
+    """Padding logits are -1e30: divided by a temperature of 1e29 or more they would reach
+    the real tokens' level and be drawn (a new user's probe got ids past the vocabulary at
+    temperature 1e30). They stay out at every temperature; above float32's range the
+    request is refused."""
+    from jaxmp.sampling import check_sampling
+
+    logits = np.full((64, 16), -1e30, np.float32)
+    logits[:, :10] = np.linspace(-3, 3, 10)
+    keys = jax.random.split(jax.random.key(3), 64)
+    for t in (1.0, 1e20, 1e29, 1e30):
+        token = np.asarray(jax.jit(sample)(logits, np.full(64, t, np.float32),
+                                           np.zeros(64, np.int32), np.ones(64, np.float32),
+                                           keys)[0])
+        assert token.max() < 10, (t, token)
+    with pytest.raises(ServeError, match="beyond float32's range"):
+        check_sampling(1e39, 0, 1.0, 10)

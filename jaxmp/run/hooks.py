@@ -45,6 +45,7 @@ class Pending:
         self.eval_losses: list[tuple[int, float]] = []  # (step, validation loss)
         self.last: dict = {}
         self.last_step = 0
+        self.eval_seconds = 0.0  # time spent evaluating since the last progress line
 
     def add(self, step: int, metrics: dict) -> None:
         self.queue.append((step, metrics))
@@ -180,11 +181,13 @@ class EvalHook(Hook):
     def on_step(self, info: StepInfo) -> None:
         """The batches are streamed: each is placed, evaluated and dropped in turn (host and
         device memory stay one batch, whatever --eval_batches is)."""
+        t0 = time.perf_counter()
         total = None
         for i in range(self.count):
             loss = self.fn(info.state.params, self.source.device(i, self.shardings))
             total = loss if total is None else total + loss
         info.eval_loss = float(jax.device_get(total)) / self.count
+        info.pending.eval_seconds += time.perf_counter() - t0
         info.pending.eval_losses.append((info.step, info.eval_loss))
 
 
@@ -230,13 +233,17 @@ class ProgressHook(Hook):
                 raise OSError(f"metrics_file={self.path}: cannot open ({e.strerror})") from None
 
     def due(self, info: StepInfo) -> bool:
-        return (super().due(info) or info.step == self.start + 1
-                or info.eval_loss is not None) and not (info.stopping and info.step != info.end)
+        """Every --log_every steps, the first, the last (a stop's too) and every evaluated
+        step."""
+        return super().due(info) or info.step == self.start + 1 or info.eval_loss is not None
 
     def on_step(self, info: StepInfo) -> None:
         m, done = info.metrics(), info.step
         now = time.perf_counter()
-        dt = (now - self.t_last) / max(1, done - self.step_last)
+        # the step time leaves out the evaluations since the last report
+        busy = now - self.t_last - info.pending.eval_seconds
+        info.pending.eval_seconds = 0.0
+        dt = max(busy, 0.0) / max(1, done - self.step_last)
         self.t_last, self.step_last = now, done
         tps = self.run.batches.tokens_per_step / dt
         util = (throughput.mfu(tps, self.flops_per_token, self.run.mesh.size)

@@ -7,6 +7,7 @@ tokens_per_s, mfu, eval_loss when evaluated) and writes it under `train/<name>`
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from jaxmp.config import RunConfig
@@ -63,6 +64,11 @@ def check(cfg: RunConfig) -> None:
         from jaxmp.run.console import check_writable
 
         check_writable(log.tensorboard_dir, "tensorboard_dir", directory=True)
+        try:
+            os.makedirs(log.tensorboard_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"tensorboard_dir={log.tensorboard_dir}: cannot create it "
+                             f"({e.strerror})") from None
         try:
             import tensorboardX  # noqa: F401
         except ImportError:

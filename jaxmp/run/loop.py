@@ -123,6 +123,7 @@ def train(cfg: RunConfig, hooks: Sequence[Hook] = (),
           checks_before: Sequence[Callable[[Run], Any]] = ()) -> RunResult:
     """Prepare the run (every check before any compute; `checks_before` are more, given
     the prepared run) and take its steps with the built-in hooks and `hooks`."""
+    check_hooks(hooks)
     run = prepare(cfg)
     try:
         for check in checks_before:
@@ -142,9 +143,40 @@ def loggers(cfg: RunConfig) -> list[Any]:
     return sinks.from_config(cfg)
 
 
+def check_hooks(hooks: Sequence[Hook]) -> None:
+    """Each hook is a Hook with an integer `every` >= 1 (before anything runs)."""
+    for h in hooks:
+        if not isinstance(h, Hook):
+            raise TypeError(f"hooks: {h!r} is not a jaxmp.run.Hook (wrap a function with "
+                            "jaxmp.run.every(n, fn))")
+        every = getattr(h, "every", None)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"hook {type(h).__name__}: every={every!r} must be an integer "
+                             ">= 1 (the steps between its calls)")
+
+
+def _close(hooks: Sequence[Hook], run: Run) -> None:
+    """Close every hook, then the run directory (waiting for a save in flight, releasing
+    the lock), whatever fails; the first failure is raised afterwards."""
+    errors: list[BaseException] = []
+    for h in hooks:
+        try:
+            h.close()
+        except Exception as e:  # the others and the run directory still close
+            errors.append(e)
+    close_run_dir(run)
+    if errors:
+        raise errors[0]
+
+
 def execute(run: Run, hooks: Sequence[Hook] = ()) -> RunResult:
     """Take the prepared run's steps; closes the run directory however it ends."""
     cfg = run.cfg
+    try:
+        check_hooks(hooks)
+    except BaseException:
+        close_run_dir(run)
+        raise
     stop, pending = StopSignal(), Pending()
     built: list[Hook] = []
     try:
@@ -171,9 +203,7 @@ def execute(run: Run, hooks: Sequence[Hook] = ()) -> RunResult:
                 raise PeerLost(peers.lost_message(
                     f"{peers.dead_peers()} ({str(e).splitlines()[0][:100]})")) from None
     finally:
-        for h in built:
-            h.close()
-        close_run_dir(run)  # waits for an asynchronous save in flight
+        _close(built, run)  # waits for an asynchronous save in flight
     return _finish(run, state, pending, saving.saved, stopped_by, time.perf_counter() - t0)
 
 
@@ -186,6 +216,8 @@ def _loop(run: Run, state: TrainState, start: int, end: int, pending: Pending,
     info = StepInfo(run, start, end, state, pending)
     for h in hooks:
         h.on_start(info)
+    if info.stopping:  # asked to stop before the first step: nothing to train or save
+        return state, info.stopping
     for step in range(start, end):
         for h in hooks:
             h.before_step(step)
