@@ -340,7 +340,8 @@ def test_pipe_serving_keeps_layer_weights_on_their_stage(servers):
     server = servers["pipe:2"]
     fn = server._compiled_generate(1, 8, 8, True)
     compiled = fn.lower(server.params, np.zeros((1, 8), np.int32), np.ones((1,), np.int32),
-                        jax.random.key(0), np.float32(0), np.int32(0)).compile()
+                        np.zeros((1, 2), np.uint32), np.zeros(1, np.float32),
+                        np.zeros(1, np.int32), np.ones(1, np.float32)).compile()
     module = analysis.parse_hlo(compiled.as_text())
     layers = {n: p for n, p in weightflow.jax_entry_parameters(compiled, module).items()
               if p.startswith("args[0]['blocks']")}
