@@ -136,12 +136,24 @@ def check_http(cfg: ServeConfig) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise ValueError("--http needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
-    with socket.socket() as sock:  # the port is free (a clear error now, not after loading)
-        try:
-            sock.bind((cfg.host, cfg.http))
-        except OSError as e:
-            raise ValueError(f"--http={cfg.http}: cannot listen on {cfg.host} "
-                             f"({e.strerror})") from None
+
+
+def listen(cfg: ServeConfig):
+    """The listening socket, bound before anything is loaded: a port in use is a clear error
+    now, not after minutes of loading, and a client that connects as soon as the `serving`
+    line is printed waits in the backlog instead of being refused."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.http))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--http={cfg.http}: cannot listen on {cfg.host} "
+                         f"({e.strerror})") from None
+    return sock
 
 
 def serve_http(cfg: ServeConfig) -> None:
@@ -156,6 +168,7 @@ def serve_http(cfg: ServeConfig) -> None:
     from jaxmp.tokenizer import read_tokenizer
 
     check_http(cfg)
+    sock = listen(cfg)
     tokenizer = read_tokenizer(cfg.tokenizer) if cfg.tokenizer else None  # None: the model's
     chat = None
     if cfg.chat_template:
@@ -183,10 +196,11 @@ def serve_http(cfg: ServeConfig) -> None:
         # re-raises it to the handler it found: this one, so the exit is a clean 0
         signal.signal(sig, lambda signum, frame: stopped.append(signal.Signals(signum).name))
     try:
-        uvicorn.run(make_app(engine, limits), host=cfg.host, port=cfg.http, log_level="warning",
-                    timeout_graceful_shutdown=None)
+        uvicorn.Server(uvicorn.Config(make_app(engine, limits), log_level="warning",
+                                      timeout_graceful_shutdown=None)).run(sockets=[sock])
     finally:
         engine.stop()
+        sock.close()
     print(f"stopped{' by ' + stopped[0] if stopped else ''}: every request in flight was "
           "answered", flush=True)
 

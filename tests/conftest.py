@@ -21,6 +21,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # the second compile a read. New for each session, so nothing carries over between runs.
 _CACHE = tempfile.mkdtemp(prefix="jaxmp-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# The entry points the tests start as subprocesses read the same cache (JAX reads its
+# settings from these variables), so a train or serve command compiled once is a read after.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -250,9 +249,14 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
+        seen = []
         for line in proc.stdout:
+            seen.append(line)
             if "serving http://127.0.0.1" in line:
                 break
+        else:
+            pytest.fail("the server never started:\n" + "".join(seen[-20:]))
+        # the socket listens before the line is printed: no retry needed
         chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()
         from jaxmp.tokenizer import TextCodec, read_tokenizer
@@ -261,19 +265,18 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path):
         assert chat["usage"]["prompt_tokens"] == len(codec.encode_text("<user>Hi"))
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert health["prefix_cache"]["capacity_blocks"] == 0
-        result = {}
-
-        def ask():
-            result["r"] = _post(f"http://127.0.0.1:{port}", {"prompt": "a", "max_tokens": 60,
-                                                             "temperature": 0,
-                                                             "ignore_eos": True})
-        t = threading.Thread(target=ask)
-        t.start()
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        t.join(60)
-        assert result["r"].status_code == 200
-        assert result["r"].json()["usage"]["completion_tokens"] == 60
+        # a streamed request is in flight from its first chunk to [DONE]: SIGTERM in between
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                          json={"prompt": "a", "max_tokens": 60, "temperature": 0,
+                                "ignore_eos": True, "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [first, *lines]
+        events = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
+        assert [x for x in rest if x][-1] == "data: [DONE]"
+        assert events[-1]["usage"]["completion_tokens"] == 60
         assert proc.wait(60) == 0
     finally:
         proc.kill()
@@ -309,3 +312,23 @@ def test_a_shorter_slot_cache_bounds_requests(one):
         engine.submit(Request(list(range(30)), max_tokens=5))
     with pytest.raises(ValueError, match="max_len=100 must be in"):
         Engine(server, max_len=100)
+
+
+def test_the_port_listens_before_loading_and_a_port_in_use_is_refused():
+    """Catches a `serving` line printed before the socket listens (a client that connects at
+    once is refused) and a port in use found only after minutes of loading."""
+    from experiments.serve import listen
+    from jaxmp.config import ServeConfig
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    sock = listen(ServeConfig(http=port))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the backlog holds it: nothing has called accept yet
+        with pytest.raises(ValueError, match=f"--http={port}: cannot listen on 127.0.0.1"):
+            listen(ServeConfig(http=port))
+    finally:
+        sock.close()
