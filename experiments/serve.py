@@ -117,12 +117,12 @@ def check_http(cfg: ServeConfig) -> None:
     if cfg.prefix_cache_tokens is not None and cfg.prefix_cache_tokens < 0:
         raise ValueError(f"--prefix_cache_tokens={cfg.prefix_cache_tokens} must be >= 0 "
                          "(0: no prefix cache)")
-    from jaxmp.mesh import parse_mesh
+    from jaxmp.mesh import batch_shards, parse_mesh
 
     sizes = parse_mesh(cfg.mesh, None)
-    shards = sizes["data"] * sizes["fsdp"]
+    shards, label = batch_shards(sizes)
     if shards > 0 and cfg.slots % shards:
-        raise ValueError(f"--slots={cfg.slots} must be a multiple of data*fsdp={shards} of "
+        raise ValueError(f"--slots={cfg.slots} must be a multiple of {label}={shards} of "
                          f"--mesh={cfg.mesh}")
     try:
         loopback = ipaddress.ip_address(socket.gethostbyname(cfg.host)).is_loopback

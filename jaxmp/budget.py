@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 
+from jaxmp.mesh import batch_shards
+
 GiB = 1024 ** 3
 
 
@@ -53,7 +55,7 @@ def check_run_fits(trainer: Any, model_cfg: Any, batch_size: int, accum: int) ->
     """A one-line error, naming the bytes needed and available and the flags that size
     them, when the run cannot fit; call before anything is allocated."""
     mesh = trainer.mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)[0]
     from jaxmp.models.registry import model_shape
 
     shape = model_shape(model_cfg)

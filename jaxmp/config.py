@@ -31,11 +31,11 @@ def opt(default: Any, help: str, **metadata: Any) -> Any:
 
 @dataclasses.dataclass
 class ModelSpec:
-    model: str | None = opt(None, "Model family: gpt (default), llama, mlp, or one a "
+    model: str | None = opt(None, "Model family: gpt (default), llama, moe, mlp, or one a "
                             "--family_module registers; with --init_from, the family it holds.")
     preset: str = opt("tiny", "The family's shape: gpt tiny, small, medium, large, xl; llama "
-                      "tiny, llama-3.2-1b, tinyllama-1.1b, llama-2-7b (ignored with "
-                      "--init_from).")
+                      "tiny, llama-3.2-1b, tinyllama-1.1b, llama-2-7b; moe tiny, "
+                      "mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b (ignored with --init_from).")
     init_from: str | None = opt(None, "Start from these weights: a jaxmp checkpoint directory "
                                 "or a Hugging Face model directory (config.json, safetensors). "
                                 "The optimizer starts fresh; the model comes from it.")
@@ -45,6 +45,18 @@ class ModelSpec:
     num_kv_heads: int | None = opt(None, "Override (llama): key/value heads of grouped-query "
                                    "attention (dividing num_heads).")
     seq_len: int | None = opt(None, "Override: context length.")
+    mlp_dim: int | None = opt(None, "Override (llama, moe): SwiGLU width (moe: of each expert).")
+    num_experts: int | None = opt(None, "Override (moe): experts per layer.")
+    experts_per_token: int | None = opt(None, "Override (moe): experts each token is routed "
+                                        "to (top-k).")
+    router_aux_loss_coef: float | None = opt(None, "(moe) Weight of the load-balancing loss "
+                                             "(default 0.01; reported as aux_loss).")
+    router_z_loss_coef: float | None = opt(None, "(moe) Weight of the router z-loss (default "
+                                           "0; reported as router_z_loss).")
+    expert_capacity_factor: float | None = opt(None, "(moe) 0 (default): dropless routing; "
+                                               "> 0: each expert takes at most ceil(factor * "
+                                               "seq_len * k / experts) tokens of a sequence, "
+                                               "the rest are dropped (dropped_fraction).")
     vocab_size: int | None = opt(None, "Vocabulary (default 256 for bytes, 50257 for token files).")
     dtype: str | None = opt(None, "Compute dtype (default float32); parameters stay float32.",
                             choices=("float32", "bfloat16"))
@@ -93,7 +105,9 @@ class ModelSpec:
 # The model-shape and compute flags a family may take (ModelSpec fields; each family's
 # config dataclass says which it has).
 MODEL_FLAGS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "seq_len", "vocab_size",
-               "dtype", "remat", "attention", "scan_layers")
+               "dtype", "remat", "attention", "scan_layers", "mlp_dim", "num_experts",
+               "experts_per_token", "router_aux_loss_coef", "router_z_loss_coef",
+               "expert_capacity_factor")
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.engine_programs import decode_program, prefill_program
+from jaxmp.mesh import batch_shards
 from jaxmp.prefix_cache import Plan, PrefixIndex, plan_prefills
 from jaxmp.requests import Done, Handle, QueueFull, Request, Token, check
 from jaxmp.sampling import TOP, seed_key_data
@@ -86,9 +87,9 @@ class Engine:
         if prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens={prefix_cache_tokens} must be >= 0 (0: off)")
         self.max_len = max_len
-        shards = server.mesh.shape["data"] * server.mesh.shape["fsdp"]
+        shards, label = batch_shards(server.mesh)
         if slots % shards:
-            raise ValueError(f"slots={slots} must be a multiple of data*fsdp={shards} of the "
+            raise ValueError(f"slots={slots} must be a multiple of {label}={shards} of the "
                              "serving mesh")
         self.server, self.slots, self.cfg = server, slots, server.cfg
         # waiting requests: up to max_queue beyond those the free slots will take

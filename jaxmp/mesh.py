@@ -1,7 +1,9 @@
 """Device meshes: parse "data:2,pipe:2,tensor:2", simulate CPU devices, build the Mesh.
 
-Mesh axes, outermost first: data, fsdp, pipe, tensor. The tensor axis is innermost so
-that its (per-layer, latency-bound) all-reduces stay between the best-connected devices.
+Mesh axes, outermost first: data, fsdp, pipe, expert, tensor. The tensor axis is innermost
+so that its (per-layer, latency-bound) all-reduces stay between the best-connected devices;
+`expert` (a mixture of experts' all-to-alls, twice per MoE layer) sits next to it. Outside
+the experts `expert` splits the batch like `data` (BATCH_AXES).
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-AXES: tuple[str, ...] = ("data", "fsdp", "pipe", "tensor")
+AXES: tuple[str, ...] = ("data", "fsdp", "pipe", "expert", "tensor")
+# the axes the batch is split over (the default activation rule for `batch`)
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
+
+
+def batch_shards(shape: dict[str, int] | Mesh) -> tuple[int, str]:
+    """How many pieces the default rules cut the batch into (data * fsdp * expert), and
+    how errors name that product ("data*fsdp", with "*expert" on an expert mesh)."""
+    sizes = dict(shape.shape) if isinstance(shape, Mesh) else shape
+    label = "data*fsdp" + ("*expert" if sizes.get("expert", 1) != 1 else "")
+    return math.prod(sizes.get(a, 1) for a in BATCH_AXES), label
 
 
 class MeshError(ValueError):
@@ -106,7 +118,7 @@ def simulate_cpu_devices(n: int) -> None:
 
 
 def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build a Mesh with axes (data, fsdp, pipe, tensor) over `devices` (default: all)."""
+    """Build a Mesh with axes AXES over `devices` (default: all)."""
     devices = _process_major(list(jax.devices() if devices is None else devices))
     shape = parse_mesh(spec, len(devices)) if isinstance(spec, str) else _checked(spec, len(devices))
     dims = tuple(shape[a] for a in AXES)

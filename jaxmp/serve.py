@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.checkpoint import Checkpoints
 from jaxmp.layers import keeps_float32
-from jaxmp.mesh import make_mesh
+from jaxmp.mesh import batch_shards, make_mesh
 from jaxmp.models import registry
 from jaxmp.pipeline import PipelineSpec
 from jaxmp.sampling import SEED_RANGE, ServeError, check_prompt, check_sampling, sample, seed_key_data  # noqa: F401  (ServeError, seed_key_data: re-exported)
@@ -248,7 +248,7 @@ class Server:
         seeds = [seed_key_data(seed)] + [seed_key_data((int(seed) + i) % (1 << 64))
                                          for i in range(1, len(ids))]
         limit = self.cfg.seq_len
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        shards = batch_shards(self.mesh)[0]
         batch = bucket(len(ids), shards)
         plen = min(bucket(max(map(len, ids)), 8), limit)
         new = min(bucket(max_new_tokens, 8), limit)

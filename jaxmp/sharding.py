@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # over `tensor` (the activation rule sequence=tensor, --sequence_parallel).
 LOGICAL_NAMES: tuple[str, ...] = (
     "batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers", "stage", "sequence",
-    "kv_heads",
+    "kv_heads", "experts",
 )
 # Names a mesh axis may fail to divide without an error: the dimension is then replicated
 # over it (grouped-query attention's KV heads on a `tensor` axis larger than their count;
@@ -88,6 +88,9 @@ class Rules:
         return cls.create(d["params"], d["activations"])
 
 
+# A mixture of experts' weights are split over `expert` by their `experts` dimension; outside
+# the experts the `expert` axis splits the batch, like `data` (the experts' all-to-all then
+# exchanges each device's own tokens).
 # The vocabulary is split over pipe as well as tensor: the embedding and LM head run
 # outside the pipeline, so on a `pipe` mesh they would otherwise be replicated (memory)
 # and computed redundantly on every stage (time). Without a pipe axis this is plain
@@ -95,10 +98,10 @@ class Rules:
 DEFAULT_RULES = Rules.create(
     params={"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": ("pipe", "tensor"),
             "length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe",
-            "kv_heads": "tensor"},
-    activations={"batch": ("data", "fsdp"), "mlp": "tensor", "heads": "tensor",
+            "kv_heads": "tensor", "experts": "expert"},
+    activations={"batch": ("data", "fsdp", "expert"), "mlp": "tensor", "heads": "tensor",
                  "vocab": ("pipe", "tensor"), "stage": "pipe", "layers": "pipe",
-                 "kv_heads": "tensor"},
+                 "kv_heads": "tensor", "experts": "expert"},
 )
 
 

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmp.mesh import batch_shards
 from jaxmp.optim import OptConfig, decay_mask  # noqa: F401  (OptConfig: re-exported)
 from jaxmp.sharding import (
     DEFAULT_RULES,
@@ -184,13 +185,13 @@ class Trainer:
         return {k: NamedSharding(self.mesh, self.batch_spec(v)) for k, v in batch.items()}
 
     def batch_spec(self, x: Any) -> PartitionSpec:
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        shards, label = batch_shards(self.mesh)
         b = x.shape[0]
         per_accum = b // self.opt.grad_accum_steps
         if b % self.opt.grad_accum_steps or per_accum % shards:
             raise ValueError(
                 f"global batch {b} must split into grad_accum_steps={self.opt.grad_accum_steps} "
-                f"parts each divisible by data*fsdp={shards}; use a batch size divisible by "
+                f"parts each divisible by {label}={shards}; use a batch size divisible by "
                 f"{self.opt.grad_accum_steps * shards}")
         names = ("batch",) + (None,) * (len(x.shape) - 1)
         return spec_for(names, x.shape, self.mesh, self.rules.activations, strict=True)
@@ -207,28 +208,32 @@ class Trainer:
         return loss.astype(jnp.float32), aux
 
     def _grads(self, params: Any, batch: Mapping[str, jax.Array],
-               rng: jax.Array) -> tuple[jax.Array, Any]:
-        """Mean loss and gradients over the batch, in grad_accum_steps parts if asked (the
-        one gradient path of the step and of `grads`); `rng` (raw key data) seeds the
-        model's random streams (dropout), part i with fold_in(key, i).
+               rng: jax.Array) -> tuple[jax.Array, Any, Any]:
+        """Mean loss, the loss function's metrics (a dict of scalars, averaged the same
+        way) and gradients over the batch, in grad_accum_steps parts if asked (the one
+        gradient path of the step and of `grads`); `rng` (raw key data) seeds the model's
+        random streams (dropout), part i with fold_in(key, i).
         Call under activation_sharding."""
         accum = self.opt.grad_accum_steps
         key = jax.random.wrap_key_data(rng)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if accum == 1:
-            (loss, _), grads = grad_fn(params, batch, key)
-            return loss, grads
+            (loss, aux), grads = grad_fn(params, batch, key)
+            return loss, aux, grads
 
-        def accumulate(p: Any, rows: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+        def accumulate(p: Any, rows: Mapping[str, jax.Array]) -> tuple[jax.Array, Any, Any]:
             def body(carry, xs):
                 i, part = xs
-                (part_loss, _), g = grad_fn(p, part, jax.random.fold_in(key, i))
-                return jax.tree_util.tree_map(jnp.add, carry, (part_loss, g)), None
+                (part_loss, aux), g = grad_fn(p, part, jax.random.fold_in(key, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (part_loss, aux, g)), None
 
-            zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, p))
             parts = _accumulation_parts(rows, accum)
-            (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), parts))
-            return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+            first = jax.tree_util.tree_map(lambda x: x[0], parts)
+            aux_shape = jax.eval_shape(grad_fn, p, first, key)[0][1]
+            zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                          (jnp.zeros((), jnp.float32), aux_shape, p))
+            (loss, aux, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), parts))
+            return jax.tree_util.tree_map(lambda x: x / accum, (loss, aux, grads))
 
         d = self.mesh.shape["data"]
         b = jax.tree_util.tree_leaves(batch)[0].shape[0]
@@ -241,8 +246,8 @@ class Trainer:
         names = {k: ("batch",) + (None,) * (np.ndim(x) - 1) for k, x in batch.items()}
         reps, rows = per_replica(params, self.axes, dict(batch), names, d, "data")
         with mapped_axes("data"):
-            loss, grads = jax.vmap(accumulate, spmd_axis_name="data")(reps, rows)
-        return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), (loss, grads))
+            out = jax.vmap(accumulate, spmd_axis_name="data")(reps, rows)
+        return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), out)
 
     def _compute_params(self, params: Any) -> Any:
         """The compute copy of parameters stored at rest (one all-gather per step over the
@@ -251,7 +256,8 @@ class Trainer:
 
     def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
         with activation_sharding(self.mesh, self.rules):
-            loss, grads = self._grads(self._compute_params(state.params), batch, state.rng)
+            loss, aux, grads = self._grads(self._compute_params(state.params), batch,
+                                           state.rng)
             # reduce-scatter: each device keeps the gradient rows its state holds
             grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
             grad_norm = optax.tree.norm(grads)
@@ -267,7 +273,8 @@ class Trainer:
                                jax.random.key_data(jax.random.split(
                                    jax.random.wrap_key_data(state.rng))[0]))
         metrics = {"loss": loss, "grad_norm": grad_norm,
-                   "learning_rate": self.opt.schedule()(state.step), "finite": finite}
+                   "learning_rate": self.opt.schedule()(state.step), "finite": finite,
+                   **{k: v for k, v in aux.items() if k not in ("loss", "grad_norm")}}
         return new_state, metrics
 
     def _eval(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -280,8 +287,9 @@ class Trainer:
             model = nnx.merge(self.graphdef, params,
                               jax.tree_util.tree_map(jnp.asarray, self.rest))
             model.eval()
-            out = self.loss_fn(model, part)
-            return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
+            out = self.loss_fn(model, part)  # the language-model loss where it is reported
+            value = out[1].get("lm_loss", out[0]) if isinstance(out, tuple) else out
+            return value.astype(jnp.float32)
         with activation_sharding(self.mesh, self.rules):
             accum = self.opt.grad_accum_steps
             if accum == 1:
@@ -321,7 +329,8 @@ class Trainer:
 
         def fn(p, b, r):
             with activation_sharding(self.mesh, self.rules):
-                return self._grads(self._compute_params(p), b, r)
+                loss, _, grads = self._grads(self._compute_params(p), b, r)
+                return loss, grads
         jitted = jax.jit(fn, in_shardings=(None, self.batch_sharding(batch),
                                            self.replicated),
                          out_shardings=(self.replicated, self.param_shardings))

@@ -5,8 +5,8 @@ from jaxmp.mesh import AXES, MeshError, format_mesh, make_mesh, parse_mesh, simu
 
 
 def test_parse_fills_omitted_axes_and_minus_one():
-    assert parse_mesh("data:2,pipe:2,tensor:2", 8) == {"data": 2, "fsdp": 1, "pipe": 2, "tensor": 2}
-    assert parse_mesh("tensor:2,data:-1", 8) == {"data": 4, "fsdp": 1, "pipe": 1, "tensor": 2}
+    assert parse_mesh("data:2,pipe:2,tensor:2", 8) == {"data": 2, "fsdp": 1, "pipe": 2, "expert": 1, "tensor": 2}
+    assert parse_mesh("tensor:2,data:-1", 8) == {"data": 4, "fsdp": 1, "pipe": 1, "expert": 1, "tensor": 2}
     assert parse_mesh("", 1) == {a: 1 for a in AXES}
 
 
@@ -33,9 +33,9 @@ def test_wrong_product_suggests_fitting_meshes():
 def test_make_mesh_axes_and_order():
     mesh = make_mesh("data:2,pipe:2,tensor:2")
     assert mesh.axis_names == AXES
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "pipe": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "pipe": 2, "expert": 1, "tensor": 2}
     # tensor innermost: neighbouring device ids share a tensor group
-    assert [d.id for d in mesh.devices[0, 0, 0, :]] == [0, 1]
+    assert [d.id for d in mesh.devices[0, 0, 0, 0, :]] == [0, 1]
     assert format_mesh(mesh) == "data:2,pipe:2,tensor:2"
 
 

@@ -84,8 +84,12 @@ def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy of a decoder (model(tokens) -> logits (B, T, V),
     float32, padding masked). batch['tokens']: (B, T+1)."""
     tokens = batch["tokens"]
-    logits = model(tokens[:, :-1])  # (B, T, V) float32, vocab-sharded
-    targets = tokens[:, 1:]
+    return next_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean cross-entropy of logits (B, T, V) (float32, vocab-sharded) against targets
+    (B, T)."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
     target_logit = jnp.sum(logits * onehot, axis=-1)

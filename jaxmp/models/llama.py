@@ -121,8 +121,8 @@ def num_params(cfg: LlamaConfig, *, real: bool = True) -> int:
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale over the last dimension, in float32 (HF's LlamaRMSNorm)."""
 
-    def __init__(self, dim: int, *, eps: float, dtype: Any):
-        self.scale = param(None, (dim,), ("embed",), None, 1.0, float32=True)
+    def __init__(self, dim: int, *, eps: float, dtype: Any, names: tuple = ("embed",)):
+        self.scale = param(None, (dim,), names, None, 1.0, float32=True)
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -196,6 +196,10 @@ class Attention(nnx.Module):
         self.o = Linear((n, h), (d,), ("heads", "kv"), ("embed",), rngs=rngs, std=out_std,
                         dtype=dtype)
         self.implementation = None if cfg.attention == "auto" else cfg.attention
+        # Qwen3's RMSNorm of each query and key head before the rotation (qk_norm configs)
+        qk = getattr(cfg, "qk_norm", False)
+        norm = lambda: RMSNorm(h, eps=cfg.rms_eps, dtype=dtype, names=("kv",))
+        self.q_norm, self.k_norm = (norm(), norm()) if qk else (None, None)
 
     def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q (B, T, N, H), k and v (B, T, K, H). Where KV heads are split like the query
@@ -221,6 +225,8 @@ class Attention(nnx.Module):
                  layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
         q_names, kv_names = ("batch", "length", "heads", "kv"), ("batch", "length", "kv_heads", "kv")
         q, k, v = self._qkv(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(apply_rope(constrain(q, q_names), positions, inv_freq), q_names)
         k = constrain(apply_rope(constrain(k, kv_names), positions, inv_freq), kv_names)
         v = constrain(v, kv_names)
@@ -276,6 +282,8 @@ class Block(nnx.Module):
 
 # ---------------------------------------------------------------- the model
 class Llama(nnx.Module):
+    block_cls: type = Block  # a family built on Llama's (models/moe.py) swaps the block
+
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs,
                  pipeline: PipelineSpec = PipelineSpec()):
         cfg.validate()
@@ -286,7 +294,7 @@ class Llama(nnx.Module):
         self.embed = Embed(cfg.padded_vocab, cfg.d_model, rngs=rngs, dtype=dtype)
         self.embed.embedding[...] = zero_padding_rows(self.embed.embedding[...], cfg.vocab_size)
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
-        self.blocks = self.stack.build(lambda r: Block(cfg, rngs=r, out_std=out_std, dtype=dtype),
+        self.blocks = self.stack.build(lambda r: self.block_cls(cfg, rngs=r, out_std=out_std, dtype=dtype),
                                        rngs.params())
         self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_embeddings else Embed(cfg.padded_vocab, cfg.d_model,

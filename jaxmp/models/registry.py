@@ -7,7 +7,8 @@ one record per family. Nothing outside this registry compares family names.
 
 then `python -m experiments.train --family_module=my.module --model=mine` trains it (the
 module is imported before the run, so its `register` call runs). GPT-2 (`gpt`), Llama
-(`llama`) and the book's layer-wise MLP (`mlp`) are the built-in entries.
+(`llama`), the mixture of experts (`moe`) and the book's layer-wise MLP (`mlp`) are the
+built-in entries.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
-_BUILTIN = ("jaxmp.models.gpt", "jaxmp.models.llama", "jaxmp.models.mlp")
+_BUILTIN = ("jaxmp.models.gpt", "jaxmp.models.llama", "jaxmp.models.moe", "jaxmp.models.mlp")
 
 
 DEFAULT = "gpt"  # the family of a run that names none (and of checkpoints from before names)

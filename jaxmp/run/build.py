@@ -22,7 +22,7 @@ from jaxmp import budget, rundir
 from jaxmp.checkpoint import CheckpointRecord, Checkpoints, remove_leftovers
 from jaxmp.config import LayoutConfig, RunConfig
 from jaxmp.data import is_byte_source, validation_source
-from jaxmp.mesh import format_mesh, make_mesh
+from jaxmp.mesh import batch_shards, format_mesh, make_mesh
 from jaxmp.models import registry
 from jaxmp.models.registry import Batches, Family
 from jaxmp.pipeline import PipelineSpec, bubble_fraction, stage_layers
@@ -112,7 +112,7 @@ def layout(cfg: RunConfig, family: Family, model_cfg: Any, devices: Any = None,
     pipe = PipelineSpec(mesh.shape["pipe"], cfg.layout.microbatches, cfg.layout.pipeline_repeats,
                         fsdp_gather_once=cfg.layout.pipeline_fsdp_gather_once)
     if pipe.enabled:
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = batch_shards(mesh)[0]
         per_shard = cfg.data.batch_size // max(1, cfg.optimizer.grad_accum_steps) // shards
         pipe.validate(model_cfg.num_layers, per_shard, family.layers_name)
     return mesh, pipe, build_rules(cfg.layout)

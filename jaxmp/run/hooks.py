@@ -30,6 +30,10 @@ import jax
 from jaxmp import throughput
 from jaxmp.run.console import log
 
+# metrics a loss function may report beside the loss, written to the metrics file as they
+# come (a mixture of experts' router losses and dropped tokens)
+EXTRA_METRICS = ("aux_loss", "router_z_loss", "dropped_fraction")
+
 
 class NonFiniteLoss(FloatingPointError):
     """The loss or gradient norm became NaN or infinite."""
@@ -261,6 +265,7 @@ class ProgressHook(Hook):
                "mfu": util}
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
+        row.update({k: m[k] for k in EXTRA_METRICS if k in m})
         if self.file:
             try:
                 self.file.write(json.dumps(row) + "\n")
