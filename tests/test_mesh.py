@@ -5,7 +5,8 @@ from jaxmp.mesh import AXES, MeshError, format_mesh, make_mesh, parse_mesh, simu
 
 
 def test_parse_fills_omitted_axes_and_minus_one():
-    assert parse_mesh("data:2,pipe:2,tensor:2", 8) == {"data": 2, "fsdp": 1, "pipe": 2, "expert": 1, "tensor": 2}
+    assert parse_mesh("data:2,pipe:2,tensor:2", 8) == {"data": 2, "fsdp": 1, "pipe": 2,
+                                                       "expert": 1, "tensor": 2}
     assert parse_mesh("tensor:2,data:-1", 8) == {"data": 4, "fsdp": 1, "pipe": 1, "expert": 1, "tensor": 2}
     assert parse_mesh("", 1) == {a: 1 for a in AXES}
 
