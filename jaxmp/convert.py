@@ -19,6 +19,7 @@ from flax import nnx
 from jaxmp import hf
 from jaxmp.checkpoint import CheckpointRecord, save_params
 from jaxmp.mesh import make_mesh
+from jaxmp.models import registry
 from jaxmp.pipeline import PipelineSpec
 from jaxmp.pretrained import Source, open_source
 from jaxmp.sharding import DEFAULT_RULES, logical_axes, named, param_specs
@@ -66,10 +67,8 @@ def to_hf(ckpt_dir: str, out: str, *, step: int | None = None, dtype: str | None
     source = open_source(ckpt_dir, step=step, name=name)
     if source.directory is not None:
         raise ValueError(f"{name}={ckpt_dir} is a Hugging Face directory already")
-    fmt = source.family.hf
-    if fmt is None:
-        raise ValueError(f"the {source.family.name} family has no Hugging Face format")
     model_cfg = source.family.config_from_json(source.config)
+    fmt = registry.hf_format(source.family, config=model_cfg.to_json())
     target, model = _abstract(source, model_cfg)
     params = source.load(target, list(range(model_cfg.num_layers)), model_cfg)  # canonical
     return hf.export(jax.device_get(params), model_cfg.to_json(), fmt, out,

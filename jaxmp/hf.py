@@ -67,9 +67,28 @@ class Tensor:
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]    # the parameter's shape (per layer for a stacked one)
     stacked: bool = False
+    # > 0: one tensor per expert ("{j}" in the key), stacked on the parameter's axis after
+    # the layers' (a mixture of experts' (layers, experts, ...) weights)
+    experts: int = 0
 
     def keys(self, num_layers: int) -> list[str]:
-        return [self.key.format(i=i) for i in range(num_layers)] if self.stacked else [self.key]
+        return [key for key, _ in self.items(None, num_layers)]
+
+    def items(self, value: Any, num_layers: int) -> list[tuple[str, Any]]:
+        """(safetensors key, the parameter's slice it holds) for every key of this tensor
+        (`value`: the whole parameter, or None for the keys alone)."""
+        if not self.stacked:
+            return [(self.key, value)]
+        part = lambda i, j=None: None if value is None else value[i] if j is None else value[i][j]
+        if not self.experts:
+            return [(self.key.format(i=i), part(i)) for i in range(num_layers)]
+        return [(self.key.format(i=i, j=j), part(i, j)) for i in range(num_layers)
+                for j in range(self.experts)]
+
+    def full_shape(self, num_layers: int) -> tuple[int, ...]:
+        """The parameter's whole shape: (layers, [experts,] shape...)."""
+        return (((num_layers,) if self.stacked else ()) + ((self.experts,) if self.experts
+                                                         else ()) + tuple(self.shape))
 
     def lead(self) -> tuple[int, int]:
         """(k, rows per index of axis 0): the parameter's first k axes are the tensor's
@@ -104,6 +123,9 @@ class HFFormat:
     optional_prefix: str = ""      # files may leave it out of the keys (GPT-2 on the hub)
     ignored: tuple[str, ...] = ()  # regexes of keys that are not weights (buffers, tied)
     shape_keys: tuple[str, ...] = ()  # config.json fields that set the weights' shapes
+    # export: None if the family config JSON fits this architecture, else why not (None:
+    # every config fits)
+    accepts: Callable[[dict], str | None] | None = None
 
 
 class HFDirectory:
@@ -224,7 +246,7 @@ def load_params(directory: HFDirectory, fmt: HFFormat, cfg_json: dict, abstract:
     out: dict = {}
     for t in tensors:
         leaf = _at(abstract, t.path)
-        want = ((len(layer_order),) if t.stacked else ()) + tuple(t.shape)
+        want = t.full_shape(len(layer_order))
         if tuple(leaf.shape) != want:
             raise HFError(f"parameter '{t.path}' has shape {tuple(leaf.shape)} in the model, "
                           f"but the mapping gives {want}")
@@ -233,8 +255,13 @@ def load_params(directory: HFDirectory, fmt: HFFormat, cfg_json: dict, abstract:
             if not t.stacked:
                 return _read(directory.slice(names[t.key]), t, index).astype(dtype)
             layers = range(*index[0].indices(len(layer_order)))
-            return np.stack([_read(directory.slice(names[t.key.format(i=layer_order[q])]), t,
-                                   index[1:]) for q in layers]).astype(dtype)
+            read = lambda key, rest: _read(directory.slice(names[key]), t, rest)
+            if not t.experts:
+                return np.stack([read(t.key.format(i=layer_order[q]), index[1:])
+                                 for q in layers]).astype(dtype)
+            experts = range(*index[1].indices(t.experts))  # only this shard's experts
+            return np.stack([np.stack([read(t.key.format(i=layer_order[q], j=j), index[2:])
+                                       for j in experts]) for q in layers]).astype(dtype)
         _put(out, t.path, jax.make_array_from_callback(leaf.shape, leaf.sharding, shard))
     return out
 
@@ -312,8 +339,8 @@ def export(params: Any, cfg_json: dict, fmt: HFFormat, out_dir: str, *,
     size = 0
     for t in tensors:
         value = np.asarray(jax.device_get(_at(params, t.path)))
-        for i, key in enumerate(t.keys(num_layers)):
-            x = t.to_hf(value[i] if t.stacked else value)
+        for key, part in t.items(value, num_layers):
+            x = t.to_hf(part)
             if dtype:
                 x = x.astype(dtype)
             if size and size + x.nbytes > max_shard_bytes:

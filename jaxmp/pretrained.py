@@ -65,7 +65,7 @@ class Source:
         """The weights, read into `abstract`'s shardings (a pure dict of
         ShapeDtypeStructs), stacked layers in `layer_order`."""
         if self.directory is not None:
-            fmt = self.family.hf
+            fmt = registry.hf_format(self.family, self.directory.config["model_type"])
             src, tgt = fmt.tensors(self.config), fmt.tensors(model_cfg.to_json())
             mapping = dataclasses.replace(fmt, tensors=lambda _: [
                 dataclasses.replace(s, shape=t.shape) for s, t in zip(src, tgt)])
@@ -93,7 +93,7 @@ def open_source(path: str, *, step: int | None = None, name: str = "init_from") 
         if not model_type:
             raise hf.HFError(f"{path}/config.json has no model_type")
         family = registry.for_hf(model_type)
-        config = family.hf.config_from_hf(directory.config)
+        config = registry.hf_format(family, model_type).config_from_hf(directory.config)
         tok_file = directory.tokenizer_file()
         from jaxmp.tokenizer import read_tokenizer
 

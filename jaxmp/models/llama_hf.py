@@ -78,12 +78,21 @@ def config_to_hf(cfg: dict, base: dict) -> dict:
     return out
 
 
-def tensors(cfg: dict) -> list[Tensor]:
+def layer_tensor(path: str, key: str, hf: tuple[int, ...], shape: tuple[int, ...],
+                 experts: int = 0) -> Tensor:
+    """A stacked decoder-layer tensor: blocks/`path` <-> model.layers.{i}.`key`."""
+    return Tensor(f"blocks/{path}", f"model.layers.{{i}}.{key}", hf, shape, stacked=True,
+                  experts=experts)
+
+
+def tensors(cfg: dict, mlp: bool = True) -> list[Tensor]:
+    """Every tensor of a Llama-shaped decoder (`mlp`: with Llama's dense MLP; a head size
+    of its own (`head_size`) and per-head query/key norms (`qk_norm`) where the config
+    has them, as the MoE family's Qwen3 layout does)."""
     d, n, k = cfg["d_model"], cfg["num_heads"], cfg["num_kv_heads"]
-    h, m, v = d // n, cfg["mlp_dim"], cfg["vocab_size"]
+    h, m, v = cfg.get("head_size") or d // n, cfg["mlp_dim"], cfg["vocab_size"]
     padded = -(-v // 128) * 128
-    layer = lambda path, key, hf, shape: Tensor(f"blocks/{path}", f"model.layers.{{i}}.{key}",
-                                                hf, shape, stacked=True)
+    layer = layer_tensor
     out = [
         Tensor("embed/embedding", "model.embed_tokens.weight", (v, d), (padded, d)),
         layer("attn_norm/scale", "input_layernorm.weight", (d,), (d,)),
@@ -92,11 +101,15 @@ def tensors(cfg: dict) -> list[Tensor]:
         layer("attn/v/kernel", "self_attn.v_proj.weight", (k * h, d), (k, h, d)),
         layer("attn/o/kernel", "self_attn.o_proj.weight", (d, n * h), (d, n, h)),
         layer("mlp_norm/scale", "post_attention_layernorm.weight", (d,), (d,)),
-        layer("mlp/gate/kernel", "mlp.gate_proj.weight", (m, d), (m, d)),
-        layer("mlp/up/kernel", "mlp.up_proj.weight", (m, d), (m, d)),
-        layer("mlp/down/kernel", "mlp.down_proj.weight", (d, m), (d, m)),
         Tensor("norm/scale", "model.norm.weight", (d,), (d,)),
     ]
+    if cfg.get("qk_norm"):
+        out += [layer("attn/q_norm/scale", "self_attn.q_norm.weight", (h,), (h,)),
+                layer("attn/k_norm/scale", "self_attn.k_norm.weight", (h,), (h,))]
+    if mlp:
+        out += [layer("mlp/gate/kernel", "mlp.gate_proj.weight", (m, d), (m, d)),
+                layer("mlp/up/kernel", "mlp.up_proj.weight", (m, d), (m, d)),
+                layer("mlp/down/kernel", "mlp.down_proj.weight", (d, m), (d, m))]
     if not cfg["tie_embeddings"]:
         out.append(Tensor("lm_head/embedding", "lm_head.weight", (v, d), (padded, d)))
     return out

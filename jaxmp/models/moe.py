@@ -30,6 +30,7 @@ from jaxmp.experts import STATS, moe_mlp
 from jaxmp.layers import RESIDUAL, KVCache, param
 from jaxmp.models.decoder import from_preset, next_token_loss, token_batches
 from jaxmp.models.llama import DEFAULT_TOKEN_VOCAB, MLP, Block, Llama, LlamaConfig, rope_frequencies
+from jaxmp.models.moe_hf import MIXTRAL, QWEN3_MOE
 from jaxmp.models.registry import Family, register
 from jaxmp.sharding import constrain
 from jaxmp.tokenizer import BYTE_VOCAB
@@ -215,4 +216,5 @@ FAMILY = register(Family(
     name="moe", make_config=_config, config_from_json=_config_from_json,
     build=lambda cfg, pipeline, rngs: MoE(cfg, rngs=rngs, pipeline=pipeline), loss=moe_loss,
     batches=token_batches, eval_batches=token_batches, stack="blocks",
-    flops_per_token=flops_per_token, generates=True, layers_name="decoder layers"))
+    flops_per_token=flops_per_token, generates=True, layers_name="decoder layers",
+    hf=(MIXTRAL, QWEN3_MOE)))

@@ -76,7 +76,9 @@ class Family:
     flops_per_token: Callable[[Any], float] | None = None  # None: no MFU in the logs
     generates: bool = False         # a token model with decode / init_cache (Server)
     layers_name: str = "layers"     # how errors call its stacked layers
-    hf: Any = None                  # jaxmp.hf.HFFormat: Hugging Face import / export
+    # jaxmp.hf.HFFormat (or a tuple of them: several HF architectures, e.g. the MoE's
+    # Mixtral and Qwen3-MoE): Hugging Face import / export
+    hf: Any = None
     # (config, validation source, batch size, seed) -> validation batches (None: no eval)
     eval_batches: Callable[[Any, str, int, int], Batches] | None = None
 
@@ -103,13 +105,39 @@ def get(name: str) -> Family:
     return _FAMILIES[name]
 
 
+def hf_formats(family: Family) -> tuple:
+    """The Hugging Face formats a family reads and writes (none, one or several)."""
+    if family.hf is None:
+        return ()
+    return tuple(family.hf) if isinstance(family.hf, (tuple, list)) else (family.hf,)
+
+
+def hf_format(family: Family, model_type: str | None = None, config: dict | None = None) -> Any:
+    """The family's HFFormat for a config.json's `model_type` (import), or the first that
+    can represent the family config JSON `config` (export: a format's `accepts` says why
+    not)."""
+    formats = hf_formats(family)
+    if not formats:
+        raise ValueError(f"the {family.name} family has no Hugging Face format")
+    if model_type is not None:
+        return next(f for f in formats if f.model_type == model_type)
+    reasons = []
+    for fmt in formats:
+        reason = fmt.accepts(config) if fmt.accepts and config is not None else None
+        if reason is None:
+            return fmt
+        reasons.append(f"{fmt.architecture}: {reason}")
+    raise ValueError("no Hugging Face architecture represents this model (" +
+                     "; ".join(reasons) + ")")
+
+
 def for_hf(model_type: str) -> Family:
     """The family that reads Hugging Face checkpoints of `model_type` (config.json's)."""
     _load_builtin()
     for family in _FAMILIES.values():
-        if family.hf is not None and family.hf.model_type == model_type:
+        if any(f.model_type == model_type for f in hf_formats(family)):
             return family
-    known = sorted(f.hf.model_type for f in _FAMILIES.values() if f.hf is not None)
+    known = sorted(f.model_type for fam in _FAMILIES.values() for f in hf_formats(fam))
     raise ValueError(f"model_type={model_type!r} (config.json): no jaxmp family reads it; "
                      f"supported: {', '.join(known)}")
 
