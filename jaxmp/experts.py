@@ -13,14 +13,19 @@ is zero, not renormalised).
 Expert parallelism: the experts' weights are split over `expert` by their `experts`
 dimension, and outside the experts `expert` splits the batch like `data`. Inside a
 shard_map each device routes its own tokens, packs the rows bound for each expert shard
-into a buffer of R rows per destination, exchanges the buffers with one all-to-all over
-`expert` (dispatch), runs its local experts, and sends the results back with a second
-all-to-all (combine). R is the most rows a destination can receive, so nothing is ever
-lost to the buffer: dropless, R = n * min(k, E/e) for n local tokens (a token sends at most
-one row per local expert of the destination); with a capacity, R = b * (E/e) * C for b
-local sequences, i.e. cf * n * k / e rows: the all-to-all then moves exactly the analytic
-volume at cf = 1. Each expert's MLP is further split over `tensor` Megatron-style (gate
-and up by columns, down by rows, one all-reduce of the combined output).
+into a fixed buffer, exchanges the buffers with one all-to-all over `expert` (dispatch),
+runs its local experts, and sends the results back with a second all-to-all (combine).
+The buffers hold the most a destination can receive, so nothing is lost to them:
+  - dropless: the assignments sorted by expert, R = n * min(k, E/e) rows per destination
+    for n local tokens (a token sends at most one row per local expert there), each
+    expert's rows one group of the grouped matmul. On XLA's CPU backend, which has no
+    ragged all-to-all, the buffers are this worst case: e * min(k, E/e) / k times the
+    rows a balanced routing moves;
+  - capacity: fixed slots (GShard): local expert j takes the device's sequence q at
+    slots q*C + rank, a buffer (e, E/e, b*C, d) of cf * n * k rows, exactly the analytic
+    volume at cf = 1, and each expert one dense matmul over its slots.
+Each expert's MLP is further split over `tensor` Megatron-style (gate and up by columns,
+down by rows, one all-reduce of the combined output).
 
 Routing statistics are kept per sequence, so that every layout (meshes, micro-batches,
 pipeline stages, accumulation) computes the same losses as one device:
@@ -79,11 +84,17 @@ def capacity(factor: float, tokens: int, k: int, num_experts: int) -> int:
 def within_capacity(experts: jax.Array, num_experts: int, cap: int) -> jax.Array:
     """experts (b, T, k) -> (b, T, k) bool: the assignments an expert keeps when it takes
     `cap` per sequence, first choices before second ones, earlier positions first."""
+    return arrival_rank(experts, num_experts) < cap
+
+
+def arrival_rank(experts: jax.Array, num_experts: int) -> jax.Array:
+    """experts (b, T, k) -> (b, T, k): how many of the sequence's assignments to the same
+    expert come first (first choices before second ones, earlier positions first)."""
     b, t, k = experts.shape
     slot_major = experts.transpose(0, 2, 1).reshape(b, k * t)
     onehot = jax.nn.one_hot(slot_major, num_experts, dtype=jnp.int32)  # (b, k*T, E)
     rank = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)  # (b, k*T)
-    return (rank < cap).reshape(b, k, t).transpose(0, 2, 1)
+    return rank.reshape(b, k, t).transpose(0, 2, 1)
 
 
 # ---------------------------------------------------------------- the expert MLP
@@ -109,6 +120,96 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array,
     return y
 
 
+def moe_local(x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array,
+              down: jax.Array, *, k: int, normalize: bool, capacity_factor: float,
+              expert_axes: tuple[str, ...] = (), tensor_axes: tuple[str, ...] = (),
+              num_shards: int = 1) -> tuple[jax.Array, jax.Array]:
+    """One device's share of the MoE MLP (see the module docstring): x (b, T, d) its
+    tokens; router (E, d); gate and up (E/e, m, d), down (E/e, d, m) its experts (and its
+    `tensor` columns / rows of each). Returns y (b, T, d) and the per-sequence statistics
+    (b, 3) in STATS order."""
+    b, t, d = x.shape
+    num_experts = router.shape[0]
+    logits = jnp.einsum("btd,ed->bte", x.astype(jnp.float32), router.astype(jnp.float32))
+    weights, experts, probs = route(logits, k, normalize)
+    exchange = functools.partial(_exchange, axes=expert_axes, shards=num_shards)
+    if capacity_factor > 0:
+        cap = capacity(capacity_factor, t, k, num_experts)
+        rank = arrival_rank(experts, num_experts)
+        keep = rank < cap
+        y = _capacity_dispatch(x, experts, rank, weights, cap, (gate, up, down), exchange,
+                               num_shards)
+    else:
+        keep = jnp.ones(experts.shape, bool)
+        y = _dropless_dispatch(x, experts, weights, (gate, up, down), exchange, num_shards)
+    if tensor_axes:
+        y = jax.lax.psum(y, tensor_axes)
+    stats = jnp.stack([load_balancing_loss(probs, experts), router_z_loss(logits),
+                       1.0 - jnp.mean(keep.astype(jnp.float32), axis=(1, 2))], axis=-1)
+    return y.reshape(b, t, d).astype(x.dtype), stats
+
+
+def _exchange(a: jax.Array, *, axes: tuple[str, ...], shards: int) -> jax.Array:
+    """Block s of axis 0 to expert shard s, block s back from it (one all-to-all)."""
+    return jax.lax.all_to_all(a, axes, 0, 0, tiled=True) if shards > 1 else a
+
+
+def _capacity_dispatch(x: jax.Array, experts: jax.Array, rank: jax.Array, weights: jax.Array,
+                       cap: int, mlp: tuple[jax.Array, ...], exchange: Any,
+                       shards: int) -> jax.Array:
+    """Fixed slots (GShard-style): local expert j of shard s takes this device's sequence
+    q's assignments at slots q*C + rank (C the capacity, rank < C kept): one buffer
+    (e, E/e, b*C, d) each way, i.e. cf * n * k rows (the analytic volume at cf = 1), and
+    each expert one dense matmul over its slots. Returns the combined output (n, d)."""
+    b, t, d = x.shape
+    gate, up, down = mlp
+    local = gate.shape[0]
+    slots = b * cap
+    kept = rank < cap
+    # out-of-range shard index e: the dropped assignments are not written
+    dest = jnp.where(kept, experts // local, shards)
+    j = experts % local
+    slot = jnp.arange(b)[:, None, None] * cap + jnp.minimum(rank, cap - 1)
+    tokens = jnp.broadcast_to(x[:, :, None, :], (b, t, experts.shape[-1], d))
+    send = jnp.zeros((shards, local, slots, d), x.dtype).at[dest, j, slot].set(
+        tokens, mode="drop")
+    out = exchange(_swiglu(exchange(send), gate, up, down))   # back by destination
+    vals = out[jnp.minimum(dest, shards - 1), j, slot]        # (b, T, k, d)
+    w = jnp.where(kept, weights, 0.0).astype(vals.dtype)
+    return jnp.sum(vals * w[..., None], axis=2).reshape(b * t, d)
+
+
+def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """Each local expert j on its slots: x (s, El, C, d) -> (s, El, C, d)."""
+    g = jnp.einsum("sjcd,jmd->sjcm", x, gate.astype(x.dtype))
+    u = jnp.einsum("sjcd,jmd->sjcm", x, up.astype(x.dtype))
+    return jnp.einsum("sjcm,jdm->sjcd", jax.nn.silu(g) * u, down.astype(x.dtype))
+
+
+def _dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
+                       mlp: tuple[jax.Array, ...], exchange: Any, shards: int) -> jax.Array:
+    """Every assignment, sorted by expert; shard s takes experts [s*El, (s+1)*El) in a
+    buffer of R = n * min(k, El) rows per destination (the most it can receive from this
+    device: nothing is lost to the buffer); each expert's rows one group of the grouped
+    matmul. Returns the combined output (n, d)."""
+    b, t, d = x.shape
+    n, k, local = b * t, experts.shape[-1], mlp[0].shape[0]
+    key = experts.reshape(n * k)
+    order = jnp.argsort(key, stable=True)
+    counts = jnp.sum(jax.nn.one_hot(key, local * shards, dtype=jnp.int32), axis=0)  # (E,)
+    dest = key[order] // local
+    first = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                             jnp.cumsum(counts.reshape(shards, local).sum(1))])
+    slot = jnp.arange(n * k) - first[dest]
+    token = order // k
+    rows = n * min(k, local)
+    send = jnp.zeros((shards, rows, d), x.dtype).at[dest, slot].set(x.reshape(n, d)[token])
+    out = _experts_apply(exchange(send), exchange(counts.reshape(shards, local)), *mlp)
+    vals = exchange(out)[dest, slot]                          # back by destination
+    w = weights.reshape(n * k)[order].astype(vals.dtype)
+    return jnp.zeros((n, d), vals.dtype).at[token].add(vals * w[:, None])
+
+
 def _experts_apply(rows: jax.Array, counts: jax.Array, gate: jax.Array, up: jax.Array,
                    down: jax.Array) -> jax.Array:
     """The local experts on received rows (e, R, d) whose first counts[s, j] rows after
@@ -124,59 +225,6 @@ def _experts_apply(rows: jax.Array, counts: jax.Array, gate: jax.Array, up: jax.
     gu = grouped_matmul(x, jnp.concatenate([gate, up], axis=1), sizes)    # (e*R, 2m)
     y = grouped_matmul(jax.nn.silu(gu[:, :m]) * gu[:, m:], down, sizes)   # (e*R, d)
     return jnp.zeros_like(y).at[order].set(y).reshape(e, r, d)
-
-
-def moe_local(x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array,
-              down: jax.Array, *, k: int, normalize: bool, capacity_factor: float,
-              expert_axes: tuple[str, ...] = (), tensor_axes: tuple[str, ...] = (),
-              num_shards: int = 1) -> tuple[jax.Array, jax.Array]:
-    """One device's share of the MoE MLP (see the module docstring): x (b, T, d) its
-    tokens; router (E, d); gate and up (E/e, m, d), down (E/e, d, m) its experts (and its
-    `tensor` columns / rows of each). Returns y (b, T, d) and the per-sequence statistics
-    (b, 3) in STATS order."""
-    b, t, d = x.shape
-    num_experts, local_experts, e = router.shape[0], gate.shape[0], num_shards
-    n = b * t
-    logits = jnp.einsum("btd,ed->bte", x.astype(jnp.float32), router.astype(jnp.float32))
-    weights, experts, probs = route(logits, k, normalize)
-    if capacity_factor > 0:
-        cap = capacity(capacity_factor, t, k, num_experts)
-        keep = within_capacity(experts, num_experts, cap)
-        slots = b * local_experts * cap
-    else:
-        keep = jnp.ones(experts.shape, bool)
-        slots = n * min(k, local_experts)
-    stats = jnp.stack([load_balancing_loss(probs, experts), router_z_loss(logits),
-                       1.0 - jnp.mean(keep.astype(jnp.float32), axis=(1, 2))], axis=-1)
-
-    # dispatch: the kept assignments sorted by expert; shard s takes experts [s*El, (s+1)*El)
-    key = jnp.where(keep, experts, num_experts).reshape(n * k)
-    order = jnp.argsort(key, stable=True)
-    counts = jnp.sum(jax.nn.one_hot(key, num_experts, dtype=jnp.int32), axis=0)  # (E,) kept
-    dest = key[order] // local_experts                         # e for dropped: out of range
-    first = jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                             jnp.cumsum(counts.reshape(e, local_experts).sum(1))])
-    slot = jnp.arange(n * k) - first[jnp.minimum(dest, e)]
-    token = order // k
-    send = jnp.zeros((e, slots, d), x.dtype).at[dest, slot].set(
-        x.reshape(n, d)[token], mode="drop")
-    sent = counts.reshape(e, local_experts)
-    if e > 1:
-        rows = jax.lax.all_to_all(send, expert_axes, 0, 0, tiled=True)  # by source
-        received = jax.lax.all_to_all(sent, expert_axes, 0, 0, tiled=True)
-    else:
-        rows, received = send, sent
-    out = _experts_apply(rows, received, gate, up, down)
-    back = jax.lax.all_to_all(out, expert_axes, 0, 0, tiled=True) if e > 1 else out
-
-    # combine: each assignment's result, weighted, summed into its token
-    kept = dest < e
-    vals = back[jnp.minimum(dest, e - 1), jnp.clip(slot, 0, slots - 1)]
-    w = jnp.where(kept, weights.reshape(n * k)[order], 0.0).astype(vals.dtype)
-    y = jnp.zeros((n, d), vals.dtype).at[token].add(vals * w[:, None])
-    if tensor_axes:
-        y = jax.lax.psum(y, tensor_axes)
-    return y.reshape(b, t, d).astype(x.dtype), stats
 
 
 def _axes(entry: Any) -> tuple[str, ...]:
