@@ -19,6 +19,9 @@ from jaxmp.stack import LayerStack
 from jaxmp.train import OptConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what the entry points the tests start get as XLA_FLAGS (their --simulate_devices adds the
+# device count): LLVM at -O0, as in this process (conftest)
+CHILD_XLA_FLAGS = "--xla_backend_optimization_level=0"
 CFG = GPTConfig(num_layers=8, d_model=32, num_heads=8, seq_len=16)
 # Adam's eps is raised from 1e-8 for the comparisons: with eps=1e-8 an element whose
 # gradient is ~1e-9 moves by ~lr/10, so the last-bit differences that any change of
@@ -152,7 +155,7 @@ def run_module(*args: str, timeout: int = 600, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the repository root; raise with its output on failure."""
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    e.pop("XLA_FLAGS", None)
+    e["XLA_FLAGS"] = CHILD_XLA_FLAGS
     proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

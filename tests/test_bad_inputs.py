@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import numpy as np
 import pytest
 from helpers import ROOT, run_module
@@ -410,7 +411,7 @@ def test_quiet_by_default(tmp_path):
 # ---------------------------------------------------------------- signals
 def _launch(tmp_path, steps=100000):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.launch", "--num_processes=2", "--devices_per_process=4",
          "--", "--num_layers=2", "--d_model=32", "--seq_len=32", "--batch_size=8",

@@ -309,6 +309,17 @@ def test_structure_quick_run(tmp_path):
             ticks = rep * m + p - 1
             assert bubble == pytest.approx(ticks / (rep * m)), where
             assert r["pipeline"]["bytes_ratio"] == pytest.approx((ticks + 1) / ticks), where
+    # the MoE rows on data:2,expert:4: capacity routing exchanges exactly the analytic
+    # tokens x d x k (x 2 directions x forward and backward) and computes the active
+    # parameters' FLOPs; dropless holds worst-case buffers, e * min(k, E/e) / k = 4 x
+    moe = {r["routing"]: r for r in res["structure_moe"]}
+    assert set(moe) == {"capacity 1.0", "dropless"}
+    cap, free = moe["capacity 1.0"], moe["dropless"]
+    assert cap["all_to_all_ratio"] == pytest.approx(1.0, rel=1e-3)
+    assert free["all_to_all_ratio"] == pytest.approx(4.0, rel=1e-3)
+    assert 1.0 <= cap["flops_ratio"] <= 1.05 and free["flops_ratio"] > cap["flops_ratio"]
+    assert cap["expert_bytes_ratio"] == free["expert_bytes_ratio"] == 1.0
+    assert cap["step_ms"] > 0 and free["step_ms"] > 0
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -271,7 +272,7 @@ def test_ctrl_c_while_compiling_exits_130_with_one_line(tmp_path):
 # ---------------------------------------------------------------- preemption
 def _launch(args, tmp):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
     return subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
                              f"--ckpt_dir={tmp}", "--serve_mesh=", "--log_every=1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

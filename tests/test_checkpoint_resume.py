@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+import helpers
 import jax
 import numpy as np
 import optax
@@ -237,7 +238,7 @@ def test_killed_save_leftover_is_cleaned_at_next_start_and_good_steps_intact(run
     copy = tmp_path / "c"
     shutil.copytree(run["path"], copy)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
     proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(copy)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import httpx
 import jax
 import numpy as np
@@ -240,7 +241,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
     template = tmp_path / "chat.jinja"  # --chat_template replaces the model's own
     template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
     proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", f"--ckpt_dir={TINY}",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_one_process_checkpoint_resumes_in_two_processes(runs, tmp_path):
 
 def test_launcher_stops_everything_when_a_process_dies(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.launch", "--num_processes=2",
          "--devices_per_process=4", "--", *FLAGS, "--steps=100000", f"--ckpt_dir={tmp_path}"],
@@ -120,7 +121,8 @@ def test_unreachable_coordinator_is_a_bounded_clear_error():
     port = free_port()
     code = ("from jaxmp.distributed import initialize\n"
             f"initialize('127.0.0.1:{port}', 2, 1, simulate_devices=2, timeout_s=5)\n")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "XLA_FLAGS": helpers.CHILD_XLA_FLAGS}
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -131,7 +133,7 @@ def test_unreachable_coordinator_is_a_bounded_clear_error():
 def test_processes_with_different_flags_are_refused(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
     procs = [subprocess.Popen(
         [sys.executable, "-m", "experiments.train", *FLAGS, f"--steps={12 + i}",
          f"--ckpt_dir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",
@@ -147,7 +149,7 @@ def _launch_and_kill(args: list[str], kill_at: int, timeout: float = 600) -> tup
     """Start experiments.launch with `args`; SIGKILL worker 1 once worker 0 has logged step
     `kill_at`. Returns (exit code, output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
     proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, victim, killed = [], None, False

@@ -31,6 +31,7 @@ from jaxmp.models import registry
 from jaxmp.models.gpt import GPTConfig
 from jaxmp.models.llama import LlamaConfig
 from jaxmp.models.mlp import MLPConfig
+from jaxmp.models.moe import MoEConfig
 from jaxmp.pipeline import PipelineSpec
 from jaxmp.sharding import DEFAULT_RULES
 
@@ -39,8 +40,13 @@ GOLDEN = dict(np.load(os.path.join(FIXTURES, "hf_reference_golden.npz")))
 with open(os.path.join(FIXTURES, "hf_llama_scaled_tiny", "config.json"), encoding="utf-8") as _f:
     SCALED_CONFIG = json.load(_f)
 # what transformers reads where config.json leaves a key out
-HF_DEFAULTS = {"gpt": json.loads(str(GOLDEN["defaults_gpt2"])),
-               "llama": json.loads(str(GOLDEN["defaults_llama"]))}
+with open(os.path.join(FIXTURES, "hf_moe_configs.json"), encoding="utf-8") as _f:
+    MOE_CONFIGS = json.load(_f)
+# what transformers reads where config.json leaves a key out, by model_type
+HF_DEFAULTS = {"gpt2": json.loads(str(GOLDEN["defaults_gpt2"])),
+               "llama": json.loads(str(GOLDEN["defaults_llama"])),
+               "mixtral": MOE_CONFIGS["defaults_mixtral"],
+               "qwen3_moe": MOE_CONFIGS["defaults_qwen3_moe"]}
 
 # Config fields Hugging Face's config.json cannot hold: they come back as the defaults.
 NOT_IN_HF = {
@@ -49,25 +55,45 @@ NOT_IN_HF = {
     "remat": "a training memory setting (rematerialization), not part of the model",
     "attention": "the training attention kernel, not part of the model",
     "scan_layers": "how the stacked layers are applied (scan or loop), not part of the model",
+    "router_z_loss_coef": "a training loss weight transformers' MoE configs have no key for",
+    "expert_capacity_factor": "jaxmp's training-time routing choice (transformers routes "
+                              "dropless)",
 }
-# jaxmp field -> the config.json key transformers reads it from
+# Fields no Hugging Face architecture here can hold at all (export refuses a model that sets
+# them off their default): the record round trip covers them.
+NOT_EXPORTABLE = {"shared_mlp_dim": "neither Mixtral nor Qwen3-MoE has shared experts"}
+_LLAMA_KEYS = {"num_layers": "num_hidden_layers", "d_model": "hidden_size",
+               "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+               "seq_len": "max_position_embeddings", "vocab_size": "vocab_size",
+               "rope_theta": "rope_parameters", "rope_scaling": "rope_parameters",
+               "rms_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+# jaxmp field -> the config.json key transformers reads it from, by model_type
 HF_KEYS = {
-    "gpt": {"num_layers": "n_layer", "d_model": "n_embd", "num_heads": "n_head",
-            "seq_len": "n_positions", "vocab_size": "vocab_size", "mlp_ratio": "n_inner"},
-    "llama": {"num_layers": "num_hidden_layers", "d_model": "hidden_size",
-              "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-              "mlp_dim": "intermediate_size", "seq_len": "max_position_embeddings",
-              "vocab_size": "vocab_size", "rope_theta": "rope_parameters",
-              "rope_scaling": "rope_parameters", "rms_eps": "rms_norm_eps",
-              "tie_embeddings": "tie_word_embeddings"},
+    "gpt2": {"num_layers": "n_layer", "d_model": "n_embd", "num_heads": "n_head",
+             "seq_len": "n_positions", "vocab_size": "vocab_size", "mlp_ratio": "n_inner"},
+    "llama": {**_LLAMA_KEYS, "mlp_dim": "intermediate_size"},
+    "mixtral": {**_LLAMA_KEYS, "mlp_dim": "intermediate_size", "num_experts": "num_local_experts",
+                "experts_per_token": "num_experts_per_tok",
+                "router_aux_loss_coef": "router_aux_loss_coef"},
+    "qwen3_moe": {**_LLAMA_KEYS, "mlp_dim": "moe_intermediate_size",
+                  "num_experts": "num_local_experts", "experts_per_token": "num_experts_per_tok",
+                  "router_aux_loss_coef": "router_aux_loss_coef", "head_size": "head_dim",
+                  "norm_topk_prob": "norm_topk_prob"},
 }
+# fields an architecture fixes (Mixtral renormalises the top-k weights and has no query/key
+# norms, Qwen3-MoE has them): they come back as that architecture's value
+FIXED_BY = {"mixtral": {"norm_topk_prob": True, "qk_norm": False, "head_size": 0},
+            "qwen3_moe": {"qk_norm": True}}
 # config.json keys fixed by what jaxmp's model is (no field): they must say the same as
 # transformers' for it
 IMPLIED_KEYS = {
-    "gpt": ("activation_function", "layer_norm_epsilon", "tie_word_embeddings",
-            "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention",
-            "model_type"),
+    "gpt2": ("activation_function", "layer_norm_epsilon", "tie_word_embeddings",
+             "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention",
+             "model_type"),
     "llama": ("head_dim", "hidden_act", "attention_bias", "mlp_bias", "model_type"),
+    "mixtral": ("hidden_act", "sliding_window", "model_type"),
+    "qwen3_moe": ("hidden_act", "attention_bias", "decoder_sparse_step", "mlp_only_layers",
+                  "use_sliding_window", "model_type"),
 }
 
 # name: (family, config with fields off their defaults, transformers' config.json of the
@@ -96,12 +122,33 @@ HF_CASES = {
                              seq_len=200, vocab_size=300, rope_theta=12345.0, rms_eps=3e-3),
         json.loads(str(GOLDEN["config_llama_default_rope"]))),
 }
+HF_CASES.update({
+    "mixtral": ("moe", MoEConfig(
+        num_layers=3, d_model=48, num_heads=6, num_kv_heads=2, mlp_dim=40, seq_len=200,
+        vocab_size=300, rope_theta=12345.0, rope_scaling=(4.0, 2.0, 8.0, 64), rms_eps=3e-3,
+        tie_embeddings=True, num_experts=6, experts_per_token=3, router_aux_loss_coef=0.02,
+        dtype="bfloat16", remat="dots", attention="xla", scan_layers=False,
+        router_z_loss_coef=0.001, expert_capacity_factor=1.25),
+        MOE_CONFIGS["mixtral"]),
+    "qwen3_moe": ("moe", MoEConfig(
+        num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_size=24, qk_norm=True,
+        mlp_dim=45, num_experts=5, experts_per_token=2, norm_topk_prob=False, seq_len=320,
+        vocab_size=160, rope_theta=500.0, rms_eps=0.1, router_aux_loss_coef=0.05),
+        MOE_CONFIGS["qwen3_moe"]),
+})
 # Configs for the checkpoint record: every built-in family, every field off its default.
 RECORD_CASES = {
     "gpt": HF_CASES["gpt"][1],
     "llama": HF_CASES["llama_tied_scaled"][1],
     "mlp": MLPConfig(input_dim=5, hidden_dim=24, num_layers=2, num_classes=7,
                      dtype="bfloat16", remat="dots", scan_layers=False),
+    "moe": MoEConfig(num_layers=3, d_model=48, num_heads=6, num_kv_heads=2, mlp_dim=40,
+                     seq_len=200, vocab_size=300, rope_theta=12345.0,
+                     rope_scaling=(4.0, 2.0, 8.0, 64), rms_eps=3e-3, tie_embeddings=True,
+                     dtype="bfloat16", remat="dots", attention="xla", scan_layers=False,
+                     num_experts=6, experts_per_token=3, shared_mlp_dim=24,
+                     norm_topk_prob=False, router_aux_loss_coef=0.02, router_z_loss_coef=0.001,
+                     expert_capacity_factor=1.25, head_size=16, qk_norm=True),
 }
 
 
@@ -122,21 +169,27 @@ def test_cases_set_every_field_of_every_family_off_its_default():
     off its default; every field is mapped to a config.json key or listed in NOT_IN_HF with
     its reason. A field added later fails here until it round-trips (or is listed)."""
     families = _builtin_families()
-    assert {"gpt", "llama", "mlp"} <= set(families)
+    assert {"gpt", "llama", "mlp", "moe"} <= set(families)
     assert set(RECORD_CASES) == set(families)
     for name in families:
         assert dataclasses.fields(RECORD_CASES[name]), name
         fields = {f.name for f in dataclasses.fields(RECORD_CASES[name])}
         assert _off_default([RECORD_CASES[name]]) == fields, (
             name, fields - _off_default([RECORD_CASES[name]]))
-        if registry.get(name).hf is None:
+        formats = registry.hf_formats(registry.get(name))
+        if not formats:
             continue
-        cases = [cfg for fam, cfg, _ in HF_CASES.values() if fam == name]
-        assert cases, f"family {name} has a Hugging Face format but no HF round-trip case"
-        assert _off_default(cases) == fields, (name, fields - _off_default(cases))
-        assert set(HF_KEYS[name]) | set(NOT_IN_HF) == fields, (
-            name, fields - set(HF_KEYS[name]) - set(NOT_IN_HF))
-        for cfg in cases:
+        cases = [(cfg, theirs["model_type"]) for fam, cfg, theirs in HF_CASES.values()
+                 if fam == name]
+        assert {t for _, t in cases} == {f.model_type for f in formats}, \
+            f"family {name}: every Hugging Face format needs a round-trip case"
+        exportable = fields - set(NOT_EXPORTABLE)
+        assert _off_default([c for c, _ in cases]) >= exportable, (
+            name, exportable - _off_default([c for c, _ in cases]))
+        held = set().union(*(set(HF_KEYS[t]) | set(FIXED_BY.get(t, {})) for _, t in cases))
+        assert held | (set(NOT_IN_HF) & fields) == exportable, (
+            name, exportable - held - set(NOT_IN_HF))
+        for cfg, _ in cases:
             cfg.validate()
 
 
@@ -183,16 +236,19 @@ def test_hf_export_and_import_round_trip_every_field(case, tmp_path):
 
     # the exported config.json, key by key, against transformers' (a key left out reads
     # as transformers' default)
+    kind = theirs["model_type"]
+
     def read(key: str) -> object:
-        return exported.get(key, HF_DEFAULTS[fam_name].get(key, "(absent)"))
-    for field, key in HF_KEYS[fam_name].items():
+        return exported.get(key, HF_DEFAULTS[kind].get(key, "(absent)"))
+    for field, key in HF_KEYS[kind].items():
         assert key in theirs, f"transformers' config.json has no {key!r} ({field})"
         assert read(key) == theirs[key], (field, key, read(key), theirs[key])
-    for key in IMPLIED_KEYS[fam_name]:
+    for key in IMPLIED_KEYS[kind]:
         assert read(key) == theirs[key], (key, read(key), theirs[key])
 
     # transformers' file reads to this config
-    from_theirs = family.config_from_json(family.hf.config_from_hf(theirs))
+    fmt = registry.hf_format(family, kind)
+    from_theirs = family.config_from_json(fmt.config_from_hf(theirs))
     for name in fields:
         if name not in NOT_IN_HF:
             assert getattr(from_theirs, name) == getattr(cfg, name), (name, "import")
@@ -201,11 +257,12 @@ def test_hf_export_and_import_round_trip_every_field(case, tmp_path):
     convert.to_checkpoint(out, back)
     got = family.config_from_json(_record(back).config)
     defaults = type(cfg)()
+    lost = {n: getattr(defaults, n) for n in NOT_IN_HF if n in fields}
     for name in fields:
-        want = getattr(defaults, name) if name in NOT_IN_HF else getattr(cfg, name)
+        want = lost[name] if name in lost else getattr(cfg, name)
         assert getattr(got, name) == want, (name, getattr(got, name), want)
         assert type(getattr(got, name)) is type(want), (name, type(getattr(got, name)))
-    assert got == dataclasses.replace(cfg, **{n: getattr(defaults, n) for n in NOT_IN_HF})
+    assert got == dataclasses.replace(cfg, **lost)
 
 
 @pytest.mark.parametrize("family_name", sorted(RECORD_CASES))

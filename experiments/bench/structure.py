@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from experiments.bench import traffic
 from experiments.bench.harness import gpt_trainer, log, single_mesh, tokens_batch
+from experiments.bench.moe_structure import MoEStructure, moe_structure
 from experiments.bench.results import Json, Target, count_mib, mib, table
 from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, num_params
@@ -81,15 +82,18 @@ REPEATS = (1, 2)
 class StructureResult:
     model: Json        # the sizes, the parameter count, the one-device figures
     rows: list[Json]   # one per layout x pipeline setting (structure_row)
+    moe: MoEStructure | None = None  # the mixture-of-experts rows
 
     def to_json(self) -> Json:
-        return {"structure_model": self.model, "structure": self.rows}
+        return {"structure_model": self.model, "structure": self.rows,
+                **(self.moe.to_json() if self.moe else {})}
 
     def table(self) -> str:
         head = ["layout", "option", "m", "r", "state MiB", "ideal", "x", "x repl", "temp MiB", "all-reduce",
                 "all-gather", "red-scat", "coll-perm", "all-to-all", "GFLOP/dev", "x ideal",
                 "bubble", "TP x min", "PP x min", "DP x min", "W-gather"]
-        return self._note() + "\n" + table(head, [_table_row(r) for r in self.rows])
+        text = self._note() + "\n" + table(head, [_table_row(r) for r in self.rows])
+        return text + ("\n\n" + self.moe.table() if self.moe else "")
 
     def _note(self) -> str:
         m = self.model
@@ -112,7 +116,8 @@ class StructureResult:
             "reduce-scatters so; GPU/TPU XLA emits one).")
 
     def targets(self) -> list[Target]:
-        return [t for r in self.rows for t in _row_targets(r)] + _option_targets(self.rows)
+        return ([t for r in self.rows for t in _row_targets(r)] + _option_targets(self.rows)
+                + (self.moe.targets() if self.moe else []))
 
 
 def _table_row(r: Json) -> list[Any]:
@@ -237,7 +242,7 @@ def structure_suite(quick: bool, layouts: Sequence[str] | None = None) -> Struct
         log(f"  structure {row['layout']:<24} m={m} r={r} {row['option']:<16} compiled in "
             f"{row['compile_s']:.1f}s")
         rows.append(row)
-    return StructureResult(model, rows)
+    return StructureResult(model, rows, None if layouts else moe_structure(quick))
 
 
 def layout_matrix(layouts: Sequence[str], sizes: StructureSizes,
