@@ -27,6 +27,7 @@ TINY = dict(num_layers=2, d_model=32, num_heads=4, seq_len=16, batch_size=8, ste
             async_checkpoint=False)
 
 
+@pytest.mark.slow
 def test_hooks_run_at_their_steps_and_tensorboard_matches_the_metrics_file(tmp_path):
     seen: list[tuple[int, float, float | None]] = []
 

@@ -15,6 +15,7 @@ dropped on the way to the metrics file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -144,8 +145,9 @@ def _check_mlp(mesh: str | None, capacity_factor: float, skew: float = 0.0) -> n
         keep = np.asarray(X.within_capacity(idx, 8, X.capacity(capacity_factor, 16, 2, 8)))
     ref = _ref_moe(x, router, gate, up, down, 2, True, keep)
     if mesh is None:
-        y, stats = X.moe_local(x, router, gate, up, down, k=2, normalize=True,
-                               capacity_factor=capacity_factor)
+        y, stats = jax.jit(functools.partial(X.moe_local, k=2, normalize=True,
+                                             capacity_factor=capacity_factor))(
+            x, router, gate, up, down)
     else:
         m = make_mesh(mesh)
 
@@ -191,7 +193,7 @@ def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, cfg: MoEConfig = MCFG, **
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh,p,m,r", [
-    ("data:2,expert:4", 1, 1, 1), ("expert:8", 1, 1, 1), ("fsdp:2,expert:4", 1, 1, 1),
+    ("data:2,expert:4", 1, 1, 1), ("fsdp:2,expert:4", 1, 1, 1),
     ("expert:2,tensor:2,pipe:2", 2, 4, 1), ("data:2,expert:2,pipe:2", 2, 2, 2)])
 def test_layout_matches_single_device(mesh, p, m, r):
     """Dropless, aux and z losses on: losses and gradient norms rtol 1e-5, parameters rtol
