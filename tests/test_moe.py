@@ -180,6 +180,33 @@ def test_capacity_drops_exactly_the_assignments_the_formula_says(mesh):
     assert _check_mlp(mesh, 1.0, skew=30.0).min() >= 0.5 - 1e-6  # 2 experts of 8: >= half
 
 
+def test_the_statistics_are_the_mean_over_layers_of_each_layers_own():
+    """MoE.forward carries the routing statistics through the stack in extra residual
+    channels: they must equal the mean over layers of each block's own statistics, and the
+    logits those of the blocks applied one by one."""
+    from flax import nnx
+
+    from jaxmp.models.llama import rope_frequencies
+    from jaxmp.stack import unstack
+
+    cfg = MoEConfig(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=16,
+                    num_experts=4, experts_per_token=2, seq_len=16,
+                    expert_capacity_factor=1.0)
+    model = MoE(cfg, rngs=nnx.Rngs(3))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    logits, stats = model.forward(tokens)
+    graphdef, state = nnx.split(model.blocks)
+    x, per_layer = model._embed(tokens), []
+    positions, inv_freq = jnp.arange(16)[None], rope_frequencies(cfg)
+    for w in unstack(nnx.to_pure_dict(state), cfg.num_layers):
+        x, _, st = nnx.merge(graphdef, w).forward(x, positions, inv_freq)
+        per_layer.append(np.asarray(st))
+    assert np.std([p[:, 0] for p in per_layer]) > 1e-3  # the layers' own values differ
+    np.testing.assert_allclose(np.asarray(stats), np.mean(per_layer, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.head(x)), rtol=1e-5,
+                               atol=1e-5)
+
+
 # ---------------------------------------------------------------- layouts vs one device
 MCFG = MoEConfig(num_layers=4, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=16,
                  num_experts=8, experts_per_token=2, seq_len=16, router_aux_loss_coef=0.1,
