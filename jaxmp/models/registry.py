@@ -48,6 +48,8 @@ class ModelShape:
     remat: str | None = None       # None: the family has no remat setting
     attention: str | None = None   # None: no attention
     scan_layers: bool = True
+    experts: int = 1               # a mixture of experts' experts per layer (1: dense)
+    experts_per_token: int = 1     # and its top-k
 
 
 def model_shape(cfg: Any) -> ModelShape:
@@ -59,7 +61,8 @@ def model_shape(cfg: Any) -> ModelShape:
     width = has("d_model", has("hidden_dim", 0))
     return ModelShape(cfg.num_layers, width, has("seq_len", 1),
                       cfg.padded_vocab if "vocab_size" in fields else 0, has("dtype", "float32"),
-                      has("remat", None), has("attention", None), has("scan_layers", True))
+                      has("remat", None), has("attention", None), has("scan_layers", True),
+                      has("num_experts", 1), has("experts_per_token", 1))
 
 
 @dataclasses.dataclass(frozen=True)

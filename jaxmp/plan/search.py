@@ -1,8 +1,10 @@
 """`inspect --search`: the layouts of a model on N devices that fit, fastest first.
 
 Every layout of the device count is a candidate: data x fsdp x pipe x tensor sizes (tensor
-within a host), micro-batches and circular repeats of the pipeline, gathering FSDP weights
-once per step, rematerialization and gradient accumulation. A rough analytic estimate
+within a host; for a mixture of experts also `expert` sizes dividing the experts, the
+batch's share of the devices split between data and expert), micro-batches and circular
+repeats of the pipeline, gathering FSDP weights once per step, rematerialization and
+gradient accumulation. A rough analytic estimate
 (FLOPs, bubble, recompute, Megatron / FSDP / data-parallel / pipeline traffic) only orders
 them; each layout proposed has been compiled for the target (jaxmp.plan.planner) and fits
 by its plan's memory. The search stops at the compile budget, or once `top` layouts fit
@@ -76,7 +78,8 @@ def divisors(n: int) -> list[int]:
 
 
 def candidates(num_devices: int, num_layers: int, batch: int, devices_per_host: int,
-               remats: tuple[str, ...] = ("none", "dots", "block")) -> list[Candidate]:
+               remats: tuple[str, ...] = ("none", "dots", "block"),
+               num_experts: int = 1) -> list[Candidate]:
     """Every layout to consider (see the module docstring); shapes the model's heads or
     widths do not divide are found when the layout is built."""
     out = []
@@ -87,31 +90,50 @@ def candidates(num_devices: int, num_layers: int, batch: int, devices_per_host: 
             if p > num_layers or num_layers % p:
                 continue
             dp = num_devices // (t * p)
-            fsdps = {1, dp}
-            if devices_per_host % (t * p) == 0 and 1 < devices_per_host // (t * p) < dp:
-                fsdps.add(devices_per_host // (t * p))  # fsdp filling a host
-            for f in sorted(fsdps):
-                mesh = (("data", dp // f), ("fsdp", f), ("pipe", p), ("tensor", t))
-                pipes = [(1, 1)] if p == 1 else [
-                    (m, r) for m in (p, 2 * p, 4 * p) for r in (1, 2)
-                    if num_layers % (p * r) == 0]
-                for m, r in pipes:
-                    for once in ((False, True) if p > 1 and f > 1 else (False,)):
-                        for remat in remats:
-                            accum = 1
-                            while batch % (accum * dp * m) == 0:
-                                out.append(Candidate(mesh, m, r, once, remat, accum))
-                                accum *= 2
+            for e in (e for e in divisors(dp) if num_experts % e == 0):
+                for mesh in _batch_meshes(dp, e, t, p, devices_per_host):
+                    out += _settings(mesh, num_layers, batch, dp, remats)
+    return out
+
+
+def _batch_meshes(dp: int, e: int, t: int, p: int, devices_per_host: int) -> list[tuple]:
+    """The meshes splitting dp batch shards as data x fsdp x expert (expert e, fsdp 1, all
+    that is left, or filling a host)."""
+    rest = dp // e
+    fsdps = {1, rest}
+    if devices_per_host % (t * p * e) == 0 and 1 < devices_per_host // (t * p * e) < rest:
+        fsdps.add(devices_per_host // (t * p * e))  # fsdp filling a host
+    expert = (("expert", e),) if e > 1 else ()
+    return [(("data", rest // f), ("fsdp", f), ("pipe", p), *expert, ("tensor", t))
+            for f in sorted(fsdps)]
+
+
+def _settings(mesh: tuple, num_layers: int, batch: int, dp: int,
+              remats: tuple[str, ...]) -> list[Candidate]:
+    """A mesh's candidates: pipeline settings, gather-once, remat, accumulation."""
+    s = dict(mesh)
+    p, f = s["pipe"], s["fsdp"]
+    pipes = [(1, 1)] if p == 1 else [
+        (m, r) for m in (p, 2 * p, 4 * p) for r in (1, 2) if num_layers % (p * r) == 0]
+    out = []
+    for m, r in pipes:
+        for once in ((False, True) if p > 1 and f > 1 else (False,)):
+            for remat in remats:
+                accum = 1
+                while batch % (accum * dp * m) == 0:
+                    out.append(Candidate(mesh, m, r, once, remat, accum))
+                    accum *= 2
     return out
 
 
 def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
                d_model: int, seq_len: int, batch: int, itemsize: int, card: Accelerator,
-               dtype: str) -> float:
+               dtype: str, experts_per_token: int = 1) -> float:
     """A rough step time, only to decide which layouts to compile first."""
     s = c.shape
     n = math.prod(s.values())
-    p, t, f, d = s["pipe"], s["tensor"], s["fsdp"], s["data"]
+    p, t, f, e = s["pipe"], s["tensor"], s["fsdp"], s.get("expert", 1)
+    d = s["data"] * e  # outside the experts `expert` splits the batch like data
     bubble = bubble_factor(p, c.microbatches, c.repeats)
     compute = (model_flops / n * REMAT_COST[c.remat] * bubble
                / (card.peak(dtype) * card.efficiency_for(True)))
@@ -133,6 +155,10 @@ def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
         rows = batch / (d * f * c.accum * c.microbatches)
         ticks = c.repeats * c.microbatches + p - 1
         comm += 2 * ticks * c.accum * rows * seq_len * d_model * itemsize / bw("pipe")
+    if e > 1:  # each MoE layer: dispatch + combine, forward and backward, k rows a token
+        tokens = batch / (d * f) * seq_len
+        comm += (4 * num_layers / p * tokens * experts_per_token * d_model * itemsize * bubble
+                 * (e - 1) / e / bw("expert"))
     return compute + comm
 
 
@@ -186,7 +212,7 @@ def activation_units(c: Candidate, batch: int, seq_len: int, num_layers: int) ->
     tick's), over the tensor size: what activation memory scales with, roughly."""
     s = c.shape
     p, t = s["pipe"], s["tensor"]
-    tokens = batch / (s["data"] * s["fsdp"] * c.accum) * max(1, seq_len)
+    tokens = batch / (s["data"] * s["fsdp"] * s.get("expert", 1) * c.accum) * max(1, seq_len)
     if p > 1:
         ticks = c.repeats * c.microbatches + p - 1
         return tokens / c.microbatches * ticks * num_layers / (p * c.repeats) / t
@@ -263,9 +289,11 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
     model_flops = fpt(mc) * base.tokens_per_step if fpt else 6.0 * n_params * base.tokens_per_step
     itemsize = 2 if shape.dtype == "bfloat16" else 4
     batch = cfg.data.batch_size
-    found_all = candidates(num_devices, mc.num_layers, batch, card.devices_per_host, remats)
+    found_all = candidates(num_devices, mc.num_layers, batch, card.devices_per_host, remats,
+                           shape.experts)
     est = {c: estimate_s(c, n_params, model_flops, mc.num_layers, shape.width, shape.seq_len,
-                         batch, itemsize, card, shape.dtype) for c in found_all}
+                         batch, itemsize, card, shape.dtype, shape.experts_per_token)
+           for c in found_all}
     order = sorted(found_all, key=lambda c: (est[c], REMAT_LEVEL[c.remat], c.accum))
     state, budget_hit = _Progress(), False
     for c in order:
