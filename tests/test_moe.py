@@ -220,7 +220,7 @@ def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, cfg: MoEConfig = MCFG, **
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh,p,m,r", [
-    ("data:2,expert:4", 1, 1, 1), ("fsdp:2,expert:4", 1, 1, 1),
+    ("data:2,expert:4", 1, 1, 1), ("expert:8", 1, 1, 1), ("fsdp:2,expert:4", 1, 1, 1),
     ("expert:2,tensor:2,pipe:2", 2, 4, 1), ("data:2,expert:2,pipe:2", 2, 2, 2)])
 def test_layout_matches_single_device(mesh, p, m, r):
     """Dropless, aux and z losses on: losses and gradient norms rtol 1e-5, parameters rtol
