@@ -171,6 +171,11 @@ def _after_stop(workers: Workers, name: str) -> int:
 def _after_failure(workers: Workers, failed: int, last: bool = True) -> int:
     workers.signal(signal.SIGTERM)
     workers.wait(F.grace_s)
+    # a bad input fails every process alike: name the lowest one that said so, whichever
+    # exited first
+    said = [i for i, p in enumerate(workers.procs) if p.returncode == 2
+            and any(line.startswith("error:") for line in workers.tails[i])]
+    failed = min(said) if said else failed
     code = workers.procs[failed].returncode
     how = f"signal {-code}" if code < 0 else f"exit code {code}"
     errors = [line for line in workers.tails[failed] if line.startswith("error:")]
