@@ -320,6 +320,8 @@ def test_structure_quick_run(tmp_path):
     assert 1.0 <= cap["flops_ratio"] <= 1.05 and free["flops_ratio"] > cap["flops_ratio"]
     assert cap["expert_bytes_ratio"] == free["expert_bytes_ratio"] == 1.0
     assert cap["step_ms"] > 0 and free["step_ms"] > 0
+    imbalance = res["structure_moe_model"]["router_load_imbalance"]
+    assert len(imbalance) == 4 and all(1.0 <= x <= 8.0 for x in imbalance)
 
 
 @pytest.mark.slow

@@ -207,6 +207,29 @@ def test_the_statistics_are_the_mean_over_layers_of_each_layers_own():
                                atol=1e-5)
 
 
+def test_expert_loads_count_each_layers_top_k():
+    """Each layer's share of the assignments per expert sums to 1; with zero routers
+    (every probability 1/E, ties to the lower index) every token picks experts 0 and 1:
+    half the load each, in every layer; a router favouring expert 5 in layer 1 moves that
+    layer's load only."""
+    from flax import nnx
+
+    cfg = MoEConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=16,
+                    num_experts=8, experts_per_token=2, seq_len=16)
+    model = MoE(cfg, rngs=nnx.Rngs(0))
+    model.blocks.mlp.router[...] = jnp.zeros_like(model.blocks.mlp.router[...])
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    want = np.zeros((2, 8))
+    want[:, :2] = 0.5
+    np.testing.assert_allclose(np.asarray(model.expert_loads(tokens)), want)
+    model.blocks.mlp.router[...] = model.blocks.mlp.router[...].at[1, 5].set(
+        jnp.ones(32) * 1e-3)  # tiny but positive where x . 1 > 0
+    loads = np.asarray(model.expert_loads(tokens))
+    np.testing.assert_allclose(loads.sum(1), 1.0)
+    np.testing.assert_allclose(loads[0], want[0])
+    assert loads[1, 5] > 0
+
+
 # ---------------------------------------------------------------- layouts vs one device
 MCFG = MoEConfig(num_layers=4, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=16,
                  num_experts=8, experts_per_token=2, seq_len=16, router_aux_loss_coef=0.1,

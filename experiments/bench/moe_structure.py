@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from experiments.bench.harness import log, single_mesh, tokens_batch
@@ -48,7 +50,9 @@ class MoEStructure:
                  f"{r['expert_bytes_ratio']:.3f}", f"{r['flops_per_device'] / 1e9:.3f}",
                  f"{r['flops_ratio']:.3f}", f"{r['step_ms']:.1f}" if r["step_ms"] else "-"]
                 for r in self.rows]
-        note = (f"MoE {m['num_layers']} layers, d={m['d_model']}, {m['num_experts']} experts "
+        note = (f"router load imbalance (busiest expert / mean, per layer, initial weights): "
+                f"{', '.join(f'{x:.2f}' for x in m['router_load_imbalance'])}. "
+                f"MoE {m['num_layers']} layers, d={m['d_model']}, {m['num_experts']} experts "
                 f"top-{m['experts_per_token']}, expert width {m['mlp_dim']}, T={m['seq_len']}, "
                 f"batch {m['batch']}. all-to-all: count/MiB per device per step against "
                 "tokens x d x k x 2 directions (dispatch, combine) x 2 (forward, backward) per "
@@ -130,9 +134,14 @@ def moe_structure(quick: bool) -> MoEStructure:
         row = moe_row(layout, factor, active, timed=layout == "data:2,expert:4")
         log(f"  structure moe {row['layout']:<20} {row['routing']}")
         rows.append(row)
+    params = one.init_state().params
+    loads = np.asarray(one.model(params).expert_loads(jnp.asarray(batch["tokens"][:, :-1])))
     model = {**{k: getattr(CFG, k) for k in ("num_layers", "d_model", "num_experts",
                                              "experts_per_token", "mlp_dim", "seq_len")},
-             "batch": BATCH, "single_device_active_flops": active}
+             "batch": BATCH, "single_device_active_flops": active,
+             # the busiest expert's share over the mean share, per layer (1.0: balanced);
+             # the expert shard holding it sets the step's pace
+             "router_load_imbalance": [float(x) for x in loads.max(1) * CFG.num_experts]}
     timed = {r["routing"]: r["step_ms"] for r in rows if r["step_ms"]}
     if len(timed) == 2:
         model["cpu_step_ms_dropless_over_capacity"] = (

@@ -26,13 +26,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp import data
-from jaxmp.experts import STATS, moe_mlp
+from jaxmp.experts import STATS, moe_mlp, route
 from jaxmp.layers import RESIDUAL, KVCache, param
 from jaxmp.models.decoder import from_preset, next_token_loss, token_batches
 from jaxmp.models.llama import DEFAULT_TOKEN_VOCAB, MLP, Block, Llama, LlamaConfig, rope_frequencies
 from jaxmp.models.moe_hf import MIXTRAL, QWEN3_MOE
 from jaxmp.models.registry import Family, register
 from jaxmp.sharding import constrain
+from jaxmp.stack import unstack
 from jaxmp.tokenizer import BYTE_VOCAB
 
 
@@ -176,6 +177,26 @@ class MoE(Llama):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.forward(tokens)[0]
+
+    def expert_loads(self, tokens: jax.Array) -> jax.Array:
+        """(layers, experts): each layer's share of the top-k assignments of `tokens`
+        (B, T) per expert (1/E each when balanced), the layers applied one by one in
+        canonical order (a planning and benchmark figure, not the training path)."""
+        graphdef, state = nnx.split(self.blocks)
+        weights = self.stack.to_canonical(nnx.to_pure_dict(state))
+        positions = jnp.arange(tokens.shape[1])[None, :]
+        inv_freq = rope_frequencies(self.cfg)
+        x, loads = self._embed(tokens), []
+        for w in unstack(weights, self.cfg.num_layers):
+            block = nnx.merge(graphdef, w)
+            h = block.mlp_norm(x + block.attn(block.attn_norm(x), positions, inv_freq)[0])
+            logits = jnp.einsum("btd,ed->bte", h.astype(jnp.float32),
+                                block.mlp.router[...].astype(jnp.float32))
+            _, experts, _ = route(logits, self.cfg.experts_per_token, False)
+            counts = jnp.sum(jax.nn.one_hot(experts, self.cfg.num_experts), axis=(0, 1, 2))
+            loads.append(counts / jnp.sum(counts))
+            x = block(x, positions, inv_freq)[0]
+        return jnp.stack(loads)
 
 
 def moe_loss(model: MoE, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
