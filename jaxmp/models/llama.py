@@ -345,25 +345,30 @@ def flops_per_token(cfg: LlamaConfig) -> float:
 DEFAULT_TOKEN_VOCAB = 32000
 
 
-def _config(spec: Any, source: str) -> LlamaConfig:
-    # A published shape keeps its vocabulary (byte data fits in it); `tiny` takes the data's.
-    base = PRESETS.get(spec.preset, {})
+def config_from_spec(spec: Any, source: str, *, family: str = "llama",
+                     cls: type = LlamaConfig, presets: dict | None = None) -> Any:
+    """The family's config from the flat model settings (a family built on Llama's passes
+    its name, config class and presets). A published shape keeps its vocabulary (byte
+    data fits in it); `tiny` takes the data's."""
+    presets = PRESETS if presets is None else presets
+    base = presets.get(spec.preset, {})
     vocab = spec.vocab_size or base.get("vocab_size") or (
         BYTE_VOCAB if data.is_byte_source(source) else DEFAULT_TOKEN_VOCAB)
-    over = spec.family_overrides("llama", LlamaConfig)
+    over = spec.family_overrides(family, cls)
     over.pop("vocab_size", None)
-    return preset(spec.preset, vocab_size=vocab, **over)
+    return from_preset(cls, presets, family, spec.preset, {"vocab_size": vocab, **over})
 
 
-def _config_from_json(d: dict) -> LlamaConfig:
+def config_from_json(d: dict, cls: type = LlamaConfig) -> Any:
+    """A checkpoint record's config (rope_scaling back to a tuple)."""
     d = dict(d)
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = tuple(d["rope_scaling"])
-    return LlamaConfig(**d)
+    return cls(**d)
 
 
 FAMILY = register(Family(
-    name="llama", make_config=_config, config_from_json=_config_from_json,
+    name="llama", make_config=config_from_spec, config_from_json=config_from_json,
     build=lambda cfg, pipeline, rngs: Llama(cfg, rngs=rngs, pipeline=pipeline), loss=lm_loss,
     batches=token_batches, eval_batches=token_batches, stack="blocks",
     flops_per_token=flops_per_token,

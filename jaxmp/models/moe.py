@@ -19,22 +19,29 @@ cross-entropy and reports each.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp import data
 from jaxmp.experts import STATS, moe_mlp, route
 from jaxmp.layers import RESIDUAL, KVCache, param
 from jaxmp.models.decoder import from_preset, next_token_loss, token_batches
-from jaxmp.models.llama import DEFAULT_TOKEN_VOCAB, MLP, Block, Llama, LlamaConfig, rope_frequencies
+from jaxmp.models.llama import (
+    MLP,
+    Block,
+    Llama,
+    LlamaConfig,
+    config_from_json,
+    config_from_spec,
+    rope_frequencies,
+)
 from jaxmp.models.moe_hf import MIXTRAL, QWEN3_MOE
 from jaxmp.models.registry import Family, register
 from jaxmp.sharding import constrain
 from jaxmp.stack import unstack
-from jaxmp.tokenizer import BYTE_VOCAB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,24 +224,10 @@ def flops_per_token(cfg: MoEConfig) -> float:
     return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cfg.seq_len
 
 
-def _config(spec: Any, source: str) -> MoEConfig:
-    base = PRESETS.get(spec.preset, {})
-    vocab = spec.vocab_size or base.get("vocab_size") or (
-        BYTE_VOCAB if data.is_byte_source(source) else DEFAULT_TOKEN_VOCAB)
-    over = spec.family_overrides("moe", MoEConfig)
-    over.pop("vocab_size", None)
-    return preset(spec.preset, vocab_size=vocab, **over)
-
-
-def _config_from_json(d: dict) -> MoEConfig:
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(d["rope_scaling"])
-    return MoEConfig(**d)
-
-
 FAMILY = register(Family(
-    name="moe", make_config=_config, config_from_json=_config_from_json,
+    name="moe", config_from_json=functools.partial(config_from_json, cls=MoEConfig),
+    make_config=functools.partial(config_from_spec, family="moe", cls=MoEConfig,
+                                  presets=PRESETS),
     build=lambda cfg, pipeline, rngs: MoE(cfg, rngs=rngs, pipeline=pipeline), loss=moe_loss,
     batches=token_batches, eval_batches=token_batches, stack="blocks",
     flops_per_token=flops_per_token, generates=True, layers_name="decoder layers",
