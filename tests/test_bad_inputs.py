@@ -317,6 +317,33 @@ def test_round_two_settings_fail_before_compute(tmp_path, case):
     assert not (tmp_path / "ck").exists()
 
 
+MOE_CASES = {
+    "no_experts": (dict(num_experts=0), "--num_experts=0 must be >= 1"),
+    "top_k_above_experts": (dict(experts_per_token=9), "experts_per_token=9 must be <= "
+                                                       "num_experts=8"),
+    "negative_capacity": (dict(expert_capacity_factor=-1.0), "expert_capacity_factor=-1.0 "
+                                                              "must be a number >= 0"),
+    "expert_axis_too_big": (dict(mesh="expert:8", num_experts=4),
+                            "(experts=4) is not divisible by mesh axis expert=8"),
+    "batch_over_expert": (dict(mesh="data:2,expert:4", batch_size=4),
+                          "each divisible by data*fsdp*expert=8"),
+    "experts_for_gpt": (dict(model="gpt", num_experts=4),
+                        "--num_experts is not a setting of the gpt family"),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_settings_fail_before_compute(tmp_path, case):
+    """A mixture of experts' bad settings, each one line before anything is compiled or
+    created: a mesh whose expert axis does not divide the experts names the parameter and
+    the fix; the expert axis counts in the batch's split."""
+    settings, msg = MOE_CASES[case]
+    with pytest.raises(ValueError) as err:
+        prepare(_cfg(tmp_path / "ck", **{"model": "moe", "num_layers": 2, **settings}))
+    assert msg in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "ck").exists()
+
+
 def test_checkpoint_dirs_that_are_not_a_runs_own(tmp_path):
     """--ckpt_dir at a Hugging Face model directory, at one of a run's step directories or
     below a run directory is refused (it used to start a run inside another run's
