@@ -295,7 +295,6 @@ def test_published_parameter_counts_total_and_active():
 
     model = nnx.eval_shape(lambda: MoE(preset("tiny"), rngs=nnx.Rngs(0)))
     stored = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model)))
-    # the stored model also holds the replaced dense MLP's width-1 copy: none
     assert stored == num_params(preset("tiny"), real=False)
 
 

@@ -264,11 +264,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """x + attn(norm(x)), then x + mlp(norm(x))."""
 
+    mlp_cls: type = MLP  # a family built on Llama's (models/moe.py) swaps the MLP
+
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, out_std: float, dtype: Any):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, dtype=dtype)
         self.attn = Attention(cfg, rngs=rngs, out_std=out_std, dtype=dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, dtype=dtype)
-        self.mlp = MLP(cfg, rngs=rngs, out_std=out_std, dtype=dtype)
+        self.mlp = self.mlp_cls(cfg, rngs=rngs, out_std=out_std, dtype=dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  cache: KVCache | None = None, index: jax.Array | None = None,

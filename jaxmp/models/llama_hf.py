@@ -56,14 +56,20 @@ def config_from_hf(hf: dict) -> dict:
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
-def config_to_hf(cfg: dict, base: dict) -> dict:
-    """LlamaConfig fields -> config.json (transformers 5's rope_parameters), keeping what
-    `base` (an imported config.json) says about the rest (token ids, ...)."""
+def rope_parameters(cfg: dict) -> dict:
+    """config.json's rope_parameters (transformers 5) of a config's rotary settings."""
     rope = {"rope_theta": cfg["rope_theta"], "rope_type": "default"}
     if cfg.get("rope_scaling"):
         f, low, high, original = cfg["rope_scaling"]
         rope.update(rope_type="llama3", factor=f, low_freq_factor=low, high_freq_factor=high,
                     original_max_position_embeddings=original)
+    return rope
+
+
+def config_to_hf(cfg: dict, base: dict) -> dict:
+    """LlamaConfig fields -> config.json (transformers 5's rope_parameters), keeping what
+    `base` (an imported config.json) says about the rest (token ids, ...)."""
+    rope = rope_parameters(cfg)
     out = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
            "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2}
     out.update(base)

@@ -136,12 +136,7 @@ class MoEMLP(nnx.Module):
 class MoEBlock(Block):
     """Llama's block with the routed MLP: x + attn(norm(x)), then x + moe(norm(x))."""
 
-    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, out_std: float, dtype: Any):
-        # Llama's block without its dense MLP (built, then replaced: the same random
-        # stream order for attention, whatever the MLP)
-        super().__init__(dataclasses.replace(cfg, mlp_dim=1), rngs=rngs, out_std=out_std,
-                         dtype=dtype)
-        self.mlp = MoEMLP(cfg, rngs=rngs, out_std=out_std, dtype=dtype)
+    mlp_cls = MoEMLP
 
     def forward(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                 cache: KVCache | None = None, index: jax.Array | None = None,
@@ -196,13 +191,14 @@ class MoE(Llama):
         x, loads = self._embed(tokens), []
         for w in unstack(weights, self.cfg.num_layers):
             block = nnx.merge(graphdef, w)
-            h = block.mlp_norm(x + block.attn(block.attn_norm(x), positions, inv_freq)[0])
+            x = x + block.attn(block.attn_norm(x), positions, inv_freq)[0]
+            h = block.mlp_norm(x)
             logits = jnp.einsum("btd,ed->bte", h.astype(jnp.float32),
                                 block.mlp.router[...].astype(jnp.float32))
             _, experts, _ = route(logits, self.cfg.experts_per_token, False)
             counts = jnp.sum(jax.nn.one_hot(experts, self.cfg.num_experts), axis=(0, 1, 2))
             loads.append(counts / jnp.sum(counts))
-            x = block(x, positions, inv_freq)[0]
+            x = x + block.mlp(h)[0]
         return jnp.stack(loads)
 
 

@@ -14,7 +14,7 @@ and no shared experts); any other model has no Hugging Face architecture here.
 from __future__ import annotations
 
 from jaxmp.hf import HFError, HFFormat, Tensor, require_fields  # noqa: F401
-from jaxmp.models.llama_hf import _rope, layer_tensor
+from jaxmp.models.llama_hf import _rope, layer_tensor, rope_parameters
 from jaxmp.models.llama_hf import tensors as llama_tensors
 
 SHAPE_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -73,11 +73,7 @@ def qwen3_moe_from_hf(hf: dict) -> dict:
 
 
 def _to_hf(cfg: dict, base: dict, extra: dict) -> dict:
-    rope = {"rope_theta": cfg["rope_theta"], "rope_type": "default"}
-    if cfg.get("rope_scaling"):
-        f, low, high, original = cfg["rope_scaling"]
-        rope.update(rope_type="llama3", factor=f, low_freq_factor=low, high_freq_factor=high,
-                    original_max_position_embeddings=original)
+    rope = rope_parameters(cfg)
     out = {"hidden_act": "silu", "attention_dropout": 0.0, "sliding_window": None}
     out.update(base)
     for old in ("rope_theta", "rope_scaling"):
