@@ -128,6 +128,12 @@ class LayoutConfig:
     pipeline_fsdp_gather_once: bool = opt(False, "With fsdp and pipe: gather each stage's "
                                           "weights over fsdp once per step, not every tick "
                                           "(costs the stage's unsharded weights in memory).")
+    context_attention: str = opt(
+        "ring", "With a context mesh axis (the sequence split over devices): ring passes "
+        "key/value blocks around the context devices (no device holds the whole sequence's "
+        "keys; c-1 exchanges per layer), allgather gathers the keys and values over context "
+        "(one collective per layer; the whole GQA-sized KV in memory).",
+        choices=("ring", "allgather"))
 
 
 @dataclasses.dataclass
@@ -242,7 +248,7 @@ class RunConfig:
             from jaxmp.sharding import parse_rule_overrides
 
             axes = parse_rule_overrides(self.layout.activation_rules).get("sequence")
-            if axes not in (None, ("tensor",)):
+            if axes not in (None, ("tensor",), ("context", "tensor")):
                 raise ValueError(f"sequence_parallel and activation_rules 'sequence="
                                  f"{'+'.join(axes)}' disagree; give one of them")
 

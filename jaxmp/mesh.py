@@ -1,9 +1,11 @@
 """Device meshes: parse "data:2,pipe:2,tensor:2", simulate CPU devices, build the Mesh.
 
-Mesh axes, outermost first: data, fsdp, pipe, expert, tensor. The tensor axis is innermost
-so that its (per-layer, latency-bound) all-reduces stay between the best-connected devices;
-`expert` (a mixture of experts' all-to-alls, twice per MoE layer) sits next to it. Outside
-the experts `expert` splits the batch like `data` (BATCH_AXES).
+Mesh axes, outermost first: data, fsdp, pipe, expert, context, tensor. The tensor axis is
+innermost so that its (per-layer, latency-bound) all-reduces stay between the
+best-connected devices; `context` (context parallelism: the sequence split, its attention
+passing key/value blocks around a ring or all-gathering them, per layer) and `expert` (a
+mixture of experts' all-to-alls, twice per MoE layer) sit next to it. Outside the experts
+`expert` splits the batch like `data` (BATCH_AXES).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-AXES: tuple[str, ...] = ("data", "fsdp", "pipe", "expert", "tensor")
+AXES: tuple[str, ...] = ("data", "fsdp", "pipe", "expert", "context", "tensor")
 # the axes the batch is split over (the default activation rule for `batch`)
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
 

@@ -33,6 +33,7 @@ LOGICAL_NAMES: tuple[str, ...] = (
 REPLICABLE: frozenset[str] = frozenset({"kv_heads"})
 
 Names = tuple[str | None, ...]
+CONTEXT_ATTENTION: tuple[str, ...] = ("ring", "allgather")
 RuleTable = tuple[tuple[str, tuple[str, ...]], ...]
 
 
@@ -66,28 +67,43 @@ class Rules:
 
     params: RuleTable
     activations: RuleTable
+    # how attention runs where `length` is split (over `context`): ring | allgather
+    context_attention: str = "ring"
 
     @classmethod
     def create(cls, params: Mapping[str, Any] | Iterable[tuple[str, Any]],
-               activations: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Rules:
-        return cls(_table(params, "parameter"), _table(activations, "activation"))
+               activations: Mapping[str, Any] | Iterable[tuple[str, Any]],
+               context_attention: str = "ring") -> Rules:
+        if context_attention not in CONTEXT_ATTENTION:
+            raise ShardingError(f"context_attention={context_attention!r}: choose "
+                                f"{' or '.join(CONTEXT_ATTENTION)}")
+        return cls(_table(params, "parameter"), _table(activations, "activation"),
+                   context_attention)
 
     def override(self, params: Mapping[str, Any] | None = None,
-                 activations: Mapping[str, Any] | None = None) -> Rules:
+                 activations: Mapping[str, Any] | None = None,
+                 context_attention: str | None = None) -> Rules:
         """A copy with some names remapped (None or () makes a name replicated)."""
         p = {**dict(self.params), **dict(params or {})}
         a = {**dict(self.activations), **dict(activations or {})}
-        return Rules.create(p, a)
+        return Rules.create(p, a, context_attention or self.context_attention)
 
-    def to_json(self) -> dict[str, dict[str, list[str]]]:
+    def to_json(self) -> dict[str, Any]:
         return {"params": {k: list(v) for k, v in self.params},
-                "activations": {k: list(v) for k, v in self.activations}}
+                "activations": {k: list(v) for k, v in self.activations},
+                "context_attention": self.context_attention}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Mapping[str, Sequence[str]]]) -> Rules:
-        return cls.create(d["params"], d["activations"])
+    def from_json(cls, d: Mapping[str, Any]) -> Rules:
+        """Rules a checkpoint recorded; names it has no rule for (a record older than the
+        name's default rule) take the default."""
+        return DEFAULT_RULES.override(d["params"], d["activations"],
+                                      d.get("context_attention", "ring"))
 
 
+# `length` (the sequence inside attention and the MLP) and `sequence` (the residual stream)
+# are split over `context` (context parallelism; jaxmp/context.py runs attention across
+# it); sequence parallelism adds `tensor` after it (--sequence_parallel).
 # A mixture of experts' weights are split over `expert` by their `experts` dimension; outside
 # the experts the `expert` axis splits the batch, like `data` (the experts' all-to-all then
 # exchanges each device's own tokens).
@@ -99,7 +115,8 @@ DEFAULT_RULES = Rules.create(
     params={"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": ("pipe", "tensor"),
             "length": ("pipe", "tensor"), "layers": "pipe", "stage": "pipe",
             "kv_heads": "tensor", "experts": "expert"},
-    activations={"batch": ("data", "fsdp", "expert"), "mlp": "tensor", "heads": "tensor",
+    activations={"batch": ("data", "fsdp", "expert"), "length": "context",
+                 "sequence": "context", "mlp": "tensor", "heads": "tensor",
                  "vocab": ("pipe", "tensor"), "stage": "pipe", "layers": "pipe",
                  "kv_heads": "tensor", "experts": "expert"},
 )
@@ -235,6 +252,11 @@ def current_spec(names: Sequence[str | None], shape: Sequence[int],
 def current_mesh() -> Mesh | None:
     ctx = _CONTEXT.get()
     return None if ctx is None else ctx[0]
+
+
+def current_rules() -> Rules | None:
+    ctx = _CONTEXT.get()
+    return None if ctx is None else ctx[1]
 
 
 # ---------------------------------------------------------------- parameters

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmp import data
+from jaxmp.context import sequence_order
 
 NEG_INF = -1e30
 
@@ -83,8 +84,22 @@ def token_batches(cfg: Any, source: str, batch_size: int, seed: int) -> data.Tok
 def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy of a decoder (model(tokens) -> logits (B, T, V),
     float32, padding masked). batch['tokens']: (B, T+1)."""
-    tokens = batch["tokens"]
-    return next_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
+    inputs, targets, positions = context_batch(batch["tokens"])
+    if positions is None:
+        return next_token_loss(model(inputs), targets)
+    return next_token_loss(model(inputs, positions), targets)
+
+
+def context_batch(tokens: jax.Array) -> tuple[jax.Array, jax.Array, np.ndarray | None]:
+    """Inputs and targets of a token batch (B, T+1) in the order the current mesh lays a
+    sequence out in, and that order (None: natural). With the sequence split over
+    `context`, the zig-zag order (context parallelism's causal load balance): the tokens,
+    their targets and positions permuted alike, so a mean loss is unchanged."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    order = sequence_order(inputs.shape[1])
+    if order is None:
+        return inputs, targets, None
+    return inputs[:, order], targets[:, order], order
 
 
 def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp import data
+from jaxmp import context, data
 from jaxmp.layers import (
     RESIDUAL,
     Dense,
     Embed,
     KVCache,
     LayerNorm,
-    causal_attention,
     gather_sequence,
     gathered,
     param,
@@ -64,24 +63,23 @@ class Attention(nnx.Module):
         self.implementation = implementation  # causal_attention's: xla / cudnn / chunked
 
     def __call__(self, x: jax.Array, cache: KVCache | None = None,
-                 index: jax.Array | None = None,
-                 layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
-        """x: (B, T, D). With a cache (B, S, N, H) the T new positions start at `index` (B,).
-        With `layer`, the cache is the whole stack (L, B, S, N, H) and only this layer's
-        new positions are written (no copy of the layer's slab)."""
+                 index: jax.Array | None = None, layer: int | None = None,
+                 order: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """x: (B, T, D), its tokens' positions `order` (T,) (None: 0..T-1). With a cache
+        (B, S, N, H) the T new positions start at `index` (B,). With `layer`, the cache is
+        the whole stack (L, B, S, N, H) and only this layer's new positions are written
+        (no copy of the layer's slab)."""
         names = ("batch", "length", "heads", "kv")
         qkv = gathered(self.qkv, x)  # (B, T, 3, N, H)
         q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
         if cache is None:
-            y = causal_attention(q, k, v, self.implementation)
+            y = context.causal(q, k, v, order, self.implementation)
         else:
             t = x.shape[1]
             cache = tuple(write_cache(c, new, index, layer) for c, new in zip(cache, (k, v)))
             k_all, v_all = (c if layer is None else c[layer] for c in cache)  # (B, S, N, H)
             q_pos = index[:, None] + jnp.arange(t)[None, :]  # (B, T)
-            mask = jnp.arange(k_all.shape[1])[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
-            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                             mask=mask[:, None])
+            y = context.cached_attention(q, k_all, v_all, q_pos)
         y = constrain(y, names)
         return self.out(y), cache
 
@@ -117,10 +115,10 @@ class DecoderBlock(nnx.Module):
         self.mlp = MLP(dim, mlp_dim, rngs=rngs, out_std=out_std, dtype=dtype)
 
     def __call__(self, x: jax.Array, cache: KVCache | None = None,
-                 index: jax.Array | None = None,
-                 layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
+                 index: jax.Array | None = None, layer: int | None = None,
+                 order: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         x = constrain(x, RESIDUAL)
-        a, cache = self.attn(self.ln1(x), cache, index, layer)
+        a, cache = self.attn(self.ln1(x), cache, index, layer, order)
         x = constrain(x + a, RESIDUAL)  # with sequence parallelism: a reduce-scatter
         x = x + self.mlp(self.ln2(x))
         return constrain(x, RESIDUAL), cache
@@ -210,13 +208,16 @@ class GPT(nnx.Module):
         logits = self.wte.attend(gather_sequence(self.ln_f(x))).astype(jnp.float32)
         return mask_padding(constrain(logits, ("batch", "length", "vocab")), self.cfg.vocab_size)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens (B, T) int -> logits (B, T, padded_vocab) float32."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """tokens (B, T) int -> logits (B, T, padded_vocab) float32. `positions` (T,): the
+        tokens' positions where they are stored out of order (context parallelism's
+        load-balanced layout, `context.sequence_order`); default 0..T-1."""
         T = tokens.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.seq_len}")
-        x = self.embed(tokens, jnp.arange(T))
-        x = self.stack.apply(self.blocks, x, X_NAMES, lambda block, h: block(h)[0])
+        x = self.embed(tokens, jnp.arange(T) if positions is None else positions)
+        x = self.stack.apply(self.blocks, x, X_NAMES,
+                             lambda block, h: block(h, order=positions)[0])
         return self.head(x)
 
     def decode(self, tokens: jax.Array, cache: tuple[jax.Array, jax.Array],

@@ -21,17 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp import data
-from jaxmp.layers import (
-    RESIDUAL,
-    Embed,
-    KVCache,
-    causal_attention,
-    gather_sequence,
-    gathered,
-    param,
-    write_cache,
-)
+from jaxmp import context, data
+from jaxmp.layers import RESIDUAL, Embed, KVCache, gather_sequence, gathered, param, write_cache
 from jaxmp.models.decoder import (
     DecoderShape,
     from_preset,
@@ -222,7 +213,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  cache: KVCache | None = None, index: jax.Array | None = None,
-                 layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
+                 layer: int | None = None,
+                 order: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`positions` (B, T) or (1, T) rotate q and k; `order` (T,): the positions of a
+        sequence stored out of order (context parallelism), None for 0..T-1."""
         q_names, kv_names = ("batch", "length", "heads", "kv"), ("batch", "length", "kv_heads", "kv")
         q, k, v = self._qkv(x)
         if self.q_norm is not None:
@@ -231,14 +225,12 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(constrain(k, kv_names), positions, inv_freq), kv_names)
         v = constrain(v, kv_names)
         if cache is None:
-            y = causal_attention(q, k, v, self.implementation)
+            y = context.causal(q, k, v, order, self.implementation)
         else:
             cache = tuple(write_cache(c, new, index, layer, kv_names)
                           for c, new in zip(cache, (k, v)))
             k_all, v_all = (c if layer is None else c[layer] for c in cache)
-            mask = jnp.arange(k_all.shape[1])[None, None, :] <= positions[:, :, None]
-            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                             mask=mask[:, None])
+            y = context.cached_attention(q, k_all, v_all, positions)
         return self.o(constrain(y, q_names)), cache
 
 
@@ -274,9 +266,10 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  cache: KVCache | None = None, index: jax.Array | None = None,
-                 layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
+                 layer: int | None = None,
+                 order: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         x = constrain(x, RESIDUAL)
-        a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache, index, layer)
+        a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache, index, layer, order)
         x = constrain(x + a, RESIDUAL)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, RESIDUAL), cache
@@ -310,15 +303,22 @@ class Llama(nnx.Module):
         logits = table.attend(gather_sequence(self.norm(x))).astype(jnp.float32)
         return mask_padding(constrain(logits, ("batch", "length", "vocab")), self.cfg.vocab_size)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """tokens (B, T) -> logits (B, T, V); `positions` (T,) as GPT's."""
+        positions, rope_pos = self._positions(tokens, positions)
+        inv_freq = rope_frequencies(self.cfg)
+        x = self.stack.apply(self.blocks, self._embed(tokens), X_NAMES,
+                             lambda block, h: block(h, rope_pos, inv_freq, order=positions)[0])
+        return self.head(x)
+
+    def _positions(self, tokens: jax.Array, positions: jax.Array | None,
+                   ) -> tuple[jax.Array | None, jax.Array]:
+        """The sequence's order (None: natural) and the rotary positions (1, T) (any batch:
+        micro-batches, replicas), after checking the length."""
         t = tokens.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds the context of {self.cfg.seq_len}")
-        positions = jnp.arange(t)[None, :]  # (1, T): any batch (micro-batches, replicas)
-        inv_freq = rope_frequencies(self.cfg)
-        x = self.stack.apply(self.blocks, self._embed(tokens), X_NAMES,
-                             lambda block, h: block(h, positions, inv_freq)[0])
-        return self.head(x)
+        return positions, (jnp.arange(t) if positions is None else positions)[None, :]
 
     def decode(self, tokens: jax.Array, cache: KVCache, index: jax.Array,
                layers: list[Any] | None = None) -> tuple[jax.Array, KVCache]:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from jaxmp.experts import STATS, moe_mlp, route
 from jaxmp.layers import RESIDUAL, KVCache, param
-from jaxmp.models.decoder import from_preset, next_token_loss, token_batches
+from jaxmp.models.decoder import context_batch, from_preset, next_token_loss, token_batches
 from jaxmp.models.llama import (
     MLP,
     Block,
@@ -140,36 +140,37 @@ class MoEBlock(Block):
 
     def forward(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                 cache: KVCache | None = None, index: jax.Array | None = None,
-                layer: int | None = None) -> tuple[jax.Array, KVCache | None, jax.Array]:
+                layer: int | None = None, order: jax.Array | None = None,
+                ) -> tuple[jax.Array, KVCache | None, jax.Array]:
         x = constrain(x, RESIDUAL)
-        a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache, index, layer)
+        a, cache = self.attn(self.attn_norm(x), positions, inv_freq, cache, index, layer, order)
         x = constrain(x + a, RESIDUAL)
         y, stats = self.mlp(self.mlp_norm(x))
         return constrain(x + y, RESIDUAL), cache, stats
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  cache: KVCache | None = None, index: jax.Array | None = None,
-                 layer: int | None = None) -> tuple[jax.Array, KVCache | None]:
-        return self.forward(x, positions, inv_freq, cache, index, layer)[:2]
+                 layer: int | None = None,
+                 order: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        return self.forward(x, positions, inv_freq, cache, index, layer, order)[:2]
 
 
 class MoE(Llama):
     block_cls = MoEBlock
 
-    def forward(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens (B, T) -> logits (B, T, V) and the routing statistics (B, 3) averaged
-        over the layers (STATS order)."""
+    def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+                ) -> tuple[jax.Array, jax.Array]:
+        """tokens (B, T) (at `positions` (T,), as Llama's) -> logits (B, T, V) and the
+        routing statistics (B, 3) averaged over the layers (STATS order)."""
         t = tokens.shape[1]
-        if t > self.cfg.seq_len:
-            raise ValueError(f"sequence of {t} tokens exceeds the context of {self.cfg.seq_len}")
-        positions = jnp.arange(t)[None, :]
+        order, positions = self._positions(tokens, positions)
         inv_freq = rope_frequencies(self.cfg)
         x = self._embed(tokens)
         b, d = x.shape[0], x.shape[-1]
 
         def layer(block: MoEBlock, h: jax.Array) -> jax.Array:
             # (B, T, d + 3): the residual stream and the statistics summed so far
-            y, _, stats = block.forward(h[..., :d], positions, inv_freq)
+            y, _, stats = block.forward(h[..., :d], positions, inv_freq, order=order)
             return jnp.concatenate([y, h[..., d:] + stats[:, None, :].astype(h.dtype)], -1)
 
         h = jnp.concatenate([x, jnp.zeros((b, t, len(STATS)), x.dtype)], axis=-1)
@@ -177,8 +178,8 @@ class MoE(Llama):
         stats = h[:, 0, d:].astype(jnp.float32) / self.cfg.num_layers
         return self.head(h[..., :d]), stats
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.forward(tokens)[0]
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        return self.forward(tokens, positions)[0]
 
     def expert_loads(self, tokens: jax.Array) -> jax.Array:
         """(layers, experts): each layer's share of the top-k assignments of `tokens`
@@ -204,9 +205,10 @@ class MoE(Llama):
 
 def moe_loss(model: MoE, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy + the router losses; the metrics name each part."""
-    tokens, cfg = batch["tokens"], model.cfg
-    logits, stats = model.forward(tokens[:, :-1])
-    lm = next_token_loss(logits, tokens[:, 1:])
+    cfg = model.cfg
+    inputs, targets, positions = context_batch(batch["tokens"])
+    logits, stats = model.forward(inputs, positions)
+    lm = next_token_loss(logits, targets)
     aux, z, dropped = jnp.mean(stats, axis=0)
     metrics = {"lm_loss": lm, "aux_loss": aux, "router_z_loss": z}
     if cfg.expert_capacity_factor > 0:

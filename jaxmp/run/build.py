@@ -57,9 +57,10 @@ class Run:
 def build_rules(layout: LayoutConfig) -> Rules:
     activations = parse_rule_overrides(layout.activation_rules)
     if layout.sequence_parallel:  # (RunConfig.validate checks it agrees with the rules)
-        activations["sequence"] = ("tensor",)
+        activations["sequence"] = ("context", "tensor")  # within the context slice
     return DEFAULT_RULES.override(params=parse_rule_overrides(layout.rules),
-                                  activations=activations)
+                                  activations=activations,
+                                  context_attention=layout.context_attention)
 
 
 def model_config(cfg: RunConfig) -> tuple[Family, Any]:
@@ -115,6 +116,7 @@ def layout(cfg: RunConfig, family: Family, model_cfg: Any, devices: Any = None,
         shards = batch_shards(mesh)[0]
         per_shard = cfg.data.batch_size // max(1, cfg.optimizer.grad_accum_steps) // shards
         pipe.validate(model_cfg.num_layers, per_shard, family.layers_name)
+    checks.context(mesh, model_cfg, family.name)
     return mesh, pipe, build_rules(cfg.layout)
 
 

@@ -1,11 +1,13 @@
 """The checks a run passes before anything is computed: the paths it will write, the
-checkpoint directory's place, the profile's length, the same flags on every process."""
+checkpoint directory's place, the profile's length, the same flags on every process, the
+sequence a context axis splits."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -94,3 +96,18 @@ def same_flags(cfg: RunConfig) -> None:
     if differ:
         raise ValueError(f"process {differ[0]} was started with other training flags than "
                          "process 0; start every process with the same flags")
+
+
+def context(mesh: Any, model_cfg: Any, family: str) -> None:
+    """A `context` axis needs a sequence model whose length splits into 2 x context equal
+    chunks (the zig-zag layout that balances the causal work)."""
+    c = mesh.shape.get("context", 1)
+    if c == 1:
+        return
+    t = getattr(model_cfg, "seq_len", None)
+    if t is None:
+        raise ValueError(f"mesh axis context={c} splits a sequence, and the {family} family has "
+                         "none; drop context from --mesh")
+    if t % (2 * c):
+        raise ValueError(f"seq_len={t} does not split into 2 x context = {2 * c} equal chunks "
+                         f"(the load-balanced causal layout); use a seq_len divisible by {2 * c}")

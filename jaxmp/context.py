@@ -1,0 +1,396 @@
+"""Context parallelism: attention over a sequence split along the `context` mesh axis.
+
+The activation rules map `length` (and the residual stream's `sequence`) to `context`, so
+every per-token computation (embeddings, norms, projections, MLPs, the loss) runs on the
+device's own slice of the sequence with no communication. Attention is the one place
+tokens meet; it runs in a shard_map over the mesh in one of two ways (the rules'
+`context_attention`):
+
+- ring: each device keeps its queries and passes its key/value block around the ring of
+  `context` devices (c-1 collective-permutes), accumulating the output with an online
+  softmax (running max and sum, as flash attention does), so no device ever holds more
+  than two blocks of keys. The backward pass is a ring too (a custom VJP): the key/value
+  blocks travel again with their gradients accumulating beside them, and arrive home after
+  c permutes. Nothing of size T x T or T x kv_dim is kept.
+- allgather: keys and values are all-gathered over `context` (GQA-sized: the KV heads
+  only), then each device attends its queries to them block by block with the same
+  online softmax; the backward pass reduce-scatters their gradients (Llama 3's choice:
+  one collective per layer, cheaper at moderate lengths, needs the whole KV in memory).
+
+Causal load balance. Split plainly, the device holding the end of the sequence does c
+times the attention work of the first. `zigzag_order` cuts the sequence into 2c chunks
+and gives device i chunks i and 2c-1-i (Megatron-LM's and Llama 3's layout); the loss
+applies that order to the tokens, targets and positions before the model sees them (the
+loss is a mean over tokens, so neither it nor the data order changes). Masks are always
+computed from positions, never from array indices, so any order is correct; a block of
+keys entirely after a block of queries is skipped (`lax.cond` per half-block), which with
+the zig-zag order leaves every device the same work at every ring step.
+
+Serving keeps the KV cache split over `context` the same way: a cached step's queries
+(all of them, gathered) attend each device's slice of the cache, and the partial results
+are combined with one max and two sums over `context` (`cached_attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from jaxmp.layers import causal_attention
+from jaxmp.sharding import current_mesh, current_rules, current_spec
+
+KINDS = ("ring", "allgather")
+NEG = -1e30  # the masked score (finite: a block with no visible key must not give NaN)
+Q_NAMES = ("batch", "length", "heads", "kv")
+KV_NAMES = ("batch", "length", "kv_heads", "kv")
+
+
+# ---------------------------------------------------------------- the layout
+def zigzag_order(t: int, c: int) -> np.ndarray:
+    """The positions in storage order for a sequence of t split over c devices: 2c chunks,
+    device i holding chunks i and 2c-1-i (identity for c == 1)."""
+    if c <= 1:
+        return np.arange(t)
+    if t % (2 * c):
+        raise ValueError(f"a sequence of {t} tokens does not split into 2*context = {2 * c} "
+                         f"equal chunks; use a length divisible by {2 * c}")
+    chunks = np.arange(t).reshape(2 * c, t // (2 * c))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * c - 1 - i]])
+                           for i in range(c)])
+
+
+def context_axes(t: int) -> tuple[str, ...]:
+    """The mesh axes a length-t sequence is split over under the current rules (() outside
+    a mesh, or where they do not divide t)."""
+    spec = current_spec(("length",), (t,))
+    entry = spec[0] if spec else None
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def context_size(t: int) -> int:
+    mesh = current_mesh()
+    return math.prod(mesh.shape[a] for a in context_axes(t)) if mesh is not None else 1
+
+
+def sequence_order(t: int) -> np.ndarray | None:
+    """The order a training sequence of t tokens is laid out in on the current mesh: the
+    zig-zag order where it is split over `context`, else None (the natural order)."""
+    c = context_size(t)
+    return zigzag_order(t, c) if c > 1 else None
+
+
+def causal_work(order: np.ndarray, c: int) -> np.ndarray:
+    """Visible (query, key) pairs each of c devices attends to when the sequence is stored
+    in `order` and split into c contiguous slices (the causal work per device)."""
+    return np.array([int(np.sum(q + 1)) for q in np.split(np.asarray(order), c)])
+
+
+# ---------------------------------------------------------------- the online softmax
+def _scores(q: jax.Array, k: jax.Array, qpos: jax.Array, kpos: jax.Array, scale: float,
+            ) -> tuple[jax.Array, jax.Array]:
+    """q (b, tq, K, G, h), k (b, tk, K, h) -> masked scores (b, K, G, tq, tk) float32 and the
+    mask (tq, tk) (key position <= query position)."""
+    s = jnp.einsum("bqkgh,bskh->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    mask = kpos[None, :] <= qpos[:, None]
+    return jnp.where(mask, s, NEG), mask
+
+
+def _fwd_update(state: tuple, q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array,
+                kpos: jax.Array, scale: float) -> tuple:
+    """One block of keys folded into the running (max, sum, output) of queries q."""
+    m, den, acc = state
+    s, mask = _scores(q, k, qpos, kpos, scale)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    den = den * corr + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgqs,bskh->bqkgh", p.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32)
+    acc = acc * jnp.moveaxis(corr, -1, 1)[..., None] + pv
+    return m_new, den, acc
+
+
+def _bwd_update(grads: tuple, q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array,
+                lse: jax.Array, delta: jax.Array, qpos: jax.Array, kpos: jax.Array,
+                scale: float) -> tuple:
+    """The gradient contributions of one (queries, keys) block: (dq, dk, dv) added to."""
+    dq, dk, dv = grads
+    s, mask = _scores(q, k, qpos, kpos, scale)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)                  # (b, K, G, q, s)
+    dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p, do.astype(jnp.float32))
+    dp = jnp.einsum("bqkgh,bskh->bkgqs", do, v, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = dq + jnp.einsum("bkgqs,bskh->bqkgh", ds, k.astype(jnp.float32))
+    dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, q.astype(jnp.float32))
+    return dq, dk, dv
+
+
+def _halves(n: int) -> list[slice]:
+    """The row ranges a local block is cut into for skipping: halves where n is even (the
+    zig-zag chunks), else the whole."""
+    return [slice(0, n // 2), slice(n // 2, n)] if n % 2 == 0 and n > 1 else [slice(0, n)]
+
+
+def _visible(qpos: jax.Array, kpos: jax.Array) -> jax.Array:
+    return jnp.min(kpos) <= jnp.max(qpos)
+
+
+def _fold_block(states: list, q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array,
+                kpos: jax.Array, scale: float) -> list:
+    """Fold a key block into each query half's state, skipping key halves that lie
+    entirely after the query half."""
+    out = []
+    for qs, st in zip(_halves(q.shape[1]), states):
+        for ks in _halves(k.shape[1]):
+            args = (q[:, qs], k[:, ks], v[:, ks], qpos[qs], kpos[ks])
+            st = jax.lax.cond(_visible(qpos[qs], kpos[ks]),
+                              lambda s_, a: _fwd_update(s_, *a, scale), lambda s_, a: s_,
+                              st, args)
+        out.append(st)
+    return out
+
+
+def _grad_block(dq: list, dkv: tuple, q: jax.Array, k: jax.Array, v: jax.Array,
+                do: jax.Array, lse: jax.Array, delta: jax.Array, qpos: jax.Array,
+                kpos: jax.Array, scale: float) -> tuple[list, tuple]:
+    """The backward pass of `_fold_block`: per query half dq, and the key block's (dk, dv)."""
+    dk, dv = dkv
+    new_dq = []
+    for qi, qs in enumerate(_halves(q.shape[1])):
+        g = dq[qi]
+        for ks in _halves(k.shape[1]):
+            args = (q[:, qs], k[:, ks], v[:, ks], do[:, qs], lse[..., qs], delta[..., qs],
+                    qpos[qs], kpos[ks])
+
+            def run(c, a, ks=ks):
+                g_, dk_, dv_ = c
+                g_, dkp, dvp = _bwd_update((g_, jnp.zeros_like(dk_[:, ks]),
+                                            jnp.zeros_like(dv_[:, ks])), *a, scale)
+                return g_, dk_.at[:, ks].add(dkp), dv_.at[:, ks].add(dvp)
+            g, dk, dv = jax.lax.cond(_visible(qpos[qs], kpos[ks]), run, lambda c, a: c,
+                                     (g, dk, dv), args)
+        new_dq.append(g)
+    return new_dq, (dk, dv)
+
+
+def _init_states(q: jax.Array) -> list:
+    b, t, kh, g, h = q.shape
+    return [(jnp.full((b, kh, g, s.stop - s.start), NEG, jnp.float32),
+             jnp.zeros((b, kh, g, s.stop - s.start), jnp.float32),
+             jnp.zeros((b, s.stop - s.start, kh, g, h), jnp.float32))
+            for s in _halves(t)]
+
+
+def _finish(states: list) -> tuple[jax.Array, jax.Array]:
+    """Output (b, tq, K, G, h) float32 and its log-sum-exp (b, K, G, tq)."""
+    outs = [acc / jnp.moveaxis(den, -1, 1)[..., None] for _, den, acc in states]
+    lses = [m + jnp.log(den) for m, den, _ in states]
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=-1)
+
+
+def _split_rows(x: jax.Array, axis: int, n: int) -> list:
+    return [jax.lax.slice_in_dim(x, s.start, s.stop, axis=axis) for s in _halves(n)]
+
+
+# ---------------------------------------------------------------- ring attention
+def _shift(x: Any, axes: tuple[str, ...], c: int) -> Any:
+    """Pass to the next device of the ring (device i's block goes to i+1)."""
+    perm = [(i, (i + 1) % c) for i in range(c)]
+    return jax.tree_util.tree_map(lambda a: jax.lax.ppermute(a, axes, perm), x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
+          axes: tuple[str, ...], c: int) -> jax.Array:
+    return _ring_fwd(q, k, v, pos, axes, c)[0]
+
+
+def _ring_fwd(q, k, v, pos, axes, c):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    states = _init_states(q)
+    kb, vb, kpos = k, v, pos
+    for step in range(c):
+        states = _fold_block(states, q, kb, vb, pos, kpos, scale)
+        if step < c - 1:
+            kb, vb, kpos = _shift((kb, vb, kpos), axes, c)
+    out, lse = _finish(states)
+    return out.astype(q.dtype), (q, k, v, pos, out.astype(q.dtype), lse)
+
+
+def _ring_bwd(axes, c, res, do):
+    q, k, v, pos, out, lse = res
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
+    dq = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
+    kb, vb, kpos = k, v, pos
+    dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    for step in range(c):
+        dq, dkv = _grad_block(dq, dkv, q, kb, vb, do, lse, delta, pos, kpos, scale)
+        if step < c - 1:
+            kb, vb, kpos, dkv = _shift((kb, vb, kpos, dkv), axes, c)
+        else:  # the gradients of the block held now go home: one more step
+            dkv = _shift(dkv, axes, c)
+    dq = jnp.concatenate(dq, axis=1)
+    return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ---------------------------------------------------------------- blockwise local attention
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array, kpos: jax.Array,
+               blocks: int) -> jax.Array:
+    return _blockwise_fwd(q, k, v, qpos, kpos, blocks)[0]
+
+
+def _kv_blocks(x: jax.Array, blocks: int) -> list:
+    n = x.shape[1] // blocks
+    return [jax.lax.slice_in_dim(x, i * n, (i + 1) * n, axis=1) for i in range(blocks)]
+
+
+def _blockwise_fwd(q, k, v, qpos, kpos, blocks):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    states = _init_states(q)
+    for kb, vb, pb in zip(_kv_blocks(k, blocks), _kv_blocks(v, blocks),
+                          _kv_blocks(kpos[None], blocks)):
+        states = _fold_block(states, q, kb, vb, qpos, pb[0], scale)
+    out, lse = _finish(states)
+    return out.astype(q.dtype), (q, k, v, qpos, kpos, out.astype(q.dtype), lse)
+
+
+def _blockwise_bwd(blocks, res, do):
+    q, k, v, qpos, kpos, out, lse = res
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
+    dq = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
+    dks, dvs = [], []
+    for kb, vb, pb in zip(_kv_blocks(k, blocks), _kv_blocks(v, blocks),
+                          _kv_blocks(kpos[None], blocks)):
+        zero = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+        dq, (dk, dv) = _grad_block(dq, zero, q, kb, vb, do, lse, delta, qpos, pb[0], scale)
+        dks.append(dk)
+        dvs.append(dv)
+    dq = jnp.concatenate(dq, axis=1)
+    return (dq.astype(q.dtype), jnp.concatenate(dks, 1).astype(k.dtype),
+            jnp.concatenate(dvs, 1).astype(v.dtype), None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# ---------------------------------------------------------------- the entry points
+def _grouped(q: jax.Array, kv_heads: int) -> jax.Array:
+    b, t, n, h = q.shape
+    return q.reshape(b, t, kv_heads, n // kv_heads, h)
+
+
+def _local_attention(kind: str, axes: tuple[str, ...], c: int):
+    def body(q, k, v, pos):
+        b, t, n, h = q.shape
+        qg = _grouped(q, k.shape[2])
+        if kind == "ring":
+            y = _ring(qg, k, v, pos, axes, c)
+        else:
+            gather = lambda a, axis: jax.lax.all_gather(a, axes, axis=axis, tiled=True)
+            y = _blockwise(qg, gather(k, 1), gather(v, 1), pos, gather(pos, 0), c)
+        return y.reshape(b, t, n, h)
+    return body
+
+
+def _matching_kv(q: jax.Array, k: jax.Array, v: jax.Array, q_spec: PartitionSpec,
+                 kv_spec: PartitionSpec) -> tuple[jax.Array, jax.Array, PartitionSpec]:
+    """k and v with their heads split like the query heads: where the rules cannot split
+    the KV heads as they split the query heads (a tensor axis larger than the KV heads),
+    each KV head is repeated for its query group."""
+    q_entries, kv_entries = (*q_spec, None, None, None, None), (*kv_spec, None, None, None, None)
+    if q_entries[2] == kv_entries[2]:
+        return k, v, kv_spec
+    g = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(a, g, axis=2) for a in (k, v))
+    return k, v, PartitionSpec(*q_entries[:4])
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+              kind: str | None = None) -> jax.Array:
+    """Causal attention of q (B, T, N, H) over k, v (B, T, K, H) whose tokens sit at
+    `positions` (T,) (any order: the mask compares positions), with the sequence split over
+    the current rules' `length` axes: `kind` ring or allgather (default: the rules'). Off
+    such a mesh, blockwise attention on one device (the same numbers)."""
+    t = q.shape[1]
+    axes = context_axes(t)
+    mesh = current_mesh()
+    positions = jnp.asarray(positions, jnp.int32).reshape(t)
+    if not axes:
+        mask = positions[None, :] <= positions[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
+    c = math.prod(mesh.shape[a] for a in axes)
+    kind = kind or getattr(current_rules(), "context_attention", "ring")
+    if kind not in KINDS:
+        raise ValueError(f"context_attention={kind!r}: choose {' or '.join(KINDS)}")
+    q_spec = current_spec(Q_NAMES, q.shape)
+    kv_spec = current_spec(KV_NAMES, k.shape)
+    k, v, kv_spec = _matching_kv(q, k, v, q_spec, kv_spec)
+    pos_spec = PartitionSpec(q_spec[1])
+    return jax.shard_map(_local_attention(kind, axes, c), mesh=mesh,
+                         in_specs=(q_spec, kv_spec, kv_spec, pos_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, positions)
+
+
+def causal(q: jax.Array, k: jax.Array, v: jax.Array, order: jax.Array | None,
+           implementation: str | None = None) -> jax.Array:
+    """A model's training attention: tokens stored in `order` (their positions; None: the
+    natural order). Where the sequence is split over `context`, `attention` across it;
+    else the single-device kernel (`implementation`: layers.causal_attention's)."""
+    t = q.shape[1]
+    if order is None and not context_axes(t):
+        return causal_attention(q, k, v, implementation)
+    return attention(q, k, v, jnp.arange(t) if order is None else order)
+
+
+def cached_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array,
+                     q_pos: jax.Array) -> jax.Array:
+    """Attention of new queries q (B, t, N, H) at positions q_pos (B, t) over a whole KV
+    cache (B, S, K, H) (slot j holds position j; positions after q_pos masked). Where the
+    rules split the cache's length over `context`, each device attends to its slice and
+    the partial results are merged with a max and two sums over `context`; else plain
+    masked attention."""
+    s = k_all.shape[1]
+    axes = context_axes(s)
+    if not axes:
+        mask = jnp.arange(s)[None, None, :] <= q_pos[:, :, None]
+        return jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                            mask=mask[:, None])
+    mesh = current_mesh()
+    q_spec = current_spec(("batch", None, "heads", "kv"), q.shape)
+    kv_spec = current_spec(KV_NAMES, k_all.shape)
+    k_all, v_all, kv_spec = _matching_kv(q, k_all, v_all, q_spec, kv_spec)
+    pos_spec = PartitionSpec(q_spec[0] if len(q_spec) else None)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def body(q, k, v, qpos):
+        b, t, n, h = q.shape
+        local = k.shape[1]
+        kpos = jax.lax.axis_index(axes) * local + jnp.arange(local)
+        qg = _grouped(q, k.shape[2])
+        sc = jnp.einsum("bqkgh,bskh->bkgqs", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+        mask = (kpos[None, None, :] <= qpos[:, :, None])[:, None, None]     # (b,1,1,t,S)
+        sc = jnp.where(mask, sc, NEG)
+        m = jnp.max(sc, axis=-1)
+        m_all = jax.lax.pmax(m, axes)
+        p = jnp.where(mask, jnp.exp(sc - m_all[..., None]), 0.0)
+        den = jax.lax.psum(jnp.sum(p, axis=-1), axes)
+        acc = jax.lax.psum(jnp.einsum("bkgqs,bskh->bqkgh", p, v.astype(jnp.float32)), axes)
+        y = acc / jnp.moveaxis(den, -1, 1)[..., None]
+        return y.reshape(b, t, n, h).astype(q.dtype)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, pos_spec),
+                         out_specs=q_spec, check_vma=False)(q, k_all, v_all,
+                                                            q_pos.astype(jnp.int32))
