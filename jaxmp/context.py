@@ -198,6 +198,14 @@ def _split_rows(x: jax.Array, axis: int, n: int) -> list:
     return [jax.lax.slice_in_dim(x, s.start, s.stop, axis=axis) for s in _halves(n)]
 
 
+def _pinned(*xs: Any) -> tuple:
+    """The arrays a forward or backward rule works on, tied together by an optimization
+    barrier: the masks depend only on positions, the same in every layer, and without the
+    tie XLA hoists their computation out of the layer loop, keeping every ring step's masks
+    (c x (T/c)^2 per head) alive for the whole step."""
+    return jax.lax.optimization_barrier(xs)
+
+
 # ---------------------------------------------------------------- ring attention
 def _shift(x: Any, axes: tuple[str, ...], c: int) -> Any:
     """Pass to the next device of the ring (device i's block goes to i+1)."""
@@ -212,30 +220,34 @@ def _ring(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
 
 
 def _ring_fwd(q, k, v, pos, axes, c):
+    q, k, v, pos = _pinned(q, k, v, pos)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    states = _init_states(q)
-    kb, vb, kpos = k, v, pos
-    for step in range(c):
+
+    def step(_, carry):  # fold the block held, pass it on (a loop: one step's buffers)
+        states, kb, vb, kpos = carry
         states = _fold_block(states, q, kb, vb, pos, kpos, scale)
-        if step < c - 1:
-            kb, vb, kpos = _shift((kb, vb, kpos), axes, c)
-    out, lse = _finish(states)
+        return (states, *_shift((kb, vb, kpos), axes, c))
+    states, kb, vb, kpos = jax.lax.fori_loop(0, c - 1, step, (_init_states(q), k, v, pos))
+    out, lse = _finish(_fold_block(states, q, kb, vb, pos, kpos, scale))
     return out.astype(q.dtype), (q, k, v, pos, out.astype(q.dtype), lse)
 
 
 def _ring_bwd(axes, c, res, do):
-    q, k, v, pos, out, lse = res
+    q, k, v, pos, out, lse, do = _pinned(*res, do)
     scale = 1.0 / math.sqrt(q.shape[-1])
     delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
-    dq = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
-    kb, vb, kpos = k, v, pos
-    dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    for step in range(c):
-        dq, dkv = _grad_block(dq, dkv, q, kb, vb, do, lse, delta, pos, kpos, scale)
-        if step < c - 1:
-            kb, vb, kpos, dkv = _shift((kb, vb, kpos, dkv), axes, c)
-        else:  # the gradients of the block held now go home: one more step
-            dkv = _shift(dkv, axes, c)
+    grad = lambda dq, dkv, kb, vb, kpos: _grad_block(dq, dkv, q, kb, vb, do, lse, delta, pos,
+                                                     kpos, scale)
+
+    def step(_, carry):  # the block's gradients travel with it
+        dq, kb, vb, kpos, dkv = carry
+        dq, dkv = grad(dq, dkv, kb, vb, kpos)
+        return (dq, *_shift((kb, vb, kpos, dkv), axes, c))
+    dq0 = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
+    dkv0 = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, kb, vb, kpos, dkv = jax.lax.fori_loop(0, c - 1, step, (dq0, k, v, pos, dkv0))
+    dq, dkv = grad(dq, dkv, kb, vb, kpos)
+    dkv = _shift(dkv, axes, c)  # the last block's gradients go home: the c-th step
     dq = jnp.concatenate(dq, axis=1)
     return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
 
@@ -250,36 +262,41 @@ def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array, kpos: 
     return _blockwise_fwd(q, k, v, qpos, kpos, blocks)[0]
 
 
-def _kv_blocks(x: jax.Array, blocks: int) -> list:
-    n = x.shape[1] // blocks
-    return [jax.lax.slice_in_dim(x, i * n, (i + 1) * n, axis=1) for i in range(blocks)]
+def _kv_block(x: jax.Array, i: jax.Array, blocks: int, axis: int = 1) -> jax.Array:
+    n = x.shape[axis] // blocks
+    return jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=axis)
 
 
 def _blockwise_fwd(q, k, v, qpos, kpos, blocks):
+    q, k, v, qpos, kpos = _pinned(q, k, v, qpos, kpos)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    states = _init_states(q)
-    for kb, vb, pb in zip(_kv_blocks(k, blocks), _kv_blocks(v, blocks),
-                          _kv_blocks(kpos[None], blocks)):
-        states = _fold_block(states, q, kb, vb, qpos, pb[0], scale)
-    out, lse = _finish(states)
+
+    def step(i, states):  # one block of keys at a time (a loop: one block's buffers)
+        return _fold_block(states, q, _kv_block(k, i, blocks), _kv_block(v, i, blocks), qpos,
+                           _kv_block(kpos, i, blocks, 0), scale)
+    out, lse = _finish(jax.lax.fori_loop(0, blocks, step, _init_states(q)))
     return out.astype(q.dtype), (q, k, v, qpos, kpos, out.astype(q.dtype), lse)
 
 
 def _blockwise_bwd(blocks, res, do):
-    q, k, v, qpos, kpos, out, lse = res
+    q, k, v, qpos, kpos, out, lse, do = _pinned(*res, do)
     scale = 1.0 / math.sqrt(q.shape[-1])
     delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
-    dq = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
-    dks, dvs = [], []
-    for kb, vb, pb in zip(_kv_blocks(k, blocks), _kv_blocks(v, blocks),
-                          _kv_blocks(kpos[None], blocks)):
+
+    def step(i, carry):
+        dq, dk, dv = carry
+        kb, vb = _kv_block(k, i, blocks), _kv_block(v, i, blocks)
         zero = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
-        dq, (dk, dv) = _grad_block(dq, zero, q, kb, vb, do, lse, delta, qpos, pb[0], scale)
-        dks.append(dk)
-        dvs.append(dv)
+        dq, (dkb, dvb) = _grad_block(dq, zero, q, kb, vb, do, lse, delta, qpos,
+                                     _kv_block(kpos, i, blocks, 0), scale)
+        n = kb.shape[1]
+        return (dq, jax.lax.dynamic_update_slice_in_dim(dk, dkb, i * n, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(dv, dvb, i * n, axis=1))
+    dq0 = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
+    dq, dk, dv = jax.lax.fori_loop(0, blocks, step, (dq0, jnp.zeros(k.shape, jnp.float32),
+                                                     jnp.zeros(v.shape, jnp.float32)))
     dq = jnp.concatenate(dq, axis=1)
-    return (dq.astype(q.dtype), jnp.concatenate(dks, 1).astype(k.dtype),
-            jnp.concatenate(dvs, 1).astype(v.dtype), None, None)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -344,6 +344,32 @@ def test_moe_settings_fail_before_compute(tmp_path, case):
     assert not (tmp_path / "ck").exists()
 
 
+CONTEXT_CASES = {
+    "seq_len_does_not_split": (dict(mesh="data:2,context:4", seq_len=20),
+                               "seq_len=20 does not split into 2 x context = 8 equal chunks"),
+    "mlp_has_no_sequence": (dict(model="mlp", mesh="data:4,context:2", seq_len=None,
+                                 num_heads=None),
+                            "the mlp family has none; drop context from --mesh"),
+    "unknown_attention_kind": (dict(mesh="context:8", context_attention="flash"),
+                               "context_attention='flash': choose ring or allgather"),
+    "sequence_parallel_rule_disagrees": (dict(mesh="context:2,tensor:4", sequence_parallel=True,
+                                              activation_rules="sequence=context"),
+                                         "sequence_parallel and activation_rules"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTEXT_CASES))
+def test_context_settings_fail_before_compute(tmp_path, case):
+    """Context parallelism's bad settings, one line each before anything is compiled or
+    created: a sequence that does not split into the zig-zag's 2c chunks, a family without
+    a sequence, an attention kind that does not exist."""
+    settings, msg = CONTEXT_CASES[case]
+    with pytest.raises(ValueError) as err:
+        prepare(_cfg(tmp_path / "ck", **{"num_layers": 2, **settings}))
+    assert msg in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "ck").exists()
+
+
 def test_checkpoint_dirs_that_are_not_a_runs_own(tmp_path):
     """--ckpt_dir at a Hugging Face model directory, at one of a run's step directories or
     below a run directory is refused (it used to start a run inside another run's

@@ -322,6 +322,18 @@ def test_structure_quick_run(tmp_path):
     assert cap["step_ms"] > 0 and free["step_ms"] > 0
     imbalance = res["structure_moe_model"]["router_load_imbalance"]
     assert len(imbalance) == 4 and all(1.0 <= x <= 8.0 for x in imbalance)
+    # the context rows on context:8, T=2048: the ring moves each device's (k, v) block
+    # c-1 times per layer forward (the all-gather the same bytes in one collective), the
+    # train step's temporaries stay under one device's / 8 (chunked attention there), the
+    # zig-zag layout leaves every device the same causal work (the plain split: ~15x)
+    ctx = {r["attention"]: r for r in res["structure_context"]}
+    assert set(ctx) == {"ring", "allgather"}
+    for kind, r in ctx.items():
+        assert 1.0 <= r["kv_ratio"] <= 1.05, kind
+        assert r["temp_ratio"] <= 1.2 and r["causal_work_ratio"] == 1.0, kind
+        assert r["plain_work_ratio"] > 10 and r["step_ms"] > 0, kind
+    assert ctx["ring"]["kv_moved_per_layer"]["count"] == 3 * 7  # k, v, positions x (c-1)
+    assert ctx["allgather"]["kv_moved_per_layer"]["count"] <= 3
 
 
 @pytest.mark.slow

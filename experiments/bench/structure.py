@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench import traffic
+from experiments.bench.context_structure import ContextStructure, context_structure
 from experiments.bench.harness import gpt_trainer, log, single_mesh, tokens_batch
 from experiments.bench.moe_structure import MoEStructure, moe_structure
 from experiments.bench.results import Json, Target, count_mib, mib, table
@@ -83,17 +84,20 @@ class StructureResult:
     model: Json        # the sizes, the parameter count, the one-device figures
     rows: list[Json]   # one per layout x pipeline setting (structure_row)
     moe: MoEStructure | None = None  # the mixture-of-experts rows
+    context: ContextStructure | None = None  # the context-parallel rows
 
     def to_json(self) -> Json:
         return {"structure_model": self.model, "structure": self.rows,
-                **(self.moe.to_json() if self.moe else {})}
+                **(self.moe.to_json() if self.moe else {}),
+                **(self.context.to_json() if self.context else {})}
 
     def table(self) -> str:
         head = ["layout", "option", "m", "r", "state MiB", "ideal", "x", "x repl", "temp MiB", "all-reduce",
                 "all-gather", "red-scat", "coll-perm", "all-to-all", "GFLOP/dev", "x ideal",
                 "bubble", "TP x min", "PP x min", "DP x min", "W-gather"]
         text = self._note() + "\n" + table(head, [_table_row(r) for r in self.rows])
-        return text + ("\n\n" + self.moe.table() if self.moe else "")
+        extra = [part.table() for part in (self.moe, self.context) if part]
+        return "\n\n".join([text, *extra])
 
     def _note(self) -> str:
         m = self.model
@@ -117,7 +121,7 @@ class StructureResult:
 
     def targets(self) -> list[Target]:
         return ([t for r in self.rows for t in _row_targets(r)] + _option_targets(self.rows)
-                + (self.moe.targets() if self.moe else []))
+                + [t for part in (self.moe, self.context) if part for t in part.targets()])
 
 
 def _table_row(r: Json) -> list[Any]:
@@ -242,7 +246,9 @@ def structure_suite(quick: bool, layouts: Sequence[str] | None = None) -> Struct
         log(f"  structure {row['layout']:<24} m={m} r={r} {row['option']:<16} compiled in "
             f"{row['compile_s']:.1f}s")
         rows.append(row)
-    return StructureResult(model, rows, None if layouts else moe_structure(quick))
+    if layouts:
+        return StructureResult(model, rows)
+    return StructureResult(model, rows, moe_structure(quick), context_structure(quick))
 
 
 def layout_matrix(layouts: Sequence[str], sizes: StructureSizes,
