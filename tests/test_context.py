@@ -74,36 +74,45 @@ def _loss_and_grads(fn, q, k, v, w):
     return jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2))(q, k, v)
 
 
+def _order(order: str, c: int) -> np.ndarray:
+    """Positions in storage order: natural, zig-zag, or a random permutation (masks come
+    from positions, so any order must give plain attention's numbers)."""
+    if order == "zigzag":
+        return context.zigzag_order(T, c)
+    return np.random.default_rng(3).permutation(T) if order == "random" else np.arange(T)
+
+
 @functools.cache
-def _reference_result(zigzag: bool, c: int):
+def _reference_result(order: str, c: int):
     q, k, v, w = _inputs()
-    pos = jnp.asarray(context.zigzag_order(T, c) if zigzag else np.arange(T))
+    pos = jnp.asarray(_order(order, c))
     out = _reference(q, k, v, pos)
     return out, _loss_and_grads(lambda *a: _reference(*a, pos), q, k, v, w)
 
 
-@pytest.mark.parametrize("mesh,kind,zigzag", [
-    ("context:8", "ring", True),
-    ("data:2,context:4", "allgather", True),
+@pytest.mark.parametrize("mesh,kind,order", [
+    ("context:8", "ring", "zigzag"),
+    ("data:2,context:4", "allgather", "random"),
     *(pytest.param(*a, marks=pytest.mark.slow) for a in [
-        ("context:8", "ring", False), ("context:8", "allgather", False),
-        ("context:2,tensor:4", "ring", True),   # tensor 4 > 2 KV heads: they are repeated
-        ("data:2,context:2,tensor:2", "allgather", False)]),
+        ("context:8", "ring", "natural"), ("context:8", "allgather", "natural"),
+        ("context:4,data:2", "ring", "random"),
+        ("context:2,tensor:4", "ring", "zigzag"),   # tensor 4 > 2 KV heads: they are repeated
+        ("data:2,context:2,tensor:2", "allgather", "zigzag")]),
 ])
-def test_attention_over_the_split_sequence_equals_plain_attention(mesh, kind, zigzag):
+def test_attention_over_the_split_sequence_equals_plain_attention(mesh, kind, order):
     """Forward and gradients (q, k, v) of ring / all-gather attention over a sequence split
-    over `context` equal plain masked attention on one device, in the natural and in the
-    zig-zag order."""
+    over `context` equal plain masked attention on one device, with the tokens stored in
+    the natural, the zig-zag or a random order."""
     m = make_mesh(mesh)
     c = m.shape["context"]
     q, k, v, w = _inputs()
-    pos = jnp.asarray(context.zigzag_order(T, c) if zigzag else np.arange(T))
+    pos = jnp.asarray(_order(order, c))
     rules = DEFAULT_RULES.override(context_attention=kind)
 
     def split(*a):
         with activation_sharding(m, rules):
             return context.attention(*a, pos)
-    out, ((loss, grads)) = _reference_result(zigzag, c)
+    out, ((loss, grads)) = _reference_result(order, c)
     got = jax.jit(split)(q, k, v)
     np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-5)
     got_loss, got_grads = jax.jit(lambda *a: _loss_and_grads(split, *a))(q, k, v, w)
@@ -253,3 +262,22 @@ def test_generation_with_the_cache_split_over_context_equals_one_device(ctx_ckpt
     for a, b in zip(got, ref):
         assert a.tokens == b.tokens
         np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rules_keep_the_attention_kind_and_old_records_gain_the_context_rules():
+    """Rules through their JSON keep context_attention; a record written before the
+    context axis (no `length` / `sequence` activation rules, no kind) reads back with
+    the defaults for what it lacks and its own rules for the rest."""
+    from jaxmp.sharding import Rules, ShardingError
+
+    rules = DEFAULT_RULES.override(activations={"batch": "data"}, context_attention="allgather")
+    back = Rules.from_json(rules.to_json())
+    assert back == rules and back.context_attention == "allgather"
+    old = {"params": dict(DEFAULT_RULES.to_json()["params"]),
+           "activations": {"batch": ["data", "fsdp"], "heads": ["tensor"]}}
+    got = Rules.from_json(old)
+    acts = dict(got.activations)
+    assert acts["length"] == ("context",) and acts["sequence"] == ("context",)
+    assert acts["batch"] == ("data", "fsdp") and got.context_attention == "ring"
+    with pytest.raises(ShardingError, match="choose ring or allgather"):
+        DEFAULT_RULES.override(context_attention="flash")

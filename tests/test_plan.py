@@ -183,3 +183,28 @@ def test_candidates_and_estimates_know_the_expert_axis():
                 batch=16, itemsize=4, card=H100, dtype="float32", experts_per_token=2)
     assert estimate_s(ep, **args) > estimate_s(dp, **args)
     assert estimate_s(ep, **{**args, "experts_per_token": 4}) > estimate_s(ep, **args)
+
+
+def test_candidates_and_estimates_know_the_context_axis():
+    """For a long sequence the search tries `context` sizes within a host whose 2c chunks
+    divide it (none for a short one); the estimate counts the ring's key/value traffic and
+    scales the activations a device keeps by 1/c. Catches: context meshes never proposed
+    (or proposed at 1k tokens), the ring left out of the estimate, activations not split."""
+    from jaxmp.plan.search import activation_units
+
+    assert all("context" not in c.shape for c in candidates(8, 4, 16, 8, seq_len=1024))
+    long = candidates(8, 4, 16, devices_per_host=8, seq_len=8192)
+    assert {c.shape.get("context", 1) for c in long} == {1, 2, 4, 8}
+    assert {c.shape.get("context", 1) for c in candidates(8, 4, 16, 4, seq_len=8192)} == {1, 2, 4}
+    assert {c.shape.get("context", 1) for c in candidates(8, 4, 16, 8, seq_len=8 * 1000)} == {
+        1, 2, 4, 8}
+    assert {c.shape.get("context", 1) for c in candidates(8, 4, 16, 8, seq_len=4100)} == {1, 2}
+    by_mesh = {format_mesh(c.shape): c for c in long
+               if c.remat == "none" and c.accum == 1 and c.shape["pipe"] == 1}
+    cp, dp = by_mesh["context:4,tensor:2"], by_mesh["data:4,tensor:2"]
+    args = dict(n_params=10**6, model_flops=1e12, num_layers=4, d_model=64, seq_len=8192,
+                batch=16, itemsize=4, card=H100, dtype="float32")
+    assert estimate_s(cp, **args) > estimate_s(dp, **args)
+    assert activation_units(cp, 16, 8192, 4) == pytest.approx(activation_units(dp, 16, 8192, 4))
+    assert activation_units(by_mesh["context:8"], 16, 8192, 4) == pytest.approx(
+        activation_units(by_mesh["data:8"], 16, 8192, 4))

@@ -159,8 +159,8 @@ def longest_sequence(mesh: str, card: str = "h100", preset: str = "llama-3.2-1b"
     from jaxmp.plan.planner import compile_program, make_plan, target
 
     step = 2 * 8 * 512
-    card_ = target(card)
-    devices = jax.devices()[:math.prod(parse_mesh(mesh, None).values())]
+    n = math.prod(parse_mesh(mesh, None).values())
+    card_, devices = target(card, n), jax.devices()[:n]
 
     def fits(t: int) -> bool:
         cfg = RunConfig.flat(model="llama", preset=preset, seq_len=t, mesh=mesh,

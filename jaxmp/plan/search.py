@@ -2,7 +2,8 @@
 
 Every layout of the device count is a candidate: data x fsdp x pipe x tensor sizes (tensor
 within a host; for a mixture of experts also `expert` sizes dividing the experts, the
-batch's share of the devices split between data and expert), micro-batches and circular
+batch's share of the devices split between data and expert; for a sequence of
+LONG_SEQUENCE tokens or more also `context` sizes within a host), micro-batches and circular
 repeats of the pipeline, gathering FSDP weights once per step, rematerialization and
 gradient accumulation. A rough analytic estimate
 (FLOPs, bubble, recompute, Megatron / FSDP / data-parallel / pipeline traffic) only orders
@@ -77,9 +78,14 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+# context parallelism is considered from this sequence length on (below it the sequence
+# is better split by the batch axes)
+LONG_SEQUENCE = 4096
+
+
 def candidates(num_devices: int, num_layers: int, batch: int, devices_per_host: int,
                remats: tuple[str, ...] = ("none", "dots", "block"),
-               num_experts: int = 1) -> list[Candidate]:
+               num_experts: int = 1, seq_len: int = 0) -> list[Candidate]:
     """Every layout to consider (see the module docstring); shapes the model's heads or
     widths do not divide are found when the layout is built."""
     out = []
@@ -89,22 +95,34 @@ def candidates(num_devices: int, num_layers: int, batch: int, devices_per_host: 
         for p in divisors(num_devices // t):
             if p > num_layers or num_layers % p:
                 continue
-            dp = num_devices // (t * p)
-            for e in (e for e in divisors(dp) if num_experts % e == 0):
-                for mesh in _batch_meshes(dp, e, t, p, devices_per_host):
-                    out += _settings(mesh, num_layers, batch, dp, remats)
+            for cx in _context_sizes(num_devices // (t * p), seq_len, devices_per_host // t):
+                dp = num_devices // (t * p * cx)
+                for e in (e for e in divisors(dp) if num_experts % e == 0):
+                    for mesh in _batch_meshes(dp, e, t, p, devices_per_host, cx):
+                        out += _settings(mesh, num_layers, batch, dp, remats)
     return out
 
 
-def _batch_meshes(dp: int, e: int, t: int, p: int, devices_per_host: int) -> list[tuple]:
+def _context_sizes(n: int, seq_len: int, within_host: int) -> list[int]:
+    """Sizes of the `context` axis to try on n devices: 1, and for a long sequence every
+    size within a host whose 2c chunks divide it."""
+    if seq_len < LONG_SEQUENCE:
+        return [1]
+    return [c for c in divisors(n) if c == 1 or (c <= within_host and seq_len % (2 * c) == 0)]
+
+
+def _batch_meshes(dp: int, e: int, t: int, p: int, devices_per_host: int,
+                  cx: int = 1) -> list[tuple]:
     """The meshes splitting dp batch shards as data x fsdp x expert (expert e, fsdp 1, all
-    that is left, or filling a host)."""
+    that is left, or filling a host), with a context axis of cx."""
     rest = dp // e
     fsdps = {1, rest}
-    if devices_per_host % (t * p * e) == 0 and 1 < devices_per_host // (t * p * e) < rest:
-        fsdps.add(devices_per_host // (t * p * e))  # fsdp filling a host
+    inner = t * p * e * cx
+    if devices_per_host % inner == 0 and 1 < devices_per_host // inner < rest:
+        fsdps.add(devices_per_host // inner)  # fsdp filling a host
     expert = (("expert", e),) if e > 1 else ()
-    return [(("data", rest // f), ("fsdp", f), ("pipe", p), *expert, ("tensor", t))
+    context = (("context", cx),) if cx > 1 else ()
+    return [(("data", rest // f), ("fsdp", f), ("pipe", p), *expert, *context, ("tensor", t))
             for f in sorted(fsdps)]
 
 
@@ -155,6 +173,11 @@ def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
         rows = batch / (d * f * c.accum * c.microbatches)
         ticks = c.repeats * c.microbatches + p - 1
         comm += 2 * ticks * c.accum * rows * seq_len * d_model * itemsize / bw("pipe")
+    cx = s.get("context", 1)
+    if cx > 1:  # ring attention: (c-1) key/value blocks per layer forward, ~3x that backward
+        rows = batch / (d * f * c.accum)
+        comm += (4 * num_layers / p * rows * 2 * seq_len * d_model * itemsize * bubble
+                 * (cx - 1) / cx * c.accum / bw("context"))
     if e > 1:  # each MoE layer: dispatch + combine, forward and backward, k rows a token
         tokens = batch / (d * f) * seq_len
         comm += (4 * num_layers / p * tokens * experts_per_token * d_model * itemsize * bubble
@@ -212,7 +235,8 @@ def activation_units(c: Candidate, batch: int, seq_len: int, num_layers: int) ->
     tick's), over the tensor size: what activation memory scales with, roughly."""
     s = c.shape
     p, t = s["pipe"], s["tensor"]
-    tokens = batch / (s["data"] * s["fsdp"] * s.get("expert", 1) * c.accum) * max(1, seq_len)
+    tokens = (batch / (s["data"] * s["fsdp"] * s.get("expert", 1) * c.accum) * max(1, seq_len)
+              / s.get("context", 1))
     if p > 1:
         ticks = c.repeats * c.microbatches + p - 1
         return tokens / c.microbatches * ticks * num_layers / (p * c.repeats) / t
@@ -290,7 +314,7 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
     itemsize = 2 if shape.dtype == "bfloat16" else 4
     batch = cfg.data.batch_size
     found_all = candidates(num_devices, mc.num_layers, batch, card.devices_per_host, remats,
-                           shape.experts)
+                           shape.experts, shape.seq_len)
     est = {c: estimate_s(c, n_params, model_flops, mc.num_layers, shape.width, shape.seq_len,
                          batch, itemsize, card, shape.dtype, shape.experts_per_token)
            for c in found_all}
@@ -346,5 +370,5 @@ def _short(e: Exception) -> str:
     """The first clause of an error, without the mesh sizes (one reason per kind)."""
     text = str(e).split(";")[0]
     text = text.split(": ", 1)[-1] if text.count(":") else text
-    text = re.sub(r"\b(data|fsdp|pipe|tensor)=\d+", r"\1", text)
+    text = re.sub(r"\b(data|fsdp|pipe|expert|context|tensor)=\d+", r"\1", text)
     return text if len(text) < 70 else text[:67] + "..."
