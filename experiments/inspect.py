@@ -82,7 +82,7 @@ def inspect() -> None:
     trainer = make_trainer(cfg, family, model_cfg, mesh, pipe, rules)
     print(f"{family.name} on {format_mesh(mesh)}")
     print(trainer.plan().format())
-    rest = "split over data and fsdp" if cfg.layout.shard_state else "--noshard_state"
+    rest = "split over data, fsdp and context" if cfg.layout.shard_state else "--noshard_state"
     print(f"train state between steps (parameters + Adam moments, {rest}): "
           f"{trainer.state_bytes_per_device():,} bytes per device")
     if pipe.enabled:

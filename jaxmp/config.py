@@ -117,8 +117,9 @@ class LayoutConfig:
     pipeline_repeats: int = opt(1, "Circular pipeline rounds (layer groups per stage).")
     rules: str = opt("", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
     activation_rules: str = opt("", "Activation rule overrides, e.g. 'batch=data'.")
-    shard_state: bool = opt(True, "Keep parameters and optimizer state split over data and "
-                            "fsdp between steps (ZeRO-1 with sharded master weights): the "
+    shard_state: bool = opt(True, "Keep parameters and optimizer state split over data, "
+                            "fsdp and context between steps (ZeRO-1 with sharded master "
+                            "weights): the "
                             "step gathers the parameters once and reduce-scatters the "
                             "gradients once. --noshard_state replicates them over data.")
     sequence_parallel: bool = opt(False, "Split activations between the tensor-parallel "

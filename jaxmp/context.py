@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jaxmp.layers import causal_attention
+from jaxmp.layers import CHUNK, causal_attention
 from jaxmp.sharding import current_mesh, current_rules, current_spec
 
 KINDS = ("ring", "allgather")
@@ -131,71 +131,86 @@ def _bwd_update(grads: tuple, q: jax.Array, k: jax.Array, v: jax.Array, do: jax.
     return dq, dk, dv
 
 
-def _halves(n: int) -> list[slice]:
-    """The row ranges a local block is cut into for skipping: halves where n is even (the
-    zig-zag chunks), else the whole."""
-    return [slice(0, n // 2), slice(n // 2, n)] if n % 2 == 0 and n > 1 else [slice(0, n)]
+def piece_size(n: int) -> int:
+    """Rows per piece of a local block of n positions: the largest divisor of its half (a
+    zig-zag chunk; the whole block when n is odd) not above layers.CHUNK. A piece of
+    queries meets a piece of keys at a time, so the scores held are CHUNK x CHUNK per head
+    whatever the length, and a piece never straddles two chunks (whole pieces are
+    skipped)."""
+    half = n // 2 if n % 2 == 0 else n
+    return max(d for d in range(1, min(half, CHUNK) + 1) if half % d == 0)
 
 
 def _visible(qpos: jax.Array, kpos: jax.Array) -> jax.Array:
     return jnp.min(kpos) <= jnp.max(qpos)
 
 
-def _fold_block(states: list, q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array,
-                kpos: jax.Array, scale: float) -> list:
-    """Fold a key block into each query half's state, skipping key halves that lie
-    entirely after the query half."""
-    out = []
-    for qs, st in zip(_halves(q.shape[1]), states):
-        for ks in _halves(k.shape[1]):
-            args = (q[:, qs], k[:, ks], v[:, ks], qpos[qs], kpos[ks])
-            st = jax.lax.cond(_visible(qpos[qs], kpos[ks]),
-                              lambda s_, a: _fwd_update(s_, *a, scale), lambda s_, a: s_,
-                              st, args)
-        out.append(st)
-    return out
+def _rows(x: jax.Array, i: jax.Array, size: int, axis: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
 
 
-def _grad_block(dq: list, dkv: tuple, q: jax.Array, k: jax.Array, v: jax.Array,
+def _put(x: jax.Array, rows: jax.Array, i: jax.Array, axis: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(x, rows, i * rows.shape[axis], axis=axis)
+
+
+def _fold_block(states: tuple, q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array,
+                kpos: jax.Array, scale: float) -> tuple:
+    """Fold a block of keys into the running (max, sum, output) of queries q, a piece of
+    queries against a piece of keys at a time; pieces of keys entirely after a piece of
+    queries are skipped."""
+    n = piece_size(q.shape[1])
+
+    def q_piece(i, states):
+        m, den, acc = states
+        qs, qp = _rows(q, i, n, 1), _rows(qpos, i, n, 0)
+
+        def k_piece(j, st):
+            ks, vs, kp = _rows(k, j, n, 1), _rows(v, j, n, 1), _rows(kpos, j, n, 0)
+            return jax.lax.cond(_visible(qp, kp),
+                                lambda s_: _fwd_update(s_, qs, ks, vs, qp, kp, scale),
+                                lambda s_: s_, st)
+        st = (_rows(m, i, n, 3), _rows(den, i, n, 3), _rows(acc, i, n, 1))
+        st = jax.lax.fori_loop(0, k.shape[1] // n, k_piece, st)
+        return _put(m, st[0], i, 3), _put(den, st[1], i, 3), _put(acc, st[2], i, 1)
+    return jax.lax.fori_loop(0, q.shape[1] // n, q_piece, states)
+
+
+def _grad_block(dq: jax.Array, dkv: tuple, q: jax.Array, k: jax.Array, v: jax.Array,
                 do: jax.Array, lse: jax.Array, delta: jax.Array, qpos: jax.Array,
-                kpos: jax.Array, scale: float) -> tuple[list, tuple]:
-    """The backward pass of `_fold_block`: per query half dq, and the key block's (dk, dv)."""
-    dk, dv = dkv
-    new_dq = []
-    for qi, qs in enumerate(_halves(q.shape[1])):
-        g = dq[qi]
-        for ks in _halves(k.shape[1]):
-            args = (q[:, qs], k[:, ks], v[:, ks], do[:, qs], lse[..., qs], delta[..., qs],
-                    qpos[qs], kpos[ks])
+                kpos: jax.Array, scale: float) -> tuple[jax.Array, tuple]:
+    """The backward pass of `_fold_block`: dq added to, and the key block's (dk, dv)."""
+    n = piece_size(q.shape[1])
 
-            def run(c, a, ks=ks):
-                g_, dk_, dv_ = c
-                g_, dkp, dvp = _bwd_update((g_, jnp.zeros_like(dk_[:, ks]),
-                                            jnp.zeros_like(dv_[:, ks])), *a, scale)
-                return g_, dk_.at[:, ks].add(dkp), dv_.at[:, ks].add(dvp)
-            g, dk, dv = jax.lax.cond(_visible(qpos[qs], kpos[ks]), run, lambda c, a: c,
-                                     (g, dk, dv), args)
-        new_dq.append(g)
-    return new_dq, (dk, dv)
+    def k_piece(j, carry):
+        dq, dk, dv = carry
+        ks, vs, kp = _rows(k, j, n, 1), _rows(v, j, n, 1), _rows(kpos, j, n, 0)
+
+        def q_piece(i, c2):
+            dq, dkj, dvj = c2
+            qp = _rows(qpos, i, n, 0)
+            args = (_rows(q, i, n, 1), ks, vs, _rows(do, i, n, 1), _rows(lse, i, n, 3),
+                    _rows(delta, i, n, 3), qp, kp)
+            dqi, dkj, dvj = jax.lax.cond(
+                _visible(qp, kp), lambda c3: _bwd_update(c3, *args, scale), lambda c3: c3,
+                (_rows(dq, i, n, 1), dkj, dvj))
+            return _put(dq, dqi, i, 1), dkj, dvj
+        dq, dkj, dvj = jax.lax.fori_loop(0, q.shape[1] // n, q_piece,
+                                         (dq, _rows(dk, j, n, 1), _rows(dv, j, n, 1)))
+        return dq, _put(dk, dkj, j, 1), _put(dv, dvj, j, 1)
+    dq, dk, dv = jax.lax.fori_loop(0, k.shape[1] // n, k_piece, (dq, *dkv))
+    return dq, (dk, dv)
 
 
-def _init_states(q: jax.Array) -> list:
+def _init_states(q: jax.Array) -> tuple:
     b, t, kh, g, h = q.shape
-    return [(jnp.full((b, kh, g, s.stop - s.start), NEG, jnp.float32),
-             jnp.zeros((b, kh, g, s.stop - s.start), jnp.float32),
-             jnp.zeros((b, s.stop - s.start, kh, g, h), jnp.float32))
-            for s in _halves(t)]
+    return (jnp.full((b, kh, g, t), NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+            jnp.zeros((b, t, kh, g, h), jnp.float32))
 
 
-def _finish(states: list) -> tuple[jax.Array, jax.Array]:
+def _finish(states: tuple) -> tuple[jax.Array, jax.Array]:
     """Output (b, tq, K, G, h) float32 and its log-sum-exp (b, K, G, tq)."""
-    outs = [acc / jnp.moveaxis(den, -1, 1)[..., None] for _, den, acc in states]
-    lses = [m + jnp.log(den) for m, den, _ in states]
-    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=-1)
-
-
-def _split_rows(x: jax.Array, axis: int, n: int) -> list:
-    return [jax.lax.slice_in_dim(x, s.start, s.stop, axis=axis) for s in _halves(n)]
+    m, den, acc = states
+    return acc / jnp.moveaxis(den, -1, 1)[..., None], m + jnp.log(den)
 
 
 def _pinned(*xs: Any) -> tuple:
@@ -243,12 +258,11 @@ def _ring_bwd(axes, c, res, do):
         dq, kb, vb, kpos, dkv = carry
         dq, dkv = grad(dq, dkv, kb, vb, kpos)
         return (dq, *_shift((kb, vb, kpos, dkv), axes, c))
-    dq0 = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
+    dq0 = jnp.zeros(q.shape, jnp.float32)
     dkv0 = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dq, kb, vb, kpos, dkv = jax.lax.fori_loop(0, c - 1, step, (dq0, k, v, pos, dkv0))
     dq, dkv = grad(dq, dkv, kb, vb, kpos)
     dkv = _shift(dkv, axes, c)  # the last block's gradients go home: the c-th step
-    dq = jnp.concatenate(dq, axis=1)
     return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
 
 
@@ -292,10 +306,9 @@ def _blockwise_bwd(blocks, res, do):
         n = kb.shape[1]
         return (dq, jax.lax.dynamic_update_slice_in_dim(dk, dkb, i * n, axis=1),
                 jax.lax.dynamic_update_slice_in_dim(dv, dvb, i * n, axis=1))
-    dq0 = [jnp.zeros(x.shape, jnp.float32) for x in _split_rows(q, 1, q.shape[1])]
-    dq, dk, dv = jax.lax.fori_loop(0, blocks, step, (dq0, jnp.zeros(k.shape, jnp.float32),
+    dq, dk, dv = jax.lax.fori_loop(0, blocks, step, (jnp.zeros(q.shape, jnp.float32),
+                                                     jnp.zeros(k.shape, jnp.float32),
                                                      jnp.zeros(v.shape, jnp.float32)))
-    dq = jnp.concatenate(dq, axis=1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 

@@ -290,7 +290,10 @@ def param_specs(params: Any, axes: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
-STATE_AXES: tuple[str, ...] = ("data", "fsdp")
+# The axes the train state is spread over at rest (ZeRO-1): those the parameters are
+# replicated over while computing. `context` is one: it splits the sequence, not the
+# weights, so without it every device of a context group would keep the whole state.
+STATE_AXES: tuple[str, ...] = ("data", "fsdp", "context")
 
 
 def spread_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
@@ -299,7 +302,8 @@ def spread_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
     divides (the one with the most elements left per device; as the minor part of that
     dimension's split, so gathering the axis back gives `spec` without moving data across
     the other axes). The layout of the optimizer state and master weights at rest (ZeRO-1
-    over `data`; over `fsdp` for the parameters FSDP's rules leave whole, e.g. biases).
+    over `data` and `context`; over `fsdp` for the parameters FSDP's rules leave whole,
+    e.g. biases).
     An axis that divides no dimension is left out (the array stays replicated over it)."""
     entries: list[tuple[str, ...]] = [
         () if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
