@@ -22,9 +22,12 @@ times the attention work of the first. `zigzag_order` cuts the sequence into 2c 
 and gives device i chunks i and 2c-1-i (Megatron-LM's and Llama 3's layout); the loss
 applies that order to the tokens, targets and positions before the model sees them (the
 loss is a mean over tokens, so neither it nor the data order changes). Masks are always
-computed from positions, never from array indices, so any order is correct; a block of
-keys entirely after a block of queries is skipped (`lax.cond` per half-block), which with
-the zig-zag order leaves every device the same work at every ring step.
+computed from positions, never from array indices, so any order is correct. Inside each
+block a piece of at most CHUNK queries meets a piece of at most CHUNK keys at a time
+(`piece_size`: pieces never straddle two zig-zag chunks), so the scores held are bounded
+whatever the length, and a piece of keys entirely after a piece of queries is skipped
+(`lax.cond`), which with the zig-zag order leaves every device the same work at every
+ring step.
 
 Serving keeps the KV cache split over `context` the same way: a cached step's queries
 (all of them, gathered) attend each device's slice of the cache, and the partial results

@@ -193,17 +193,16 @@ def _run(family: str, mesh: str, p: int = 1, m: int = 1, kind: str = "ring",
 @pytest.mark.parametrize("family,mesh,p,m,kind,sp", [
     ("gpt", "data:2,context:4", 1, 1, "ring", False),
     *(pytest.param(*a, marks=pytest.mark.slow) for a in [
-        ("gpt", "context:8", 1, 1, "allgather", False),
         ("gpt", "context:2,tensor:2,pipe:2", 2, 2, "ring", True),
-        ("gpt", "fsdp:2,context:4", 1, 1, "allgather", False),
-        ("llama", "context:8", 1, 1, "ring", False),
-        ("llama", "data:2,context:4", 1, 1, "allgather", False),
-        ("llama", "context:2,tensor:2,pipe:2", 2, 2, "allgather", False),
-        ("llama", "fsdp:2,context:4", 1, 1, "ring", True)]),
+        ("llama", "context:8", 1, 1, "allgather", False),
+        ("llama", "fsdp:2,context:4", 1, 1, "ring", True),
+        ("llama", "context:2,tensor:2,pipe:2", 2, 2, "allgather", False)]),
 ])
 def test_context_layouts_match_single_device(family, mesh, p, m, kind, sp):
-    """3 AdamW steps on a split sequence of 48 tokens (zig-zag, 6 or 12 per chunk) equal
-    one device: losses and gradient norms rtol 1e-5, parameters rtol 1e-4."""
+    """3 AdamW steps on a split sequence of 48 tokens (zig-zag, 3 to 12 per chunk) equal
+    one device: losses and gradient norms rtol 1e-5, parameters rtol 1e-4. Each of the
+    four layouts, both families and both kinds appear; the other combinations pass too
+    (BUILD_NOTES) and are left out for the suite's time."""
     assert_same_run(_run(family, mesh, p, m, kind, sp), _run(family, "single"))
 
 

@@ -74,9 +74,10 @@ class ContextStructure:
         return out
 
 
-def _trainer(mesh: Any, kind: str, cfg: LlamaConfig = CFG) -> Trainer:
+def _trainer(mesh: Any, kind: str, cfg: LlamaConfig = CFG, shard_state: bool = True) -> Trainer:
     return Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0)), lm_loss, mesh,
-                   rules=DEFAULT_RULES.override(context_attention=kind))
+                   rules=DEFAULT_RULES.override(context_attention=kind),
+                   shard_state=shard_state)
 
 
 def _step_ms(trainer: Trainer, compiled: Any, batch: dict, steps: int = 2) -> float:
@@ -107,7 +108,10 @@ def context_row(layout: str, kind: str, single_temp: int, timed: bool) -> Json:
     trainer = _trainer(mesh, kind)
     batch = tokens_batch(BATCH, CFG.seq_len, CFG.vocab_size)
     abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    fwd = trainer.compiled_eval(batch).lower(trainer.abstract_state().params, abs_batch)
+    # attention's traffic alone: the state kept replicated over context here (spread over
+    # it, the forward program also gathers the parameters once over context)
+    whole = _trainer(mesh, kind, shard_state=False)
+    fwd = whole.compiled_eval(batch).lower(whole.abstract_state().params, abs_batch)
     found = analysis.collectives(fwd.compile().as_text(), shape)
     op = "collective-permute" if kind == "ring" else "all-gather"
     moved = analysis.collective_totals(found, axes="context")[op]
