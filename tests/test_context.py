@@ -303,3 +303,36 @@ def test_a_mixture_of_experts_on_a_context_mesh_has_one_devices_gradients():
     np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(out[1][1]), jax.tree_util.tree_leaves(out[0][1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.slow
+def test_the_http_engine_serves_with_the_cache_split_over_context(ctx_ckpt):
+    """Concurrent completions through the continuous-batching engine on data:2,context:2
+    (its slot cache split over context) equal one device's generation of each prompt."""
+    import asyncio
+
+    import httpx
+
+    from jaxmp.engine import Engine
+    from jaxmp.http import HTTPLimits, running
+    from jaxmp.serve import Server
+
+    server = Server.from_checkpoint(ctx_ckpt, "data:2,context:2")
+    engine = Engine(server, slots=4, max_len=32, prefix_cache_tokens=0)
+    engine.start()
+    prompts, lengths = ["def f(x):", "ab", "hello world, this is", "z"], [5, 2, 7, 3]
+
+    async def ask(url):
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{url}/v1/completions", json={
+                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})
+                for p, n in zip(prompts, lengths)])
+    try:
+        with running(engine, HTTPLimits(model_name="ctx")) as url:
+            replies = asyncio.run(ask(url))
+    finally:
+        engine.stop()
+    one = Server.from_checkpoint(ctx_ckpt, "")
+    alone = [one.generate([p], n)[0].tokens for p, n in zip(prompts, lengths)]
+    assert [r.json()["choices"][0]["text"] for r in replies] == \
+        [one.decode_text(t) for t in alone]
