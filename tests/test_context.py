@@ -210,9 +210,10 @@ def test_the_loss_sees_the_zigzag_order_and_the_same_value():
     """Under a context mesh the loss lays the batch out in the zig-zag order (tokens,
     targets and positions alike), and the model's logits at a position do not depend on
     where that position is stored."""
+    from flax import nnx
+
     from jaxmp.models.decoder import context_batch
     from jaxmp.models.llama import Llama
-    from flax import nnx
 
     tokens = _batches(_cfg("llama")[1], 1)[0]["tokens"]
     m = make_mesh("data:2,context:4")
