@@ -140,8 +140,12 @@ def piece_size(n: int) -> int:
     queries meets a piece of keys at a time, so the scores held are CHUNK x CHUNK per head
     whatever the length, and a piece never straddles two chunks (whole pieces are
     skipped)."""
-    half = n // 2 if n % 2 == 0 else n
-    return max(d for d in range(1, min(half, CHUNK) + 1) if half % d == 0)
+    return largest_divisor(n // 2 if n % 2 == 0 else n)
+
+
+def largest_divisor(n: int, cap: int = CHUNK) -> int:
+    """The largest divisor of n not above cap."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def _visible(qpos: jax.Array, kpos: jax.Array) -> jax.Array:
@@ -376,6 +380,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                          check_vma=False)(q, k, v, positions)
 
 
+def _cached_block(q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array,
+                  kpos: jax.Array, scale: float, n: int) -> tuple:
+    """(max, sum, output) of queries q (b, t, K, G, h) at positions qpos (b, t) over keys
+    at kpos (S,), pieces of n keys at a time (an online softmax; rows may see no key)."""
+    b, t = qpos.shape
+
+    def fold(j, st):
+        m, den, acc = st
+        kp = _rows(kpos, j, n, 0)
+        sc = jnp.einsum("bqkgh,bskh->bkgqs", q, _rows(k, j, n, 1).astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+        mask = (kp[None, None, :] <= qpos[:, :, None])[:, None, None]       # (b,1,1,t,n)
+        sc = jnp.where(mask, sc, NEG)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgqs,bskh->bqkgh", p, _rows(v, j, n, 1).astype(jnp.float32))
+        return (m_new, den * corr + jnp.sum(p, axis=-1),
+                acc * jnp.moveaxis(corr, -1, 1)[..., None] + pv)
+    init = (jnp.full((b, *q.shape[2:4], t), NEG, jnp.float32),
+            jnp.zeros((b, *q.shape[2:4], t), jnp.float32), jnp.zeros(q.shape, jnp.float32))
+    return jax.lax.fori_loop(0, k.shape[1] // n, fold, init)
+
+
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, order: jax.Array | None,
            implementation: str | None = None) -> jax.Array:
     """A model's training attention: tokens stored in `order` (their positions; None: the
@@ -412,15 +440,22 @@ def cached_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array,
         local = k.shape[1]
         kpos = jax.lax.axis_index(axes) * local + jnp.arange(local)
         qg = _grouped(q, k.shape[2])
-        sc = jnp.einsum("bqkgh,bskh->bkgqs", qg, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale
-        mask = (kpos[None, None, :] <= qpos[:, :, None])[:, None, None]     # (b,1,1,t,S)
-        sc = jnp.where(mask, sc, NEG)
-        m = jnp.max(sc, axis=-1)
-        m_all = jax.lax.pmax(m, axes)
-        p = jnp.where(mask, jnp.exp(sc - m_all[..., None]), 0.0)
-        den = jax.lax.psum(jnp.sum(p, axis=-1), axes)
-        acc = jax.lax.psum(jnp.einsum("bkgqs,bskh->bqkgh", p, v.astype(jnp.float32)), axes)
+        if t * local <= CHUNK * CHUNK:  # a decode step, a short prompt: one block
+            m, den, acc = _cached_block(qg, k, v, qpos, kpos, scale, local)
+        else:  # a long prompt: pieces of queries, each over pieces of the cache slice
+            nq = largest_divisor(t)
+
+            def piece(i, out):
+                rows = _cached_block(_rows(qg, i, nq, 1), k, v, _rows(qpos, i, nq, 1), kpos,
+                                     scale, largest_divisor(local))
+                return tuple(_put(o, r, i, ax) for o, r, ax in zip(out, rows, (3, 3, 1)))
+            init = (jnp.zeros((b, *qg.shape[2:4], t), jnp.float32),) * 2 + (
+                jnp.zeros(qg.shape, jnp.float32),)
+            m, den, acc = jax.lax.fori_loop(0, t // nq, piece, init)
+        m_all = jax.lax.pmax(m, axes)  # merge the devices' partial softmaxes
+        corr = jnp.exp(m - m_all)
+        den = jax.lax.psum(den * corr, axes)
+        acc = jax.lax.psum(acc * jnp.moveaxis(corr, -1, 1)[..., None], axes)
         y = acc / jnp.moveaxis(den, -1, 1)[..., None]
         return y.reshape(b, t, n, h).astype(q.dtype)
 

@@ -521,7 +521,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_context.py", "-k", "zigzag_order")),
     Mutation("ctx_cache_local_max", "split KV cache: partial softmaxes merged without the max",
              "jaxmp/context.py", "m_all = jax.lax.pmax(m, axes)", "m_all = m",
-             ("tests/test_context.py", "-k", "generation")),
+             ("tests/test_context.py", "-k", "cache_split")),
 )
 
 

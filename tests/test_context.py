@@ -337,3 +337,26 @@ def test_the_http_engine_serves_with_the_cache_split_over_context(ctx_ckpt):
     alone = [one.generate([p], n)[0].tokens for p, n in zip(prompts, lengths)]
     assert [r.json()["choices"][0]["text"] for r in replies] == \
         [one.decode_text(t) for t in alone]
+
+
+@pytest.mark.parametrize("t", [1, 3, 640])
+def test_attention_over_a_cache_split_over_context_equals_plain_attention(t):
+    """A cached step's queries (t new tokens per row, rows at different positions) over a
+    4096-slot cache split over context:4: a decode step and a short prompt in one block, a
+    640-token prompt in pieces of queries over pieces of the cache slice (two of 512 keys
+    per device), all equal to plain masked attention."""
+    ks = jax.random.split(jax.random.key(5), 3)
+    b, s = 2, 4096
+    q = jax.random.normal(ks[0], (b, t, N, H))
+    k = jax.random.normal(ks[1], (b, s, K, H))
+    v = jax.random.normal(ks[2], (b, s, K, H))
+    q_pos = jnp.array([[100], [3000]]) + jnp.arange(t)[None, :]
+    mask = jnp.arange(s)[None, None, :] <= q_pos[:, :, None]
+    ref = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    m = make_mesh("context:4,data:2")
+
+    def split(q, k, v, q_pos):
+        with activation_sharding(m, DEFAULT_RULES):
+            return context.cached_attention(q, k, v, q_pos)
+    got = jax.jit(split)(q, k, v, q_pos)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
