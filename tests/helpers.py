@@ -151,6 +151,44 @@ def assert_same_grads(mesh: str, pipe: PipelineSpec = PipelineSpec(), accum: int
     return max(worst)
 
 
+def trained_checkpoint(directory: Any, **settings: Any) -> str:
+    """A run trained through the Python API (jaxmp.run.train) with these flag settings,
+    checkpointed in `directory`/run (for module-scoped serving fixtures)."""
+    from jaxmp.config import RunConfig
+    from jaxmp.run import train as train_run
+
+    d = os.path.join(str(directory), "run")
+    train_run(RunConfig.flat(**{"steps": 2, "log_every": 1, **settings, "ckpt_dir": d}))
+    return d
+
+
+def engine_completions(server: Any, prompts: list[str], lengths: list[int],
+                       model_name: str = "jaxmp") -> list[str]:
+    """Greedy completions of `prompts` sent together over HTTP to a continuous-batching
+    engine (4 slots of 32 positions) on `server`: the reply texts, in order."""
+    import asyncio
+
+    import httpx
+
+    from jaxmp.engine import Engine
+    from jaxmp.http import HTTPLimits, running
+
+    engine = Engine(server, slots=4, max_len=32, prefix_cache_tokens=0)
+    engine.start()  # no warm-up: only the programs these requests need are compiled
+
+    async def ask(url):
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{url}/v1/completions", json={
+                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})
+                for p, n in zip(prompts, lengths)])
+    try:
+        with running(engine, HTTPLimits(model_name=model_name)) as url:
+            replies = asyncio.run(ask(url))
+    finally:
+        engine.stop()
+    return [r.json()["choices"][0]["text"] for r in replies]
+
+
 def run_module(*args: str, timeout: int = 600, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the repository root; raise with its output on failure."""

@@ -232,14 +232,10 @@ def test_the_loss_sees_the_zigzag_order_and_the_same_value():
 @pytest.fixture(scope="module")
 def ctx_ckpt(tmp_path_factory):
     """A tiny Llama trained 2 steps on data:2,context:4 through the Python API."""
-    from jaxmp.config import RunConfig
-    from jaxmp.run import train
-
-    d = tmp_path_factory.mktemp("ctx") / "run"
-    train(RunConfig.flat(model="llama", preset="tiny", num_layers=2, d_model=32, num_heads=4,
-                         num_kv_heads=2, mlp_dim=64, seq_len=64, mesh="data:2,context:4",
-                         steps=2, batch_size=4, ckpt_dir=str(d), log_every=1))
-    return str(d)
+    return helpers.trained_checkpoint(
+        tmp_path_factory.mktemp("ctx"), model="llama", preset="tiny", num_layers=2, d_model=32,
+        num_heads=4, num_kv_heads=2, mlp_dim=64, seq_len=64, mesh="data:2,context:4",
+        batch_size=4)
 
 
 PROMPTS = [[5, 17, 99, 3], [42], list(range(30, 70))]
@@ -310,33 +306,14 @@ def test_a_mixture_of_experts_on_a_context_mesh_has_one_devices_gradients():
 def test_the_http_engine_serves_with_the_cache_split_over_context(ctx_ckpt):
     """Concurrent completions through the continuous-batching engine on data:2,context:2
     (its slot cache split over context) equal one device's generation of each prompt."""
-    import asyncio
-
-    import httpx
-
-    from jaxmp.engine import Engine
-    from jaxmp.http import HTTPLimits, running
     from jaxmp.serve import Server
 
-    server = Server.from_checkpoint(ctx_ckpt, "data:2,context:2")
-    engine = Engine(server, slots=4, max_len=32, prefix_cache_tokens=0)
-    engine.start()
     prompts, lengths = ["def f(x):", "ab", "hello world, this is", "z"], [5, 2, 7, 3]
-
-    async def ask(url):
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[client.post(f"{url}/v1/completions", json={
-                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})
-                for p, n in zip(prompts, lengths)])
-    try:
-        with running(engine, HTTPLimits(model_name="ctx")) as url:
-            replies = asyncio.run(ask(url))
-    finally:
-        engine.stop()
+    texts = helpers.engine_completions(Server.from_checkpoint(ctx_ckpt, "data:2,context:2"),
+                                       prompts, lengths, "ctx")
     one = Server.from_checkpoint(ctx_ckpt, "")
     alone = [one.generate([p], n)[0].tokens for p, n in zip(prompts, lengths)]
-    assert [r.json()["choices"][0]["text"] for r in replies] == \
-        [one.decode_text(t) for t in alone]
+    assert texts == [one.decode_text(t) for t in alone]
 
 
 @pytest.mark.parametrize("t", [1, 3, 640])

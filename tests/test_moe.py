@@ -320,14 +320,10 @@ def test_train_moe_then_serve_with_router_metrics(tmp_path):
 @pytest.fixture(scope="module")
 def moe_ckpt(tmp_path_factory):
     """A tiny MoE trained 2 steps on data:2,expert:4 through the Python API (checkpointed)."""
-    from jaxmp.config import RunConfig
-    from jaxmp.run import train
-
-    d = tmp_path_factory.mktemp("moe") / "run"
-    train(RunConfig.flat(model="moe", preset="tiny", num_layers=2, d_model=64, num_heads=4,
-                         num_kv_heads=2, mlp_dim=32, seq_len=64, mesh="data:2,expert:4",
-                         steps=2, batch_size=8, ckpt_dir=str(d), log_every=1))
-    return str(d)
+    return helpers.trained_checkpoint(
+        tmp_path_factory.mktemp("moe"), model="moe", preset="tiny", num_layers=2, d_model=64,
+        num_heads=4, num_kv_heads=2, mlp_dim=32, seq_len=64, mesh="data:2,expert:4",
+        batch_size=8)
 
 
 PROMPTS = [[5, 17, 99, 3], [42], list(range(30, 60))]
@@ -361,29 +357,10 @@ def test_kv_cache_generation_on_expert_meshes_equals_one_device(moe_ckpt, mesh):
 def test_the_http_engine_serves_an_moe_on_an_expert_mesh(moe_ckpt):
     """Concurrent completions through the engine on expert:2,data:2 equal Server.generate
     of each prompt alone."""
-    import asyncio
-
-    import httpx
-
-    from jaxmp.engine import Engine
-    from jaxmp.http import HTTPLimits, running
     from jaxmp.serve import Server
 
     server = Server.from_checkpoint(moe_ckpt, "data:2,expert:2")
-    engine = Engine(server, slots=4, max_len=32, prefix_cache_tokens=0)
-    engine.start()  # no warm-up: only the programs these requests need are compiled
     prompts, lengths = ["def f(x):", "ab", "hello world, this is", "z"], [5, 2, 7, 3]
-
-    async def ask(url):
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[client.post(f"{url}/v1/completions", json={
-                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})
-                for p, n in zip(prompts, lengths)])
-    try:
-        with running(engine, HTTPLimits(model_name="moe")) as url:
-            replies = asyncio.run(ask(url))
-    finally:
-        engine.stop()
+    texts = helpers.engine_completions(server, prompts, lengths, "moe")
     alone = [server.generate([p], n)[0].tokens for p, n in zip(prompts, lengths)]
-    assert [r.json()["choices"][0]["text"] for r in replies] == \
-        [server.decode_text(t) for t in alone]
+    assert texts == [server.decode_text(t) for t in alone]

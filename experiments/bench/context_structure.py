@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
 import jax
 from flax import nnx
 
-from experiments.bench.harness import log, single_mesh, tokens_batch
+from experiments.bench.harness import log, single_mesh, step_ms, tokens_batch
 from experiments.bench.results import Json, Target, count_mib, mib, table
 from jaxmp import context
 from jaxmp.mesh import batch_shards, format_mesh, make_mesh
@@ -80,18 +79,6 @@ def _trainer(mesh: Any, kind: str, cfg: LlamaConfig = CFG, shard_state: bool = T
                    shard_state=shard_state)
 
 
-def _step_ms(trainer: Trainer, compiled: Any, batch: dict, steps: int = 2) -> float:
-    state = trainer.init_state()
-    placed = trainer.put_batch(batch)
-    state, m = compiled(state, placed)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = compiled(state, placed)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - t0) / steps * 1e3
-
-
 def kv_analytic_bytes(cfg: LlamaConfig, shape: dict, itemsize: int = 4) -> float:
     """Bytes of keys and values one device must receive per layer: 2 (k, v) x (c-1)/c x T
     x its KV heads' width, for each sequence it holds."""
@@ -129,7 +116,7 @@ def context_row(layout: str, kind: str, single_temp: int, timed: bool) -> Json:
             "temp_bytes": temp, "temp_ratio": temp / (single_temp / c),
             "causal_work_ratio": float(work.max() / work.min()),
             "plain_work_ratio": float(plain.max() / plain.min()),
-            "step_ms": _step_ms(trainer, compiled, batch) if timed else None}
+            "step_ms": step_ms(trainer, compiled, batch, 2) if timed else None}
 
 
 def context_structure(quick: bool) -> ContextStructure:

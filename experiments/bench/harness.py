@@ -33,6 +33,19 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def step_ms(trainer: Trainer, compiled: Any, batch: dict, steps: int = 3) -> float:
+    """Milliseconds per step of a compiled train step (one warm-up step first)."""
+    state = trainer.init_state()
+    placed = trainer.put_batch(batch)
+    state, m = compiled(state, placed)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, placed)
+    jax.block_until_ready(m)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
 def tokens_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"tokens": rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)}

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.bench.harness import log, single_mesh, tokens_batch
+from experiments.bench.harness import log, single_mesh, step_ms, tokens_batch
 from experiments.bench.results import Json, Target, count_mib, mib, table
 from jaxmp.mesh import batch_shards, format_mesh, make_mesh
 from jaxmp.models.moe import MoE, MoEConfig, moe_loss
@@ -82,19 +80,6 @@ def _trainer(mesh: Any, cfg: MoEConfig) -> Trainer:
     return Trainer(lambda: MoE(cfg, rngs=nnx.Rngs(0)), moe_loss, mesh)
 
 
-def _step_ms(trainer: Trainer, compiled: Any, batch: dict, steps: int = 3) -> float:
-    """Milliseconds per step of the compiled step (one warm-up step first)."""
-    state = trainer.init_state()
-    placed = trainer.put_batch(batch)
-    state, m = compiled(state, placed)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = compiled(state, placed)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - t0) / steps * 1e3
-
-
 def moe_row(layout: str, factor: float, active_flops: float, timed: bool) -> Json:
     cfg = dataclasses.replace(CFG, expert_capacity_factor=factor)
     mesh = make_mesh(layout)
@@ -121,7 +106,7 @@ def moe_row(layout: str, factor: float, active_flops: float, timed: bool) -> Jso
             "all_to_all_ratio": a2a["bytes"] / analytic if shape["expert"] > 1 else math.nan,
             "expert_bytes_per_device": held, "expert_bytes_ratio": held / ideal,
             "flops_per_device": flops, "flops_ratio": flops / (active_flops / mesh.size),
-            "step_ms": _step_ms(trainer, compiled, batch) if timed else None}
+            "step_ms": step_ms(trainer, compiled, batch) if timed else None}
 
 
 def moe_structure(quick: bool) -> MoEStructure:
