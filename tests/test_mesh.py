@@ -6,8 +6,10 @@ from jaxmp.mesh import AXES, MeshError, format_mesh, make_mesh, parse_mesh, simu
 
 def test_parse_fills_omitted_axes_and_minus_one():
     assert parse_mesh("data:2,pipe:2,tensor:2", 8) == {"data": 2, "fsdp": 1, "pipe": 2,
-                                                       "expert": 1, "tensor": 2}
-    assert parse_mesh("tensor:2,data:-1", 8) == {"data": 4, "fsdp": 1, "pipe": 1, "expert": 1, "tensor": 2}
+                                                       "expert": 1, "context": 1, "tensor": 2}
+    assert parse_mesh("tensor:2,data:-1", 8) == {"data": 4, "fsdp": 1, "pipe": 1, "expert": 1,
+                                                 "context": 1, "tensor": 2}
+    assert parse_mesh("context:-1,tensor:2", 8)["context"] == 4
     assert parse_mesh("", 1) == {a: 1 for a in AXES}
 
 
@@ -33,11 +35,16 @@ def test_wrong_product_suggests_fitting_meshes():
 
 def test_make_mesh_axes_and_order():
     mesh = make_mesh("data:2,pipe:2,tensor:2")
-    assert mesh.axis_names == AXES
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "pipe": 2, "expert": 1, "tensor": 2}
+    assert mesh.axis_names == AXES == ("data", "fsdp", "pipe", "expert", "context", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "pipe": 2, "expert": 1, "context": 1,
+                                "tensor": 2}
     # tensor innermost: neighbouring device ids share a tensor group
-    assert [d.id for d in mesh.devices[0, 0, 0, 0, :]] == [0, 1]
+    assert [d.id for d in mesh.devices[0, 0, 0, 0, 0, :]] == [0, 1]
     assert format_mesh(mesh) == "data:2,pipe:2,tensor:2"
+    # context next to tensor: a context group spans neighbouring tensor groups
+    mesh = make_mesh("data:2,context:2,tensor:2")
+    assert [d.id for d in mesh.devices[0, 0, 0, 0, :, 0]] == [0, 2]
+    assert format_mesh(mesh) == "data:2,context:2,tensor:2"
 
 
 def test_simulate_after_backend_started_is_a_clear_error():
