@@ -34,13 +34,15 @@ def parse(*argv: str) -> RunConfig:
     ("llama", ["--num_heads=4", "--num_kv_heads=2"])])
 def test_every_layout_model_and_optimizer_flag_reaches_the_run(tmp_path, family, shape):
     """Flags with non-default values for every layout option (mesh, micro-batches, circular
-    rounds, gather-once, sequence parallelism, sharded state, rule overrides), model option
+    rounds, gather-once, sequence parallelism, sharded state, rule overrides, the context
+    attention kind), model option
     (dtype, remat, attention kernel, scan) and optimizer setting, parsed as the entry point
     parses them, end up in the prepared run."""
     cfg = parse(f"--model={family}", "--num_layers=4", "--d_model=32", "--seq_len=16", *shape,
                 "--dtype=bfloat16", "--remat=dots", "--attention=chunked", "--noscan_layers",
                 "--mesh=fsdp:2,pipe:2,tensor:2", "--microbatches=4", "--pipeline_repeats=2",
                 "--pipeline_fsdp_gather_once", "--sequence_parallel", "--noshard_state",
+                "--context_attention=allgather",
                 "--rules=vocab=", "--activation_rules=batch=fsdp", "--batch_size=16",
                 "--steps=9", "--seed=3", f"--ckpt_dir={tmp_path / 'run'}", "--serve_mesh=",
                 *(f"--{k}={v}" for k, v in OPTIMIZER.items()))
@@ -58,7 +60,9 @@ def test_every_layout_model_and_optimizer_flag_reaches_the_run(tmp_path, family,
         assert run.record.layer_order == storage_order(4, 2, 2) != list(range(4))
         tr = run.trainer
         params, activations = dict(tr.rules.params), dict(tr.rules.activations)
-        assert activations["sequence"] == ("tensor",) and activations["batch"] == ("fsdp",)
+        assert activations["sequence"] == ("context", "tensor")  # (context first: its slice)
+        assert activations["batch"] == ("fsdp",) and activations["length"] == ("context",)
+        assert tr.rules.context_attention == "allgather" == run.record.rules["context_attention"]
         assert params.get("vocab") in ((), None)
         assert tr.shard_state is False and tr.seed == 3
         want = dataclasses.replace(tr.opt, **OPTIMIZER, total_steps=9)
