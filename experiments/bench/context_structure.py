@@ -29,6 +29,7 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("context:8", "ring"), ("context:8", "allgather"), ("data:2,context:4", "ring"),
     ("context:4,tensor:2", "ring"), ("context:4,tensor:2", "allgather"))
 QUICK_ROWS: tuple[tuple[str, str], ...] = (("context:8", "ring"), ("context:8", "allgather"))
+QUICK_SEQ_LEN = 1024  # --quick: the same rows on half the sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,29 +89,30 @@ def kv_analytic_bytes(cfg: LlamaConfig, shape: dict, itemsize: int = 4) -> float
     return 2 * (c - 1) / c * cfg.seq_len * kv_heads * cfg.head_dim * itemsize * rows
 
 
-def context_row(layout: str, kind: str, single_temp: int, timed: bool) -> Json:
+def context_row(layout: str, kind: str, single_temp: int, timed: bool,
+                cfg: LlamaConfig = CFG) -> Json:
     mesh = make_mesh(layout)
     shape = dict(mesh.shape)
     c = shape["context"]
-    trainer = _trainer(mesh, kind)
-    batch = tokens_batch(BATCH, CFG.seq_len, CFG.vocab_size)
+    trainer = _trainer(mesh, kind, cfg)
+    batch = tokens_batch(BATCH, cfg.seq_len, cfg.vocab_size)
     abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     # attention's traffic alone: the state kept replicated over context here (spread over
     # it, the forward program also gathers the parameters once over context)
-    whole = _trainer(mesh, kind, shard_state=False)
+    whole = _trainer(mesh, kind, cfg, shard_state=False)
     fwd = whole.compiled_eval(batch).lower(whole.abstract_state().params, abs_batch)
     found = analysis.collectives(fwd.compile().as_text(), shape)
     op = "collective-permute" if kind == "ring" else "all-gather"
     moved = analysis.collective_totals(found, axes="context")[op]
-    per_layer = {"count": moved["count"] / CFG.num_layers,
-                 "bytes": moved["bytes"] / CFG.num_layers}
+    per_layer = {"count": moved["count"] / cfg.num_layers,
+                 "bytes": moved["bytes"] / cfg.num_layers}
     received = per_layer["bytes"] * ((c - 1) / c if kind == "allgather" else 1.0)
-    analytic = kv_analytic_bytes(CFG, shape)
+    analytic = kv_analytic_bytes(cfg, shape)
     compiled = trainer.lower(batch).compile()
     temp = analysis.memory_figures(compiled).temp_bytes
-    order = context.zigzag_order(CFG.seq_len, c)
+    order = context.zigzag_order(cfg.seq_len, c)
     work = context.causal_work(order, c)
-    plain = context.causal_work(range(CFG.seq_len), c)
+    plain = context.causal_work(range(cfg.seq_len), c)
     return {"layout": format_mesh(mesh), "attention": kind, "kv_moved_per_layer": per_layer,
             "kv_analytic_bytes_per_layer": analytic, "kv_ratio": received / analytic,
             "temp_bytes": temp, "temp_ratio": temp / (single_temp / c),
@@ -122,16 +124,16 @@ def context_row(layout: str, kind: str, single_temp: int, timed: bool) -> Json:
 def context_structure(quick: bool) -> ContextStructure:
     """The rows (QUICK_ROWS with --quick), after the one-device figure (chunked attention:
     no (T, T) scores kept, the fair comparison)."""
-    one_cfg = dataclasses.replace(CFG, attention="chunked")
-    one = _trainer(single_mesh(), "ring", one_cfg)
-    batch = tokens_batch(BATCH, CFG.seq_len, CFG.vocab_size)
+    cfg = dataclasses.replace(CFG, seq_len=QUICK_SEQ_LEN) if quick else CFG
+    one = _trainer(single_mesh(), "ring", dataclasses.replace(cfg, attention="chunked"))
+    batch = tokens_batch(BATCH, cfg.seq_len, cfg.vocab_size)
     single = analysis.memory_figures(one.lower(batch).compile()).temp_bytes
     rows = []
     for layout, kind in (QUICK_ROWS if quick else ROWS):
-        row = context_row(layout, kind, single, timed=layout == "context:8")
+        row = context_row(layout, kind, single, timed=layout == "context:8", cfg=cfg)
         log(f"  structure context {row['layout']:<20} {kind}")
         rows.append(row)
-    model = {**{k: getattr(CFG, k) for k in ("num_layers", "d_model", "num_heads",
+    model = {**{k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads",
                                              "num_kv_heads", "seq_len")},
              "batch": BATCH, "single_device_temp_bytes": single}
     timed = {r["attention"]: r["step_ms"] for r in rows if r["step_ms"]}
