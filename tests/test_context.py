@@ -121,6 +121,7 @@ def test_attention_over_the_split_sequence_equals_plain_attention(mesh, kind, or
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.slow
 def test_ring_mode_permutes_blocks_and_gathers_no_sequence():
     """The compiled ring program: collective-permutes over context only, no all-gather;
     forward: exactly c-1 steps of each device's (k, v) block (and its positions); with
@@ -190,13 +191,12 @@ def _run(family: str, mesh: str, p: int = 1, m: int = 1, kind: str = "ring",
     return losses, helpers.canonical(params, pipe, cfg), norms
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,mesh,p,m,kind,sp", [
     ("gpt", "data:2,context:4", 1, 1, "ring", False),
-    *(pytest.param(*a, marks=pytest.mark.slow) for a in [
-        ("gpt", "context:2,tensor:2,pipe:2", 2, 2, "ring", True),
-        ("llama", "context:8", 1, 1, "allgather", False),
-        ("llama", "fsdp:2,context:4", 1, 1, "ring", True)]),
-])
+    ("gpt", "context:2,tensor:2,pipe:2", 2, 2, "ring", True),
+    ("llama", "context:8", 1, 1, "allgather", False),
+    ("llama", "fsdp:2,context:4", 1, 1, "ring", True)])
 def test_context_layouts_match_single_device(family, mesh, p, m, kind, sp):
     """3 AdamW steps on a split sequence of 48 tokens (zig-zag, 3 to 12 per chunk) equal
     one device: losses and gradient norms rtol 1e-5, parameters rtol 1e-4. Each of the
@@ -205,6 +205,7 @@ def test_context_layouts_match_single_device(family, mesh, p, m, kind, sp):
     assert_same_run(_run(family, mesh, p, m, kind, sp), _run(family, "single"))
 
 
+@pytest.mark.slow
 def test_the_loss_sees_the_zigzag_order_and_the_same_value():
     """Under a context mesh the loss lays the batch out in the zig-zag order (tokens,
     targets and positions alike), and the model's logits at a position do not depend on
@@ -315,7 +316,8 @@ def test_the_http_engine_serves_with_the_cache_split_over_context(ctx_ckpt):
     assert texts == [one.decode_text(t) for t in alone]
 
 
-@pytest.mark.parametrize("t", [1, 3, 640])
+@pytest.mark.parametrize("t", [pytest.param(1, marks=pytest.mark.slow),
+                               pytest.param(3, marks=pytest.mark.slow), 640])
 def test_attention_over_a_cache_split_over_context_equals_plain_attention(t):
     """A cached step's queries (t new tokens per row, rows at different positions) over a
     4096-slot cache split over context:4: a decode step and a short prompt in one block, a
