@@ -239,7 +239,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("resume_data_restarts", "a resumed run reads the data from the first batch again",
              "jaxmp/run/loop.py", "state, metrics = step_fn(state, run.batches.device(step, shardings))",
              "state, metrics = step_fn(state, run.batches.device(step - start, shardings))",
-             ("tests/test_rundir.py", "-m", "not slow", "-k", "resume_and_replay")),
+             ("tests/test_rundir.py", "-k", "resume_and_replay")),
     # (end of layout section)
     # -- numeric references and config round trips (Hugging Face)
     Mutation("llama3_smooth_ends_swapped",

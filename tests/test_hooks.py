@@ -134,6 +134,7 @@ def test_wandb_logger_gets_the_metrics_file_rows(tmp_path, monkeypatch):
         assert logged.get("eval/loss") == row.get("eval_loss")
 
 
+@pytest.mark.slow
 def test_hook_edge_cases_a_new_user_tried(tmp_path):
     """A hook's every checked before anything runs; a stop asked in on_start trains no
     step; a hook whose close() raises still lets the run close its directory (the lock

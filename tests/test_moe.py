@@ -211,6 +211,7 @@ def test_the_statistics_are_the_mean_over_layers_of_each_layers_own():
     np.testing.assert_allclose(np.asarray(logits), head, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_expert_loads_count_each_layers_top_k():
     """Each layer's share of the assignments per expert sums to 1; with zero routers
     (every probability 1/E, ties to the lower index) every token picks experts 0 and 1:

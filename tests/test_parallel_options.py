@@ -190,6 +190,7 @@ def test_tensor_parallel_layer_loop_all_reduces_megatrons_minimum(sequence_paral
 
 
 # ---------------------------------------------------------------- decoding
+@pytest.mark.slow
 def test_decode_loop_reads_weights_and_cache_in_place():
     """The token loop of Server.generate writes, per token, far less than the weights (no
     per-layer copy of the stacked weights: a slice inside the loop), and never a whole

@@ -130,6 +130,7 @@ def test_resume_allows_what_is_named_and_what_is_free(trained):
         prepare(RunConfig.flat(**TINY, ckpt_dir=path, allow_config_change="mesh"))
 
 
+@pytest.mark.slow
 def test_resume_and_replay_equal_the_straight_run(trained, tmp_path):
     """The real training loop (jaxmp.run.train) stopped by --run_until after its step-2
     checkpoint and resumed takes steps 3 and 4 like the run that went straight on: the
