@@ -238,28 +238,6 @@ def ctx_ckpt(tmp_path_factory):
         batch_size=4)
 
 
-PROMPTS = [[5, 17, 99, 3], [42], list(range(30, 70))]
-
-
-def _served(ckpt: str, mesh: str):
-    from jaxmp.serve import Server
-
-    return Server.from_checkpoint(ckpt, mesh).generate(PROMPTS, max_new_tokens=6,
-                                                       return_logits=True)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["data:2,context:2,tensor:2"])
-def test_generation_with_the_cache_split_over_context_equals_one_device(ctx_ckpt, mesh):
-    """The KV cache split over `context` (prefill of a 40-token prompt split too): greedy
-    tokens equal one device's, logits within 1e-4."""
-    ref = _served(ctx_ckpt, "")
-    got = _served(ctx_ckpt, mesh)
-    for a, b in zip(got, ref):
-        assert a.tokens == b.tokens
-        np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
-
-
 def test_rules_keep_the_attention_kind_and_old_records_gain_the_context_rules():
     """Rules through their JSON keep context_attention; a record written before the
     context axis (no `length` / `sequence` activation rules, no kind) reads back with
@@ -303,17 +281,24 @@ def test_a_mixture_of_experts_on_a_context_mesh_has_one_devices_gradients():
 
 
 @pytest.mark.slow
-def test_the_http_engine_serves_with_the_cache_split_over_context(ctx_ckpt):
-    """Concurrent completions through the continuous-batching engine on data:2,context:2
-    (its slot cache split over context) equal one device's generation of each prompt."""
+def test_serving_with_the_cache_split_over_context_equals_one_device(ctx_ckpt):
+    """On data:2,context:2 (the KV cache split over context, a 40-token prompt's prefill
+    too): Server.generate's greedy tokens equal one device's and its logits are within
+    1e-4; concurrent completions through the continuous-batching engine (its slot cache
+    split the same way) equal one device's generation of each prompt."""
     from jaxmp.serve import Server
 
-    prompts, lengths = ["def f(x):", "ab", "hello world, this is", "z"], [5, 2, 7, 3]
-    texts = helpers.engine_completions(Server.from_checkpoint(ctx_ckpt, "data:2,context:2"),
-                                       prompts, lengths, "ctx")
+    split = Server.from_checkpoint(ctx_ckpt, "data:2,context:2")
     one = Server.from_checkpoint(ctx_ckpt, "")
-    alone = [one.generate([p], n)[0].tokens for p, n in zip(prompts, lengths)]
-    assert texts == [one.decode_text(t) for t in alone]
+    prompts = [[5, 17, 99, 3], [42], list(range(30, 70))]
+    got, ref = (s.generate(prompts, max_new_tokens=6, return_logits=True) for s in (split, one))
+    for a, b in zip(got, ref):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    texts, lengths = ["def f(x):", "ab", "hello world, this is", "z"], [5, 2, 7, 3]
+    replies = helpers.engine_completions(split, texts, lengths, "ctx")
+    alone = [one.generate([p], n)[0].tokens for p, n in zip(texts, lengths)]
+    assert replies == [one.decode_text(t) for t in alone]
 
 
 @pytest.mark.parametrize("t", [pytest.param(1, marks=pytest.mark.slow),
