@@ -258,29 +258,6 @@ def test_rules_keep_the_attention_kind_and_old_records_gain_the_context_rules():
 
 
 @pytest.mark.slow
-def test_a_mixture_of_experts_on_a_context_mesh_has_one_devices_gradients():
-    """The MoE family (Llama attention across the split sequence, its routed MLP run on
-    whole sequences: capacity ranks and the statistics are per sequence) on
-    expert:2,context:4: loss and gradients equal one device's."""
-    from flax import nnx
-
-    from jaxmp.models.moe import MoE, MoEConfig, moe_loss
-    from jaxmp.train import Trainer
-
-    cfg = MoEConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=32,
-                    num_experts=4, experts_per_token=2, seq_len=32, vocab_size=256)
-    batch = {"tokens": np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)}
-    out = []
-    for mesh in (make_mesh("", devices=jax.devices()[:1]), make_mesh("expert:2,context:4")):
-        tr = Trainer(lambda: MoE(cfg, rngs=nnx.Rngs(0)), moe_loss, mesh)
-        loss, grads = tr.grads(tr.init_state().params, tr.put_batch(batch))
-        out.append((float(loss), jax.device_get(grads)))
-    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(out[1][1]), jax.tree_util.tree_leaves(out[0][1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
-
-
-@pytest.mark.slow
 def test_serving_with_the_cache_split_over_context_equals_one_device(ctx_ckpt):
     """On data:2,context:2 (the KV cache split over context, a 40-token prompt's prefill
     too): Server.generate's greedy tokens equal one device's and its logits are within
