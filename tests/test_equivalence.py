@@ -18,7 +18,7 @@ def test_layout_matches_single_device(mesh):
 @pytest.mark.parametrize("mesh,accum", [
     *(pytest.param(m, 1, marks=pytest.mark.slow) for m in ("data:8", "fsdp:8", "tensor:8")),
     pytest.param("data:2,fsdp:2,tensor:2", 1, marks=pytest.mark.slow),
-    ("data:2,fsdp:2,tensor:2", 4), ("single", 2)])
+    pytest.param("data:2,fsdp:2,tensor:2", 4, marks=pytest.mark.slow), ("single", 2)])
 def test_gradients_match_single_device(mesh, accum):
     """Gradients themselves, not only losses and parameters: a summed (not averaged)
     accumulation, a gradient reduced twice or missing a shard fails here."""

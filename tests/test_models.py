@@ -99,7 +99,8 @@ def test_unrolled_layers_equal_the_scan():
     assert not np.allclose(blocks[0], blocks[1])
 
 
-@pytest.mark.parametrize("heads,kv_heads", [pytest.param(4, 4, marks=pytest.mark.slow), (4, 2)])
+@pytest.mark.slow
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
 def test_chunked_attention_equals_full_attention(monkeypatch, heads, kv_heads):
     """--attention=chunked (query blocks recomputed in the backward pass) gives full causal
     attention's outputs and gradients, grouped queries included: catches a block's causal

@@ -267,6 +267,7 @@ def test_capacity_mode_matches_single_device_and_reports_the_same_drops():
     assert_same_run(run("expert:4,tensor:2", cfg=cfg), run("single", cfg=cfg))
 
 
+@pytest.mark.slow
 def test_the_step_exchanges_tokens_with_all_to_alls_over_expert():
     """The compiled step on data:2,expert:4 holds all-to-alls over `expert` (dispatch and
     combine, forward and backward: 4 per layer for the rows) and keeps each expert's
