@@ -46,9 +46,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxmp.layers import CHUNK, causal_attention
-from jaxmp.sharding import current_mesh, current_rules, current_spec
+from jaxmp.sharding import CONTEXT_ATTENTION, current_mesh, current_rules, current_spec
 
-KINDS = ("ring", "allgather")
+KINDS = CONTEXT_ATTENTION  # ring | allgather
 NEG = -1e30  # the masked score (finite: a block with no visible key must not give NaN)
 Q_NAMES = ("batch", "length", "heads", "kv")
 KV_NAMES = ("batch", "length", "kv_heads", "kv")
@@ -98,9 +98,11 @@ def causal_work(order: np.ndarray, c: int) -> np.ndarray:
 def _scores(q: jax.Array, k: jax.Array, qpos: jax.Array, kpos: jax.Array, scale: float,
             ) -> tuple[jax.Array, jax.Array]:
     """q (b, tq, K, G, h), k (b, tk, K, h) -> masked scores (b, K, G, tq, tk) float32 and the
-    mask (tq, tk) (key position <= query position)."""
+    mask (key position <= query position): (tq, tk) for query positions qpos (tq,) shared
+    by the batch, (b, 1, 1, tq, tk) for positions per row (b, tq) (a cached step)."""
     s = jnp.einsum("bqkgh,bskh->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-    mask = kpos[None, :] <= qpos[:, None]
+    mask = kpos[None, :] <= qpos[..., :, None]
+    mask = mask if qpos.ndim == 1 else mask[:, None, None]
     return jnp.where(mask, s, NEG), mask
 
 
@@ -283,18 +285,15 @@ def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array, kpos: 
     return _blockwise_fwd(q, k, v, qpos, kpos, blocks)[0]
 
 
-def _kv_block(x: jax.Array, i: jax.Array, blocks: int, axis: int = 1) -> jax.Array:
-    n = x.shape[axis] // blocks
-    return jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=axis)
-
-
 def _blockwise_fwd(q, k, v, qpos, kpos, blocks):
     q, k, v, qpos, kpos = _pinned(q, k, v, qpos, kpos)
     scale = 1.0 / math.sqrt(q.shape[-1])
 
+    n = k.shape[1] // blocks
+
     def step(i, states):  # one block of keys at a time (a loop: one block's buffers)
-        return _fold_block(states, q, _kv_block(k, i, blocks), _kv_block(v, i, blocks), qpos,
-                           _kv_block(kpos, i, blocks, 0), scale)
+        return _fold_block(states, q, _rows(k, i, n, 1), _rows(v, i, n, 1), qpos,
+                           _rows(kpos, i, n, 0), scale)
     out, lse = _finish(jax.lax.fori_loop(0, blocks, step, _init_states(q)))
     return out.astype(q.dtype), (q, k, v, qpos, kpos, out.astype(q.dtype), lse)
 
@@ -304,15 +303,15 @@ def _blockwise_bwd(blocks, res, do):
     scale = 1.0 / math.sqrt(q.shape[-1])
     delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
 
+    n = k.shape[1] // blocks
+
     def step(i, carry):
         dq, dk, dv = carry
-        kb, vb = _kv_block(k, i, blocks), _kv_block(v, i, blocks)
+        kb, vb = _rows(k, i, n, 1), _rows(v, i, n, 1)
         zero = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
         dq, (dkb, dvb) = _grad_block(dq, zero, q, kb, vb, do, lse, delta, qpos,
-                                     _kv_block(kpos, i, blocks, 0), scale)
-        n = kb.shape[1]
-        return (dq, jax.lax.dynamic_update_slice_in_dim(dk, dkb, i * n, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(dv, dvb, i * n, axis=1))
+                                     _rows(kpos, i, n, 0), scale)
+        return dq, _put(dk, dkb, i, 1), _put(dv, dvb, i, 1)
     dq, dk, dv = jax.lax.fori_loop(0, blocks, step, (jnp.zeros(q.shape, jnp.float32),
                                                      jnp.zeros(k.shape, jnp.float32),
                                                      jnp.zeros(v.shape, jnp.float32)))
@@ -368,7 +367,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
         mask = positions[None, :] <= positions[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
     c = math.prod(mesh.shape[a] for a in axes)
-    kind = kind or getattr(current_rules(), "context_attention", "ring")
+    kind = kind or current_rules().context_attention
     if kind not in KINDS:
         raise ValueError(f"context_attention={kind!r}: choose {' or '.join(KINDS)}")
     q_spec = current_spec(Q_NAMES, q.shape)
@@ -382,26 +381,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
 
 def _cached_block(q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array,
                   kpos: jax.Array, scale: float, n: int) -> tuple:
-    """(max, sum, output) of queries q (b, t, K, G, h) at positions qpos (b, t) over keys
-    at kpos (S,), pieces of n keys at a time (an online softmax; rows may see no key)."""
-    b, t = qpos.shape
-
+    """(max, sum, output) of queries q (b, t, K, G, h) at positions qpos (b, t) (per row)
+    over keys at kpos (S,), pieces of n keys at a time (the online softmax of the training
+    kernels; a row may see no key on this device)."""
     def fold(j, st):
-        m, den, acc = st
-        kp = _rows(kpos, j, n, 0)
-        sc = jnp.einsum("bqkgh,bskh->bkgqs", q, _rows(k, j, n, 1).astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale
-        mask = (kp[None, None, :] <= qpos[:, :, None])[:, None, None]       # (b,1,1,t,n)
-        sc = jnp.where(mask, sc, NEG)
-        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-        p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgqs,bskh->bqkgh", p, _rows(v, j, n, 1).astype(jnp.float32))
-        return (m_new, den * corr + jnp.sum(p, axis=-1),
-                acc * jnp.moveaxis(corr, -1, 1)[..., None] + pv)
-    init = (jnp.full((b, *q.shape[2:4], t), NEG, jnp.float32),
-            jnp.zeros((b, *q.shape[2:4], t), jnp.float32), jnp.zeros(q.shape, jnp.float32))
-    return jax.lax.fori_loop(0, k.shape[1] // n, fold, init)
+        return _fwd_update(st, q, _rows(k, j, n, 1).astype(q.dtype),
+                           _rows(v, j, n, 1).astype(q.dtype), qpos, _rows(kpos, j, n, 0), scale)
+    return jax.lax.fori_loop(0, k.shape[1] // n, fold, _init_states(q))
 
 
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, order: jax.Array | None,
@@ -449,9 +435,7 @@ def cached_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array,
                 rows = _cached_block(_rows(qg, i, nq, 1), k, v, _rows(qpos, i, nq, 1), kpos,
                                      scale, largest_divisor(local))
                 return tuple(_put(o, r, i, ax) for o, r, ax in zip(out, rows, (3, 3, 1)))
-            init = (jnp.zeros((b, *qg.shape[2:4], t), jnp.float32),) * 2 + (
-                jnp.zeros(qg.shape, jnp.float32),)
-            m, den, acc = jax.lax.fori_loop(0, t // nq, piece, init)
+            m, den, acc = jax.lax.fori_loop(0, t // nq, piece, _init_states(qg))
         m_all = jax.lax.pmax(m, axes)  # merge the devices' partial softmaxes
         corr = jnp.exp(m - m_all)
         den = jax.lax.psum(den * corr, axes)
