@@ -115,6 +115,13 @@ class LayoutConfig:
     mesh: str = opt("data:2,pipe:2,tensor:2", "Mesh, e.g. data:2,pipe:2,tensor:2.")
     microbatches: int = opt(4, "Pipeline micro-batches per data shard.")
     pipeline_repeats: int = opt(1, "Circular pipeline rounds (layer groups per stage).")
+    pipeline_schedule: str = opt(
+        "gpipe", "Pipeline schedule: gpipe (all forwards, then JAX's backward pass; circular "
+        "with --pipeline_repeats > 1), circular (the same, repeats >= 2 required), 1f1b "
+        "(each micro-batch's backward as soon as its forward ends: activations kept for at "
+        "most 2*pipe-1 micro-batches, layers recomputed in the backward pass), interleaved "
+        "(1f1b over --pipeline_repeats layer groups per stage; microbatches divisible by "
+        "pipe).", choices=("gpipe", "circular", "1f1b", "interleaved"))
     rules: str = opt("", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
     activation_rules: str = opt("", "Activation rule overrides, e.g. 'batch=data'.")
     shard_state: bool = opt(True, "Keep parameters and optimizer state split over data, "

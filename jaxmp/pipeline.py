@@ -46,10 +46,20 @@ class PipelineSpec:
     # weights and their gradients per device for the step (MaxText's
     # pipeline_fsdp_ag_once).
     fsdp_gather_once: bool = False
+    # gpipe / circular: a forward tick loop that JAX differentiates (every micro-batch's
+    # activations live until the backward pass; gpipe with repeats > 1 is the circular
+    # one). 1f1b / interleaved: the pipeline runs each micro-batch's backward pass as soon
+    # as it can (jaxmp.scheduled), so live activations are bounded by the stages.
+    schedule: str = "gpipe"
 
     @property
     def enabled(self) -> bool:
         return self.stages > 1
+
+    @property
+    def drives_backward(self) -> bool:
+        """The schedule runs its own backward pass (jaxmp.scheduled), not JAX's autodiff."""
+        return self.enabled and self.schedule in DRIVEN
 
     def validate(self, num_layers: int, batch_per_shard: int | None = None,
                  what: str = "decoder layers") -> None:
@@ -60,6 +70,7 @@ class PipelineSpec:
             raise PipelineError(
                 f"{num_layers} {what} cannot be split into pipe({p}) x pipeline_repeats({r}) = "
                 f"{p * r} equal groups; use a layer count divisible by {p * r}")
+        _check_schedule(self.schedule, p, m, r)
         if r > 1 and m < p:
             raise PipelineError(
                 f"the circular schedule (pipeline_repeats={r}) needs microbatches >= pipe size "
@@ -69,6 +80,25 @@ class PipelineSpec:
             raise PipelineError(
                 f"the batch per data shard ({batch_per_shard}) is not divisible by "
                 f"microbatches={m}; choose a batch size so that batch/(data*fsdp) divides by {m}")
+
+
+SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved")
+DRIVEN = ("1f1b", "interleaved")
+
+
+def _check_schedule(kind: str, p: int, m: int, r: int) -> None:
+    if kind not in SCHEDULES:
+        raise PipelineError(f"pipeline_schedule={kind!r}: choose one of {', '.join(SCHEDULES)}")
+    if kind in ("circular", "interleaved") and r < 2:
+        raise PipelineError(f"pipeline_schedule={kind} holds several layer groups per stage: "
+                            f"set --pipeline_repeats >= 2 (or use "
+                            f"{'gpipe' if kind == 'circular' else '1f1b'})")
+    if kind == "1f1b" and r > 1:
+        raise PipelineError(f"pipeline_schedule=1f1b holds one layer group per stage, not "
+                            f"pipeline_repeats={r}; use --pipeline_schedule=interleaved")
+    if kind == "interleaved" and m % p:
+        raise PipelineError(f"pipeline_schedule=interleaved runs micro-batches in groups of "
+                            f"pipe={p}: use --microbatches divisible by {p} (not {m})")
 
 
 # ---------------------------------------------------------------- the schedule (pure)

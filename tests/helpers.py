@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -94,15 +95,18 @@ def layout_trainer(mesh: str, p: int = 1, m: int = 1, r: int = 1, accum: int = 1
 def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, layers: int = CFG.num_layers,
         accum: int = 1, *, shard_state: bool = True, sequence_parallel: bool = False,
         gather_once: bool = False, model: type = GPT, cfg: Any = None,
+        schedule: str = "gpipe", remat: str | None = None,
         ) -> tuple[list[float], dict, list[float]]:
     """Per-step losses, final parameters (canonical layer order) and per-step gradient
     norms of STEPS steps (with the layout options of jaxmp.config.LayoutConfig, through
     the entry point's own functions: layout_trainer) of `model` with `cfg` (default: CFG
     with `layers` layers)."""
     cfg = cfg or GPTConfig(**{**CFG.to_json(), "num_layers": layers})
+    if remat is not None:
+        cfg = dataclasses.replace(cfg, remat=remat)
     tr, pipe = layout_trainer(mesh, p, m, r, accum, shard_state=shard_state,
                               sequence_parallel=sequence_parallel, gather_once=gather_once,
-                              model=model, cfg=cfg)
+                              model=model, cfg=cfg, pipeline_schedule=schedule)
     losses, params, norms = train(tr, batches())
     return losses, canonical(params, pipe, cfg), norms
 

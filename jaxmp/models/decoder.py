@@ -14,6 +14,8 @@ import numpy as np
 
 from jaxmp import data
 from jaxmp.context import sequence_order
+from jaxmp.layers import RESIDUAL
+from jaxmp.scheduled import stack_loss
 
 NEG_INF = -1e30
 
@@ -82,12 +84,16 @@ def token_batches(cfg: Any, source: str, batch_size: int, seed: int) -> data.Tok
 
 
 def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean next-token cross-entropy of a decoder (model(tokens) -> logits (B, T, V),
-    float32, padding masked). batch['tokens']: (B, T+1)."""
+    """Mean next-token cross-entropy of a decoder (stem -> layer stack -> head, see
+    `trunk`; logits float32, padding masked). batch['tokens']: (B, T+1). With a pipeline
+    schedule that runs its own backward pass (1f1b, interleaved) the head and loss run
+    inside the schedule, micro-batch by micro-batch (jaxmp.scheduled)."""
     inputs, targets, positions = context_batch(batch["tokens"])
-    if positions is None:
-        return next_token_loss(model(inputs), targets)
-    return next_token_loss(model(inputs, positions), targets)
+    stem, layer = model.trunk(inputs.shape[1], positions)
+    tail = lambda m, h, rows: (row_losses(m.head(h), rows["targets"]), {})
+    loss, _ = stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer,
+                         tail, {"inputs": inputs, "targets": targets}, RESIDUAL)
+    return loss
 
 
 def context_batch(tokens: jax.Array) -> tuple[jax.Array, jax.Array, np.ndarray | None]:
@@ -105,7 +111,13 @@ def context_batch(tokens: jax.Array) -> tuple[jax.Array, jax.Array, np.ndarray |
 def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean cross-entropy of logits (B, T, V) (float32, vocab-sharded) against targets
     (B, T)."""
+    return jnp.mean(row_losses(logits, targets))
+
+
+def row_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Each sequence's mean cross-entropy (B,) (rows of equal length: their mean is the
+    batch's mean)."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
     target_logit = jnp.sum(logits * onehot, axis=-1)
-    return jnp.mean(lse - target_logit)
+    return jnp.mean(lse - target_logit, axis=-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -185,6 +186,9 @@ class GPT(nnx.Module):
         self.cfg = cfg
         self.stack = LayerStack(cfg.num_layers, pipeline, cfg.remat, cfg.scan_layers,
                                 "decoder layers")
+        # model.eval() sets it: the loss then runs forward only (no schedule-driven
+        # backward pass, jaxmp.scheduled)
+        self.deterministic = False
         dtype = jnp.dtype(cfg.dtype)
         self.wte = Embed(cfg.padded_vocab, cfg.d_model, rngs=rngs, dtype=dtype)
         self.wte.embedding[...] = zero_padding_rows(self.wte.embedding[...], cfg.vocab_size)
@@ -212,13 +216,18 @@ class GPT(nnx.Module):
         """tokens (B, T) int -> logits (B, T, padded_vocab) float32. `positions` (T,): the
         tokens' positions where they are stored out of order (context parallelism's
         load-balanced layout, `context.sequence_order`); default 0..T-1."""
-        T = tokens.shape[1]
+        stem, layer = self.trunk(tokens.shape[1], positions)
+        return self.head(self.stack.apply(self.blocks, stem(self, tokens), X_NAMES, layer))
+
+    def trunk(self, T: int, positions: Any = None) -> tuple[Callable, Callable]:
+        """The forward pass up to the head for sequences of T tokens at `positions`:
+        (stem(model, tokens) -> x, layer(block, x) -> x) (the pipeline schedules that
+        run their own backward pass call them micro-batch by micro-batch)."""
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.seq_len}")
-        x = self.embed(tokens, jnp.arange(T) if positions is None else positions)
-        x = self.stack.apply(self.blocks, x, X_NAMES,
-                             lambda block, h: block(h, order=positions)[0])
-        return self.head(x)
+        pos = jnp.arange(T) if positions is None else positions
+        return (lambda model, tokens: model.embed(tokens, pos),
+                lambda block, h: block(h, order=positions)[0])
 
     def decode(self, tokens: jax.Array, cache: tuple[jax.Array, jax.Array],
                index: jax.Array, layers: list[Any] | None = None,

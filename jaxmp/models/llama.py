@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -285,6 +286,9 @@ class Llama(nnx.Module):
         self.cfg = cfg
         self.stack = LayerStack(cfg.num_layers, pipeline, cfg.remat, cfg.scan_layers,
                                 "decoder layers")
+        # model.eval() sets it: the loss then runs forward only (no schedule-driven
+        # backward pass, jaxmp.scheduled)
+        self.deterministic = False
         dtype = jnp.dtype(cfg.dtype)
         self.embed = Embed(cfg.padded_vocab, cfg.d_model, rngs=rngs, dtype=dtype)
         self.embed.embedding[...] = zero_padding_rows(self.embed.embedding[...], cfg.vocab_size)
@@ -305,17 +309,21 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """tokens (B, T) -> logits (B, T, V); `positions` (T,) as GPT's."""
-        positions, rope_pos = self._positions(tokens, positions)
-        inv_freq = rope_frequencies(self.cfg)
-        x = self.stack.apply(self.blocks, self._embed(tokens), X_NAMES,
-                             lambda block, h: block(h, rope_pos, inv_freq, order=positions)[0])
-        return self.head(x)
+        stem, layer = self.trunk(tokens.shape[1], positions)
+        return self.head(self.stack.apply(self.blocks, stem(self, tokens), X_NAMES, layer))
 
-    def _positions(self, tokens: jax.Array, positions: jax.Array | None,
+    def trunk(self, t: int, positions: Any = None) -> tuple[Callable, Callable]:
+        """(stem(model, tokens) -> x, layer(block, x) -> x) for sequences of t tokens at
+        `positions` (as GPT's)."""
+        order, rope_pos = self._positions(t, positions)
+        inv_freq = rope_frequencies(self.cfg)
+        return (lambda model, tokens: model._embed(tokens),
+                lambda block, h: block(h, rope_pos, inv_freq, order=order)[0])
+
+    def _positions(self, t: int, positions: jax.Array | None,
                    ) -> tuple[jax.Array | None, jax.Array]:
         """The sequence's order (None: natural) and the rotary positions (1, T) (any batch:
-        micro-batches, replicas), after checking the length."""
-        t = tokens.shape[1]
+        micro-batches, replicas), after checking the length t."""
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds the context of {self.cfg.seq_len}")
         return positions, (jnp.arange(t) if positions is None else positions)[None, :]

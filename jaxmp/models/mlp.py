@@ -20,6 +20,7 @@ from flax import nnx
 from jaxmp.data import make_global
 from jaxmp.layers import Dense
 from jaxmp.models.registry import Family, register
+from jaxmp.scheduled import stack_loss
 from jaxmp.pipeline import PipelineSpec
 from jaxmp.sharding import constrain
 from jaxmp.stack import LayerStack
@@ -69,6 +70,9 @@ class LayerwiseMLP(nnx.Module):
         self.cfg = cfg
         self.stack = LayerStack(cfg.num_layers, pipeline, cfg.remat, cfg.scan_layers,
                                 "hidden layers")
+        # model.eval() sets it: the loss then runs forward only (no schedule-driven
+        # backward pass, jaxmp.scheduled)
+        self.deterministic = False
         dtype = jnp.dtype(cfg.dtype)
         self.inp = Dense((cfg.input_dim,), (cfg.hidden_dim,), (None,), ("embed",), rngs=rngs,
                          std=math.sqrt(1.0 / cfg.input_dim), dtype=dtype)
@@ -79,15 +83,25 @@ class LayerwiseMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, input_dim) -> logits (B, num_classes) float32."""
-        h = constrain(self.inp(x), X_NAMES)
-        h = self.stack.apply(self.hidden, h, X_NAMES)
+        return self.head(self.stack.apply(self.hidden, self.stem(x), X_NAMES))
+
+    def stem(self, x: jax.Array) -> jax.Array:
+        return constrain(self.inp(x), X_NAMES)
+
+    def head(self, h: jax.Array) -> jax.Array:
         return self.out(h).astype(jnp.float32)
 
 
 def classification_loss(model: LayerwiseMLP, batch: dict[str, jax.Array]) -> jax.Array:
-    logits = model(batch["x"])
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+    """Mean cross-entropy of the classes (inside the pipeline schedule with 1f1b /
+    interleaved, like the decoders' loss)."""
+    def tail(m: LayerwiseMLP, h: jax.Array, rows: dict) -> tuple[jax.Array, dict]:
+        logp = jax.nn.log_softmax(m.head(h))
+        return -jnp.take_along_axis(logp, rows["y"][:, None], axis=1)[:, 0], {}
+    loss, _ = stack_loss(model, "hidden", lambda m, rows: m.stem(rows["x"]),
+                         lambda layer, h: layer(h), tail, {"x": batch["x"], "y": batch["y"]},
+                         X_NAMES)
+    return loss
 
 
 def synthetic_batch(cfg: MLPConfig, seed: int, step: int, rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ from flax import nnx
 
 from jaxmp.experts import STATS, moe_mlp, route
 from jaxmp.layers import RESIDUAL, KVCache, param
-from jaxmp.models.decoder import context_batch, from_preset, next_token_loss, token_batches
+from jaxmp.models.decoder import context_batch, from_preset, row_losses, token_batches
 from jaxmp.models.llama import (
     MLP,
     Block,
@@ -40,6 +41,7 @@ from jaxmp.models.llama import (
 )
 from jaxmp.models.moe_hf import MIXTRAL, QWEN3_MOE
 from jaxmp.models.registry import Family, register
+from jaxmp.scheduled import stack_loss
 from jaxmp.sharding import constrain
 from jaxmp.stack import unstack
 
@@ -162,21 +164,31 @@ class MoE(Llama):
                 ) -> tuple[jax.Array, jax.Array]:
         """tokens (B, T) (at `positions` (T,), as Llama's) -> logits (B, T, V) and the
         routing statistics (B, 3) averaged over the layers (STATS order)."""
-        t = tokens.shape[1]
-        order, positions = self._positions(tokens, positions)
+        stem, layer = self.trunk(tokens.shape[1], positions)
+        x, stats = self.split(self.stack.apply(self.blocks, stem(self, tokens), RESIDUAL, layer))
+        return self.head(x), stats
+
+    def trunk(self, t: int, positions: Any = None) -> tuple[Callable, Callable]:
+        """Llama's trunk with the routing statistics carried along the residual stream:
+        the stack's activations are (B, T, d + 3), the statistics summed so far last."""
+        order, rope_pos = self._positions(t, positions)
         inv_freq = rope_frequencies(self.cfg)
-        x = self._embed(tokens)
-        b, d = x.shape[0], x.shape[-1]
+
+        def stem(model: MoE, tokens: jax.Array) -> jax.Array:
+            x = model._embed(tokens)
+            return jnp.concatenate([x, jnp.zeros((*x.shape[:2], len(STATS)), x.dtype)], -1)
 
         def layer(block: MoEBlock, h: jax.Array) -> jax.Array:
-            # (B, T, d + 3): the residual stream and the statistics summed so far
-            y, _, stats = block.forward(h[..., :d], positions, inv_freq, order=order)
+            d = h.shape[-1] - len(STATS)
+            y, _, stats = block.forward(h[..., :d], rope_pos, inv_freq, order=order)
             return jnp.concatenate([y, h[..., d:] + stats[:, None, :].astype(h.dtype)], -1)
+        return stem, layer
 
-        h = jnp.concatenate([x, jnp.zeros((b, t, len(STATS)), x.dtype)], axis=-1)
-        h = self.stack.apply(self.blocks, h, RESIDUAL, layer)
-        stats = h[:, 0, d:].astype(jnp.float32) / self.cfg.num_layers
-        return self.head(h[..., :d]), stats
+    def split(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The trunk's output -> (residual stream (B, T, d), statistics (B, 3) averaged
+        over the layers)."""
+        d = self.cfg.d_model
+        return h[..., :d], h[:, 0, d:].astype(jnp.float32) / self.cfg.num_layers
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         return self.forward(tokens, positions)[0]
@@ -207,13 +219,18 @@ def moe_loss(model: MoE, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy + the router losses; the metrics name each part."""
     cfg = model.cfg
     inputs, targets, positions = context_batch(batch["tokens"])
-    logits, stats = model.forward(inputs, positions)
-    lm = next_token_loss(logits, targets)
-    aux, z, dropped = jnp.mean(stats, axis=0)
-    metrics = {"lm_loss": lm, "aux_loss": aux, "router_z_loss": z}
-    if cfg.expert_capacity_factor > 0:
-        metrics["dropped_fraction"] = dropped
-    return lm + cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z, metrics
+    stem, layer = model.trunk(inputs.shape[1], positions)
+
+    def tail(m: MoE, h: jax.Array, rows: dict) -> tuple[jax.Array, dict]:
+        x, stats = m.split(h)
+        lm = row_losses(m.head(x), rows["targets"])
+        metrics = {"lm_loss": lm, "aux_loss": stats[:, 0], "router_z_loss": stats[:, 1]}
+        if cfg.expert_capacity_factor > 0:
+            metrics["dropped_fraction"] = stats[:, 2]
+        return (lm + cfg.router_aux_loss_coef * stats[:, 0]
+                + cfg.router_z_loss_coef * stats[:, 1]), metrics
+    return stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer, tail,
+                      {"inputs": inputs, "targets": targets}, RESIDUAL)
 
 
 def flops_per_token(cfg: MoEConfig) -> float:

@@ -111,7 +111,9 @@ def layout(cfg: RunConfig, family: Family, model_cfg: Any, devices: Any = None,
     checked against the model."""
     mesh = make_mesh(cfg.layout.mesh, devices)
     pipe = PipelineSpec(mesh.shape["pipe"], cfg.layout.microbatches, cfg.layout.pipeline_repeats,
-                        fsdp_gather_once=cfg.layout.pipeline_fsdp_gather_once)
+                        fsdp_gather_once=cfg.layout.pipeline_fsdp_gather_once,
+                        schedule=cfg.layout.pipeline_schedule)
+    checks.schedule(pipe, cfg.layout.mesh)
     if pipe.enabled:
         shards = batch_shards(mesh)[0]
         per_shard = cfg.data.batch_size // max(1, cfg.optimizer.grad_accum_steps) // shards

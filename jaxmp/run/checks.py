@@ -111,3 +111,11 @@ def context(mesh: Any, model_cfg: Any, family: str) -> None:
     if t % (2 * c):
         raise ValueError(f"seq_len={t} does not split into 2 x context = {2 * c} equal chunks "
                          f"(the load-balanced causal layout); use a seq_len divisible by {2 * c}")
+
+
+def schedule(pipe: Any, mesh: str) -> None:
+    """A pipeline schedule other than gpipe needs pipeline stages to schedule."""
+    if not pipe.enabled and pipe.schedule != "gpipe":
+        raise ValueError(f"--pipeline_schedule={pipe.schedule} schedules pipeline stages, and "
+                         f"--mesh={mesh or '(none)'} has no pipe axis; add pipe:N to --mesh or "
+                         "drop the flag")
