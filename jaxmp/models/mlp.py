@@ -20,8 +20,8 @@ from flax import nnx
 from jaxmp.data import make_global
 from jaxmp.layers import Dense
 from jaxmp.models.registry import Family, register
-from jaxmp.scheduled import stack_loss
 from jaxmp.pipeline import PipelineSpec
+from jaxmp.scheduled import stack_loss
 from jaxmp.sharding import constrain
 from jaxmp.stack import LayerStack
 
