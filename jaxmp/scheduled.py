@@ -233,11 +233,9 @@ class _Executor:
             fwd=zeros((p, *h.shape), h.dtype, names), bwd=zeros((p, *h.shape), h.dtype, names),
             store=zeros((p, slots(p, m, r), *h.shape), h.dtype, ("stage", None, *self.x_names)),
             gw=jax.tree_util.tree_map(jnp.zeros_like, weights),
-            go=jax.tree_util.tree_map(
-                lambda a, n: constrain(jnp.zeros((p, *a.shape), a.dtype), ("stage", *n),
-                                       kind="params"), outer, self.outer_names),
-            loss=jnp.zeros((p,), jnp.float32),
-            metrics={name: jnp.zeros((p,), jnp.float32) for name in metric_shapes})
+            go=jax.tree_util.tree_map(jnp.zeros_like, outer),
+            loss=jnp.zeros((), jnp.float32),
+            metrics={name: jnp.zeros((), jnp.float32) for name in metric_shapes})
         warm, steady, end = phases(p, m, r)
         for lo, hi, do_f, do_b in ((0, warm, True, False), (warm, steady, True, True),
                                    (steady, end, False, True)):
@@ -247,81 +245,94 @@ class _Executor:
                 carry, _ = jax.lax.scan(body, carry, jnp.arange(lo, hi))
         d_stack = jax.tree_util.tree_map(lambda g: g.reshape(self.num_layers, *g.shape[3:]),
                                          carry["gw"])
-        d_outer = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), carry["go"])
-        return (jnp.sum(carry["loss"]), {n: jnp.sum(v) for n, v in carry["metrics"].items()},
-                d_outer, d_stack)
+        return carry["loss"], carry["metrics"], carry["go"], d_stack
 
     def _tick(self, carry: dict, t: jax.Array, do_f: bool, do_b: bool, weights: Any,
               outer: Any, mbs: Any) -> dict:
-        p = self.spec.stages
+        """One tick: every stage's forward (stage 0's input from the stem), the tail's
+        loss and output gradient for the item leaving the last stage, every stage's
+        backward (stage 0's input gradient into the stem). The stem and tail run outside
+        the stages' vmap, on stage 0's and the last stage's slices, laid out as the model
+        lays them out (the head's vocabulary split over pipe and tensor): the same work and
+        traffic as GPipe's one head over the whole batch."""
+        p, m, r = self.spec.stages, self.spec.microbatches, self.spec.repeats
+        n = r * m
         names = ("stage", *self.x_names)
-        x_in = constrain(jnp.roll(carry["fwd"], 1, axis=0), names)   # from stage s-1
-        g_in = constrain(jnp.roll(carry["bwd"], -1, axis=0), names)  # from stage s+1
-        stage = lambda *a: self._stage(*a, t=t, do_f=do_f, do_b=do_b, outer=outer, mbs=mbs)
-        keys = ("store", "fwd", "bwd", "gw", "go", "loss", "metrics")
-        with mapped_axes("pipe"):  # e.g. the head's vocabulary, split over pipe outside
-            out = jax.vmap(stage, spmd_axis_name="pipe")(
-                jnp.arange(p), weights, x_in, g_in, *(carry[k] for k in keys))
-        new = dict(zip(keys, out))
-        for k in ("fwd", "bwd"):
-            new[k] = constrain(new[k], names)
-        new["store"] = constrain(new["store"], ("stage", None, *self.x_names))
+        new = dict(carry)
+        if do_f:
+            x_in = jnp.roll(carry["fwd"], 1, axis=0)  # stage s-1's output (p-1's: stage 0)
+            k0 = forward_item(t, 0)
+            mb0, j0 = forward_of(jnp.clip(k0, 0, n - 1), p, r)
+            fresh = (j0 == 0) & (k0 < n)
+            x_in = x_in.at[0].set(jnp.where(fresh, self.stem(outer, _take(mbs, mb0)), x_in[0]))
+            with mapped_axes("pipe"):
+                new["store"], new["fwd"] = jax.vmap(
+                    lambda s, w, x, st: self._forward(s, w, x, st, t), spmd_axis_name="pipe")(
+                    jnp.arange(p), weights, constrain(x_in, names), carry["store"])
+            new["fwd"] = constrain(new["fwd"], names)
+            new["store"] = constrain(new["store"], ("stage", None, *self.x_names))
+        if do_b:
+            g_in = jnp.roll(carry["bwd"], -1, axis=0)  # stage s+1's (stage 0's: stage p-1)
+            if do_f:  # the loss of the item leaving the last stage, its output's gradient
+                kl = forward_item(t, p - 1)
+                mbl, jl = forward_of(jnp.clip(kl, 0, n - 1), p, r)
+                last = (kl >= 0) & (kl < n) & (jl == r - 1)
+                rows = _take(mbs, mbl)
+                losses, tail_vjp, mets = jax.vjp(lambda o, y: self.tail(o, y, rows), outer,
+                                                 new["fwd"][p - 1], has_aux=True)
+                scale = jnp.where(last, 1.0 / self.total, 0.0).astype(losses.dtype)
+                d_tail, dy = tail_vjp(jnp.full_like(losses, scale))
+                new["go"] = jax.tree_util.tree_map(jnp.add, new["go"], d_tail)
+                new["loss"] = new["loss"] + jnp.where(last, jnp.sum(losses), 0.0)
+                new["metrics"] = {k: v + jnp.where(last, jnp.sum(mets[k]), 0.0)
+                                  for k, v in new["metrics"].items()}
+                g_in = g_in.at[p - 1].set(jnp.where(last, dy.astype(g_in.dtype), g_in[p - 1]))
+            with mapped_axes("pipe"):
+                new["gw"], new["bwd"] = jax.vmap(
+                    lambda s, w, g, st, gw: self._backward(s, w, g, st, gw, t),
+                    spmd_axis_name="pipe")(jnp.arange(p), weights, constrain(g_in, names),
+                                           new["store"], carry["gw"])
+            new["bwd"] = constrain(new["bwd"], names)
+            k0 = backward_item(t, 0, p, r)
+            mb0, j0 = backward_of(jnp.clip(k0, 0, n - 1), p, r)
+            into_stem = (k0 >= 0) & (k0 < n) & (j0 == 0)
+            rows0 = _take(mbs, mb0)
+            stem_vjp = jax.vjp(lambda o: self.stem(o, rows0), outer)[1]
+            dx = jnp.where(into_stem, new["bwd"][0], jnp.zeros_like(new["bwd"][0]))
+            new["go"] = jax.tree_util.tree_map(jnp.add, new["go"], stem_vjp(dx)[0])
         return new
 
     def _chunk(self, w: Any, h: jax.Array) -> jax.Array:
         return jax.lax.scan(lambda c, wl: (self.layer(wl, c), None), h, w)[0]
 
-    def _stage(self, s: jax.Array, w: Any, x_in: jax.Array, g_in: jax.Array, store: jax.Array,
-               fwd: jax.Array, bwd: jax.Array, gw: Any, go: Any, loss: jax.Array,
-               metrics: dict, *, t: jax.Array, do_f: bool, do_b: bool, outer: Any,
-               mbs: Any) -> tuple:
-        """One stage's tick: a forward (its input from stage s-1, or the stem), the tail's
-        loss and output gradient on the last stage, a backward from the kept input."""
-        p, m, r = self.spec.stages, self.spec.microbatches, self.spec.repeats
-        n = self.spec.repeats * m
-        take = lambda tree, i: jax.tree_util.tree_map(
-            lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
-        S = store.shape[0]
-        if do_f:
-            kf = forward_item(t, s)
-            valid_f = (kf >= 0) & (kf < n)
-            mb_f, j_f = forward_of(jnp.clip(kf, 0, n - 1), p, r)
-            rows_f = take(mbs, mb_f)
-            inp = jnp.where((s == 0) & (j_f == 0), self.stem(outer, rows_f), x_in)
-            fwd = self._chunk(take(w, j_f), inp)
-            slot = jnp.clip(kf, 0, n - 1) % S
-            old = jax.lax.dynamic_index_in_dim(store, slot, 0, keepdims=False)
-            store = jax.lax.dynamic_update_index_in_dim(store, jnp.where(valid_f, inp, old),
-                                                        slot, 0)
-        if do_b:
-            kb = backward_item(t, s, p, r)
-            valid_b = (kb >= 0) & (kb < n)
-            mb_b, j_b = backward_of(jnp.clip(kb, 0, n - 1), p, r)
-            cot = g_in
-            if do_f:
-                # the loss of the item leaving the last stage, and its output's gradient
-                last = valid_f & (s == p - 1) & (j_f == r - 1)
-                rows_loss, tail_vjp, mets = jax.vjp(
-                    lambda o, y: self.tail(o, y, rows_f), outer, fwd, has_aux=True)
-                scale = jnp.where(last, 1.0 / self.total, 0.0).astype(rows_loss.dtype)
-                d_tail, dy = tail_vjp(jnp.full_like(rows_loss, scale))
-                go = jax.tree_util.tree_map(jnp.add, go, d_tail)
-                loss = loss + jnp.where(last, jnp.sum(rows_loss), 0.0)
-                metrics = {k: v + jnp.where(last, jnp.sum(mets[k]), 0.0)
-                           for k, v in metrics.items()}
-                cot = jnp.where((s == p - 1) & (j_b == r - 1), dy.astype(cot.dtype), cot)
-            cot = jnp.where(valid_b, cot, jnp.zeros_like(cot))
-            slot = forward_index(mb_b, j_b, p, r) % S
-            kept = jax.lax.dynamic_index_in_dim(store, slot, 0, keepdims=False)
-            dw, bwd = jax.vjp(self._chunk, take(w, j_b), kept)[1](cot)
-            gw = jax.tree_util.tree_map(
-                lambda g, d: jax.lax.dynamic_update_index_in_dim(
-                    g, jax.lax.dynamic_index_in_dim(g, j_b, 0, keepdims=False) + d, j_b, 0),
-                gw, dw)
-            # the stem's gradient from stage 0's first-round items
-            into_stem = valid_b & (s == 0) & (j_b == 0)
-            rows_b = take(mbs, mb_b)
-            stem_vjp = jax.vjp(lambda o: self.stem(o, rows_b), outer)[1]
-            go = jax.tree_util.tree_map(
-                jnp.add, go, stem_vjp(jnp.where(into_stem, bwd, jnp.zeros_like(bwd)))[0])
-        return store, fwd, bwd, gw, go, loss, metrics
+    def _forward(self, s: jax.Array, w: Any, x: jax.Array, store: jax.Array, t: jax.Array,
+                 ) -> tuple[jax.Array, jax.Array]:
+        """Stage s runs its forward item of tick t on x and keeps x for the backward."""
+        p, r, n = self.spec.stages, self.spec.repeats, self.spec.repeats * self.spec.microbatches
+        k = forward_item(t, s)
+        _, j = forward_of(jnp.clip(k, 0, n - 1), p, r)
+        slot = jnp.clip(k, 0, n - 1) % store.shape[0]
+        old = jax.lax.dynamic_index_in_dim(store, slot, 0, keepdims=False)
+        valid = (k >= 0) & (k < n)
+        store = jax.lax.dynamic_update_index_in_dim(store, jnp.where(valid, x, old), slot, 0)
+        return store, self._chunk(_take(w, j), x)
+
+    def _backward(self, s: jax.Array, w: Any, g: jax.Array, store: jax.Array, gw: Any,
+                  t: jax.Array) -> tuple[Any, jax.Array]:
+        """Stage s's backward item of tick t: the layers recomputed from the kept input,
+        their weight gradients added to gw, the input's gradient returned."""
+        p, r, n = self.spec.stages, self.spec.repeats, self.spec.repeats * self.spec.microbatches
+        k = backward_item(t, s, p, r)
+        mb, j = backward_of(jnp.clip(k, 0, n - 1), p, r)
+        g = jnp.where((k >= 0) & (k < n), g, jnp.zeros_like(g))
+        kept = jax.lax.dynamic_index_in_dim(store, forward_index(mb, j, p, r) % store.shape[0],
+                                            0, keepdims=False)
+        dw, dx = jax.vjp(self._chunk, _take(w, j), kept)[1](g)
+        gw = jax.tree_util.tree_map(
+            lambda a, d: jax.lax.dynamic_update_index_in_dim(a, _take(a, j) + d, j, 0), gw, dw)
+        return gw, dx
+
+
+def _take(tree: Any, i: jax.Array) -> Any:
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
