@@ -260,45 +260,48 @@ class _Executor:
         names = ("stage", *self.x_names)
         new = dict(carry)
         if do_f:
-            x_in = jnp.roll(carry["fwd"], 1, axis=0)  # stage s-1's output (p-1's: stage 0)
+            # stage s-1's output (stage 0: stage p-1's, the next round's input)
+            x_in = constrain(jnp.roll(carry["fwd"], 1, axis=0), names)
             k0 = forward_item(t, 0)
             mb0, j0 = forward_of(jnp.clip(k0, 0, n - 1), p, r)
             fresh = (j0 == 0) & (k0 < n)
-            x_in = x_in.at[0].set(jnp.where(fresh, self.stem(outer, _take(mbs, mb0)), x_in[0]))
+            stem = _spread(self.stem(outer, _take(mbs, mb0)), p, names)
+            x_in = constrain(jnp.where(_on(p, 0, x_in.ndim) & fresh, stem, x_in), names)
             with mapped_axes("pipe"):
                 new["store"], new["fwd"] = jax.vmap(
                     lambda s, w, x, st: self._forward(s, w, x, st, t), spmd_axis_name="pipe")(
-                    jnp.arange(p), weights, constrain(x_in, names), carry["store"])
+                    jnp.arange(p), weights, x_in, carry["store"])
             new["fwd"] = constrain(new["fwd"], names)
             new["store"] = constrain(new["store"], ("stage", None, *self.x_names))
         if do_b:
-            g_in = jnp.roll(carry["bwd"], -1, axis=0)  # stage s+1's (stage 0's: stage p-1)
+            # stage s+1's input gradient (stage p-1: stage 0's, the previous round's)
+            g_in = constrain(jnp.roll(carry["bwd"], -1, axis=0), names)
             if do_f:  # the loss of the item leaving the last stage, its output's gradient
                 kl = forward_item(t, p - 1)
                 mbl, jl = forward_of(jnp.clip(kl, 0, n - 1), p, r)
                 last = (kl >= 0) & (kl < n) & (jl == r - 1)
                 rows = _take(mbs, mbl)
                 losses, tail_vjp, mets = jax.vjp(lambda o, y: self.tail(o, y, rows), outer,
-                                                 new["fwd"][p - 1], has_aux=True)
+                                                 _slice(new["fwd"], p - 1), has_aux=True)
                 scale = jnp.where(last, 1.0 / self.total, 0.0).astype(losses.dtype)
                 d_tail, dy = tail_vjp(jnp.full_like(losses, scale))
                 new["go"] = jax.tree_util.tree_map(jnp.add, new["go"], d_tail)
                 new["loss"] = new["loss"] + jnp.where(last, jnp.sum(losses), 0.0)
                 new["metrics"] = {k: v + jnp.where(last, jnp.sum(mets[k]), 0.0)
                                   for k, v in new["metrics"].items()}
-                g_in = g_in.at[p - 1].set(jnp.where(last, dy.astype(g_in.dtype), g_in[p - 1]))
+                dy = _spread(dy.astype(g_in.dtype), p, names)
+                g_in = constrain(jnp.where(_on(p, p - 1, g_in.ndim) & last, dy, g_in), names)
             with mapped_axes("pipe"):
                 new["gw"], new["bwd"] = jax.vmap(
                     lambda s, w, g, st, gw: self._backward(s, w, g, st, gw, t),
-                    spmd_axis_name="pipe")(jnp.arange(p), weights, constrain(g_in, names),
-                                           new["store"], carry["gw"])
+                    spmd_axis_name="pipe")(jnp.arange(p), weights, g_in, new["store"], carry["gw"])
             new["bwd"] = constrain(new["bwd"], names)
             k0 = backward_item(t, 0, p, r)
             mb0, j0 = backward_of(jnp.clip(k0, 0, n - 1), p, r)
             into_stem = (k0 >= 0) & (k0 < n) & (j0 == 0)
             rows0 = _take(mbs, mb0)
             stem_vjp = jax.vjp(lambda o: self.stem(o, rows0), outer)[1]
-            dx = jnp.where(into_stem, new["bwd"][0], jnp.zeros_like(new["bwd"][0]))
+            dx = _slice(jnp.where(into_stem, new["bwd"], jnp.zeros_like(new["bwd"])), 0)
             new["go"] = jax.tree_util.tree_map(jnp.add, new["go"], stem_vjp(dx)[0])
         return new
 
@@ -336,3 +339,20 @@ class _Executor:
 def _take(tree: Any, i: jax.Array) -> Any:
     return jax.tree_util.tree_map(
         lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+
+def _on(p: int, s: int, ndim: int) -> jax.Array:
+    """A (p, 1, ...) mask of stage s for a select on a stage-major array (no data moves)."""
+    return (jnp.arange(p) == s).reshape(p, *([1] * (ndim - 1)))
+
+
+def _slice(a: jax.Array, s: int) -> jax.Array:
+    """Stage s's slice of a stage-major array, on every stage: a masked sum (one all-reduce
+    of the slice over pipe, where indexing would gather the whole array)."""
+    return jnp.sum(jnp.where(_on(a.shape[0], s, a.ndim), a, jnp.zeros_like(a)), axis=0)
+
+
+def _spread(x: jax.Array, p: int, names: tuple[str | None, ...]) -> jax.Array:
+    """x on every stage, laid out like the stage-major arrays (a broadcast: no data moves)."""
+    return constrain(jnp.broadcast_to(x[None], (p, *x.shape)), names)
