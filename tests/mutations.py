@@ -522,6 +522,21 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("ctx_cache_local_max", "split KV cache: partial softmaxes merged without the max",
              "jaxmp/context.py", "m_all = jax.lax.pmax(m, axes)", "m_all = m",
              ("tests/test_context.py", "-k", "cache_split")),
+    Mutation("sched_wrong_slot", "1F1B backward reads the next slot of the kept inputs",
+             "jaxmp/scheduled.py", "forward_index(mb, j, p, r) % store.shape[0]",
+             "(forward_index(mb, j, p, r) + 1) % store.shape[0]",
+             ("tests/test_scheduled.py", "-m", "not slow")),
+    Mutation("sched_cooldown_dropped", "1F1B: the last cool-down tick (its weight gradients) "
+             "not run", "jaxmp/scheduled.py",
+             "return first_backward(p, r), r * m + p - 1, num_ticks(p, m, r)",
+             "return first_backward(p, r), r * m + p - 1, num_ticks(p, m, r) - 1",
+             ("tests/test_scheduled.py", "-m", "not slow")),
+    Mutation("sched_warmup_off_by_one", "1F1B: the first backward one tick late",
+             "jaxmp/scheduled.py", "    return r * p - 1\n", "    return r * p\n",
+             ("tests/test_scheduled.py", "-m", "not slow")),
+    Mutation("sched_tail_every_tick", "1F1B: the loss counted for items not leaving the last "
+             "round", "jaxmp/scheduled.py", "last = (kl >= 0) & (kl < n) & (jl == r - 1)",
+             "last = (kl >= 0) & (kl < n)", ("tests/test_scheduled.py", "-m", "not slow")),
 )
 
 
