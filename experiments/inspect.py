@@ -21,7 +21,7 @@ flags.adopt_module_key_flags(flagtree)
 flags.DEFINE_string("plot", None, "Also draw the schedule grid into this PNG (needs matplotlib).")
 
 
-def plot(path: str, p: int, m: int, r: int) -> None:
+def plot(path: str, p: int, m: int, r: int, driven: bool = False) -> None:
     try:
         import matplotlib
 
@@ -31,8 +31,9 @@ def plot(path: str, p: int, m: int, r: int) -> None:
         raise ValueError("--plot needs matplotlib: pip install -e '.[plot]' "
                          "(or pip install matplotlib)") from None
     from jaxmp.pipeline import bubble_fraction, timeline
+    from jaxmp.scheduled import grid_cells
 
-    grid = timeline(p, m, r)
+    grid = grid_cells(p, m, r) if driven else timeline(p, m, r)
     ticks = len(grid[0])
     fig, ax = plt.subplots(figsize=(max(6, ticks * 0.5), 0.6 * p + 1.2))
     cmap = plt.get_cmap("tab10")
@@ -68,6 +69,7 @@ def inspect() -> None:
     from jaxmp.pipeline import format_timeline, stage_layers
     from jaxmp.run import layout, make_trainer, model_config
     from jaxmp.run.console import check_writable
+    from jaxmp.scheduled import format_grid
 
     if F.plot:
         check_writable(F.plot, "plot", directory=False)
@@ -87,14 +89,17 @@ def inspect() -> None:
           f"{trainer.state_bytes_per_device():,} bytes per device")
     if pipe.enabled:
         print(f"\npipeline: p={pipe.stages} stages, m={pipe.microbatches} micro-batches, "
-              f"r={pipe.repeats} repeat(s)")
+              f"r={pipe.repeats} repeat(s), schedule {pipe.schedule}")
         for s, layers in enumerate(stage_layers(model_cfg.num_layers, pipe)):
             print(f"  stage {s}: layers {layers}")
-        print(format_timeline(pipe.stages, pipe.microbatches, pipe.repeats))
+        if pipe.drives_backward:
+            print(format_grid(pipe.stages, pipe.microbatches, pipe.repeats))
+        else:
+            print(format_timeline(pipe.stages, pipe.microbatches, pipe.repeats))
     else:
         print("\nno pipe axis: every layer runs on every device (no pipeline schedule)")
     if F.plot:
-        plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats)
+        plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats, pipe.drives_backward)
     if card is not None:
         from jaxmp.plan.planner import plan
 

@@ -128,17 +128,24 @@ def grid(p: int, m: int, r: int) -> list[list[tuple[tuple[int, int] | None,
     return out
 
 
-def format_grid(p: int, m: int, r: int) -> str:
-    """Stage x tick table: 'F3' / 'B3' micro-batch 3 forward / backward ('F3.1': round 1),
-    'F3B1' both in one tick, '.' idle."""
+def grid_cells(p: int, m: int, r: int) -> list[list[str]]:
+    """cells[s][t]: 'F3' / 'B3' micro-batch 3 forward / backward ('F3.1': round 1), 'F3B1'
+    both in one tick, '.' idle."""
     def cell(c: tuple[int, int] | None, kind: str) -> str:
         return "" if c is None else f"{kind}{c[0]}" + (f".{c[1]}" if r > 1 else "")
     g = grid(p, m, r)
-    cells = [[(cell(f, "F") + cell(b, "B")) or "." for f, b in row] for row in g]
+    return [[(cell(row[s][0], "F") + cell(row[s][1], "B")) or "." for row in g]
+            for s in range(p)]
+
+
+def format_grid(p: int, m: int, r: int) -> str:
+    """Stage x tick table: 'F3' / 'B3' micro-batch 3 forward / backward ('F3.1': round 1),
+    'F3B1' both in one tick, '.' idle."""
+    cells = grid_cells(p, m, r)
     width = max(len(c) for row in cells for c in row)
-    lines = ["tick     " + " ".join(str(t).rjust(width) for t in range(len(g)))]
-    lines += [f"stage {s:<2} " + " ".join(row[s].rjust(width) for row in cells)
-              for s in range(p)]
+    lines = ["tick     " + " ".join(str(t).rjust(width) for t in range(len(cells[0])))]
+    lines += [f"stage {s:<2} " + " ".join(c.rjust(width) for c in row)
+              for s, row in enumerate(cells)]
     warm, steady, end = phases(p, m, r)
     lines.append(f"{end} ticks: {warm} forward-only, {steady - warm} forward+backward, "
                  f"{end - steady} backward-only; bubble (p-1)/(r*m+p-1) = "

@@ -92,6 +92,11 @@ def test_inspect_prints_plan_and_schedule(tmp_path):
     assert "stage 0: layers [0, 4]" in proc.stdout
     assert "stage 3     .    .    . F0.0" in proc.stdout
     assert "bubble fraction (p-1)/(r*m+p-1) = 3/11 = 0.273" in proc.stdout
+    # the 1F1B grid, through the flag
+    one = run_module("experiments.inspect", "--mesh=data:2,pipe:4", "--num_layers=8",
+                     "--microbatches=4", "--pipeline_schedule=1f1b")
+    assert "schedule 1f1b" in one.stdout and "stage inputs kept: 4" in one.stdout
+    assert "stage 3     .    .    . F0B0 F1B1" in one.stdout
     if importlib.util.find_spec("matplotlib"):
         assert proc.returncode == 0 and png.stat().st_size > 0
     else:

@@ -16,6 +16,7 @@ from experiments.bench.context_structure import ContextStructure, context_struct
 from experiments.bench.harness import gpt_trainer, log, single_mesh, tokens_batch
 from experiments.bench.moe_structure import MoEStructure, moe_structure
 from experiments.bench.results import Json, Target, count_mib, mib, table
+from experiments.bench.schedule_structure import ScheduleStructure, schedule_structure
 from jaxmp.mesh import format_mesh, make_mesh, parse_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, num_params
 from jaxmp.models.llama import Llama, LlamaConfig
@@ -85,18 +86,20 @@ class StructureResult:
     rows: list[Json]   # one per layout x pipeline setting (structure_row)
     moe: MoEStructure | None = None  # the mixture-of-experts rows
     context: ContextStructure | None = None  # the context-parallel rows
+    schedules: ScheduleStructure | None = None  # the pipeline schedules' rows
 
     def to_json(self) -> Json:
         return {"structure_model": self.model, "structure": self.rows,
                 **(self.moe.to_json() if self.moe else {}),
-                **(self.context.to_json() if self.context else {})}
+                **(self.context.to_json() if self.context else {}),
+                **(self.schedules.to_json() if self.schedules else {})}
 
     def table(self) -> str:
         head = ["layout", "option", "m", "r", "state MiB", "ideal", "x", "x repl", "temp MiB", "all-reduce",
                 "all-gather", "red-scat", "coll-perm", "all-to-all", "GFLOP/dev", "x ideal",
                 "bubble", "TP x min", "PP x min", "DP x min", "W-gather"]
         text = self._note() + "\n" + table(head, [_table_row(r) for r in self.rows])
-        extra = [part.table() for part in (self.moe, self.context) if part]
+        extra = [part.table() for part in (self.moe, self.context, self.schedules) if part]
         return "\n\n".join([text, *extra])
 
     def _note(self) -> str:
@@ -121,7 +124,8 @@ class StructureResult:
 
     def targets(self) -> list[Target]:
         return ([t for r in self.rows for t in _row_targets(r)] + _option_targets(self.rows)
-                + [t for part in (self.moe, self.context) if part for t in part.targets()])
+                + [t for part in (self.moe, self.context, self.schedules) if part
+                   for t in part.targets()])
 
 
 def _table_row(r: Json) -> list[Any]:
@@ -248,7 +252,8 @@ def structure_suite(quick: bool, layouts: Sequence[str] | None = None) -> Struct
         rows.append(row)
     if layouts:
         return StructureResult(model, rows)
-    return StructureResult(model, rows, moe_structure(quick), context_structure(quick))
+    return StructureResult(model, rows, moe_structure(quick), context_structure(quick),
+                           schedule_structure(quick))
 
 
 def layout_matrix(layouts: Sequence[str], sizes: StructureSizes,

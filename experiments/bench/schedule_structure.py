@@ -1,0 +1,148 @@
+"""The structure suite's pipeline-schedule rows: per schedule and m = p, 2p, 4p on
+data:2,pipe:4, the compiled train step's temporaries per device, its FLOPs per device
+against one device's (with the same recomputation), the bubble fitted from those FLOPs
+against the analytic one, its collective bytes, and the CPU step time.
+
+The fitted bubble: a lockstep pipeline executes c + u*(r*m) units of stage work per device
+(u per item, c the idle ticks' masked work), so two m give u and c, and c / (c + u r m) is
+the share of the executed work that is bubble, measured from the compiled programs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+
+from experiments.bench.harness import log, single_mesh, step_ms, tokens_batch
+from experiments.bench.results import Json, Target, mib, table
+from jaxmp.mesh import format_mesh, make_mesh
+from jaxmp.models.gpt import GPT, GPTConfig, lm_loss
+from jaxmp.pipeline import PipelineSpec
+from jaxmp.plan import analysis
+from jaxmp.train import Trainer
+
+CFG = GPTConfig(num_layers=8, d_model=64, num_heads=4, seq_len=256, vocab_size=256)
+QUICK_CFG = GPTConfig(num_layers=4, d_model=32, num_heads=4, seq_len=64, vocab_size=128)
+LAYOUT = "data:2,pipe:4"
+ROWS_PER_MICROBATCH = 2
+# (schedule, repeats); the recomputation the one-device reference makes: 1f1b and
+# interleaved recompute each stage's forward in its backward (remat=block's work)
+SCHEDULES: tuple[tuple[str, int], ...] = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
+QUICK_SCHEDULES = SCHEDULES[:2]
+REMAT = {"gpipe": "none", "1f1b": "block", "interleaved": "block"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleStructure:
+    model: Json
+    rows: list[Json]
+
+    def to_json(self) -> Json:
+        return {"structure_schedule_model": self.model, "structure_schedule": self.rows}
+
+    def table(self) -> str:
+        head = ["schedule", "r", "m", "temp MiB/dev", "x m=p", "GFLOP/dev", "x one dev",
+                "bubble fit", "analytic", "coll MiB", "x gpipe", "ms/step"]
+        body = [[r["schedule"], r["repeats"], r["microbatches"], mib(r["temp_bytes"]),
+                 f"{r['temp_vs_m_eq_p']:.2f}", f"{r['flops_per_device'] / 1e9:.3f}",
+                 f"{r['flops_ratio']:.3f}",
+                 f"{r['fitted_bubble']:.3f}" if r["fitted_bubble"] is not None else "-",
+                 f"{r['analytic_bubble']:.3f}", mib(r["collective_bytes"]),
+                 f"{r['collective_vs_gpipe']:.3f}" if r["collective_vs_gpipe"] else "-",
+                 f"{r['step_ms']:.0f}" if r["step_ms"] else "-"] for r in self.rows]
+        m = self.model
+        note = (f"GPT {m['num_layers']} layers, d={m['d_model']}, T={m['seq_len']}, "
+                f"{m['rows_per_microbatch']} rows per micro-batch and data shard on "
+                f"{m['layout']} (the batch grows with m). temp: XLA's temporaries of the "
+                "train step per device (x m=p: against the same schedule's at m = p); x one "
+                "dev: FLOPs per device / (one device's / 8) with the same recomputation "
+                "(1f1b, interleaved: remat=block); bubble fit: the idle share of the executed "
+                "work fitted from two m (module doc); coll: collective bytes per device per "
+                "step (x gpipe: against GPipe's at the same m).")
+        return note + "\n" + table(head, body)
+
+    def targets(self) -> list[Target]:
+        out = []
+        for r in self.rows:
+            where = f"{r['schedule']} m={r['microbatches']}"
+            if r["schedule"] != "gpipe" and r["microbatches"] == 4 * self.model["stages"]:
+                out.append(Target("schedules: peak temporaries at m=4p <= 1.3 x m=p", where,
+                                  r["temp_vs_m_eq_p"], 1.3, r["temp_vs_m_eq_p"] <= 1.3))
+            if r["fitted_bubble"] is not None:
+                gap = abs(r["fitted_bubble"] / r["analytic_bubble"] - 1)
+                out.append(Target("schedules: bubble within 5% of analytic", where, gap, 0.05,
+                                  gap <= 0.05))
+        return out
+
+
+def _trainer(mesh: Any, cfg: GPTConfig, schedule: str, m: int, r: int,
+             remat: str = "none") -> Trainer:
+    cfg = dataclasses.replace(cfg, remat=remat)
+    p = mesh.shape["pipe"]
+    pipe = PipelineSpec(p, m, r, schedule=schedule) if p > 1 else PipelineSpec()
+    return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0), pipeline=pipe), lm_loss, mesh)
+
+
+def schedule_structure(quick: bool) -> ScheduleStructure:
+    """Every (schedule, m) row; with --quick gpipe and 1f1b on a smaller GPT, untimed."""
+    cfg, schedules = (QUICK_CFG, QUICK_SCHEDULES) if quick else (CFG, SCHEDULES)
+    mesh = make_mesh(LAYOUT)
+    p, shards = mesh.shape["pipe"], mesh.shape["data"] * mesh.shape["fsdp"]
+    rows, single = [], {}
+    for schedule, r in schedules:
+        base = {}
+        for m in (p, 2 * p, 4 * p):
+            batch = tokens_batch(ROWS_PER_MICROBATCH * m * shards, cfg.seq_len, cfg.vocab_size)
+            key = (REMAT[schedule], m)
+            if key not in single:
+                one = _trainer(single_mesh(), cfg, "gpipe", 1, 1, REMAT[schedule])
+                single[key] = analysis.hlo_flops(one.lower(batch).compile().as_text()).flops
+            trainer = _trainer(mesh, cfg, schedule, m, r)
+            compiled = trainer.lower(batch).compile()
+            text = compiled.as_text()
+            found = analysis.collectives(text, dict(mesh.shape))
+            flops = analysis.hlo_flops(text).flops
+            row = {"schedule": schedule, "repeats": r, "microbatches": m,
+                   "temp_bytes": analysis.memory_figures(compiled).temp_bytes,
+                   "flops_per_device": flops, "flops_ratio": flops / (single[key] / mesh.size),
+                   "analytic_bubble": (p - 1) / (r * m + p - 1),
+                   "collective_bytes": sum(v["bytes"] for v in
+                                           analysis.collective_totals(found).values()),
+                   "step_ms": None if quick else step_ms(trainer, compiled, batch, 2)}
+            base.setdefault("temp", row["temp_bytes"])
+            row["temp_vs_m_eq_p"] = row["temp_bytes"] / base["temp"]
+            rows.append(row)
+            log(f"  schedule {schedule:<12} m={m:<3} temp {mib(row['temp_bytes'])} MiB")
+    _fit_bubbles(rows, p)
+    gpipe = {r["microbatches"]: r["collective_bytes"] for r in rows if r["schedule"] == "gpipe"}
+    for r in rows:
+        r["collective_vs_gpipe"] = r["collective_bytes"] / gpipe[r["microbatches"]]
+    model = {**dataclasses.asdict(cfg), "layout": format_mesh(mesh), "stages": p,
+             "rows_per_microbatch": ROWS_PER_MICROBATCH}
+    return ScheduleStructure(model, rows)
+
+
+def _fit_bubbles(rows: list[Json], p: int) -> None:
+    """Per schedule, work per item u and idle work c from its m = 2p and 4p rows (FLOPs =
+    c + u r m); each row's fitted bubble c / (c + u r m) (None for m = p, not in the fit)."""
+    for schedule in {r["schedule"] for r in rows}:
+        mine = {r["microbatches"]: r for r in rows if r["schedule"] == schedule}
+        a, b = mine[2 * p], mine[4 * p]
+        rr = a["repeats"]
+        u = (b["flops_per_device"] - a["flops_per_device"]) / (rr * (4 * p - 2 * p))
+        c = a["flops_per_device"] - u * rr * 2 * p
+        for m, row in mine.items():
+            row["fitted_bubble"] = None if m == p else c / (c + u * rr * m)
+
+
+if __name__ == "__main__":  # python -m experiments.bench.schedule_structure [--quick]
+    import sys
+
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    result = schedule_structure("--quick" in sys.argv)
+    print(result.table())
+    for t in result.targets():
+        print(t)
