@@ -21,6 +21,8 @@ functions with traced tick numbers, so the tests of the schedule test the real i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Callable
@@ -80,6 +82,29 @@ class PipelineSpec:
             raise PipelineError(
                 f"the batch per data shard ({batch_per_shard}) is not divisible by "
                 f"microbatches={m}; choose a batch size so that batch/(data*fsdp) divides by {m}")
+
+
+_DIFFERENTIATED = contextvars.ContextVar("jaxmp_loss_differentiated", default=False)
+
+
+@contextlib.contextmanager
+def differentiated() -> Any:
+    """The Trainer computes the loss to differentiate it (not an evaluation): a stack whose
+    schedule runs its own backward pass must then be run by jaxmp.scheduled.stack_loss."""
+    token = _DIFFERENTIATED.set(True)
+    try:
+        yield
+    finally:
+        _DIFFERENTIATED.reset(token)
+
+
+def check_driven(spec: PipelineSpec) -> None:
+    """Refuse to run a 1f1b / interleaved stack as a plain forward under the gradient."""
+    if spec.drives_backward and _DIFFERENTIATED.get():
+        raise PipelineError(
+            f"pipeline_schedule={spec.schedule} runs the loss inside the pipeline, and this "
+            "model's loss calls LayerStack.apply; write the family's loss with "
+            "jaxmp.scheduled.stack_loss (stem, layer, tail), or use --pipeline_schedule=gpipe")
 
 
 SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved")

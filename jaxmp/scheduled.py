@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmp.pipeline import _to_stages
+from jaxmp.pipeline import PipelineError, _to_stages
 from jaxmp.sharding import constrain, current_mesh, logical_axes, mapped, mapped_axes, per_replica
 from jaxmp.stack import LayerStack, _split, remat
 
@@ -165,6 +165,9 @@ def stack_loss(model: nnx.Module, key: str, stem: Stem, layer: Layer, tail: Tail
         h = stack.apply(getattr(model, key), stem(model, batch), x_names, layer)
         rows, metrics = tail(model, h, batch)
         return jnp.mean(rows), {k: jnp.mean(v) for k, v in metrics.items()}
+    if any(isinstance(v, nnx.RngStream) for _, v in nnx.iter_graph(model)):
+        raise PipelineError(f"pipeline_schedule={stack.pipeline.schedule} does not run models "
+                            "with random streams (dropout); use --pipeline_schedule=gpipe")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     names = logical_axes(params)
     params = nnx.to_pure_dict(params)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp.pipeline import PipelineSpec, pipeline_apply, storage_order
+from jaxmp.pipeline import PipelineSpec, check_driven, pipeline_apply, storage_order
 from jaxmp.sharding import logical_axes
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -98,6 +98,7 @@ class LayerStack:
         call = fn or (lambda module, h: module(h))
         layer = remat(lambda w, h: call(nnx.merge(graphdef, w), h), self.remat)
         if self.pipeline.enabled:
+            check_driven(self.pipeline)
             return pipeline_apply(layer, weights, x, self.pipeline, logical_axes(stacked), x_names)
         if self.scan:
             return jax.lax.scan(lambda h, w: (layer(w, h), None), x, weights)[0]

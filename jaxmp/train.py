@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.mesh import batch_shards
 from jaxmp.optim import OptConfig, decay_mask  # noqa: F401  (OptConfig: re-exported)
+from jaxmp.pipeline import differentiated
 from jaxmp.sharding import (
     DEFAULT_RULES,
     Plan,
@@ -203,7 +204,8 @@ class Trainer:
         # streams are re-seeded (mutated) below
         model = nnx.merge(self.graphdef, params, jax.tree_util.tree_map(jnp.asarray, self.rest))
         _reseed(model, key)
-        out = self.loss_fn(model, batch)
+        with differentiated():
+            out = self.loss_fn(model, batch)
         loss, aux = out if isinstance(out, tuple) else (out, {})
         return loss.astype(jnp.float32), aux
 

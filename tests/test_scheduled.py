@@ -103,7 +103,6 @@ LLAMA = LlamaConfig(num_layers=8, d_model=32, num_heads=4, num_kv_heads=2, seq_l
     *(pytest.param(*x, marks=pytest.mark.slow) for x in [
         ("data:2,pipe:4", 4, 8, 1, "1f1b", GPT),
         ("fsdp:2,pipe:4", 4, 8, 1, "1f1b", Llama),
-        ("data:2,pipe:2,tensor:2", 2, 8, 2, "interleaved", Llama),
     ])])
 def test_schedule_trains_like_one_device(mesh, p, m, r, schedule, model):
     """3 AdamW steps through the entry point's layout path: losses and gradient norms
@@ -186,3 +185,21 @@ def test_schedule_flag_reaches_the_pipeline_and_bad_combinations_fail():
         PipelineSpec(2, 2, 1, schedule="zb").validate(8)
     choices = RunConfig.__dataclass_fields__["layout"].default_factory.__dataclass_fields__
     assert tuple(choices["pipeline_schedule"].metadata["choices"]) == SCHEDULES
+
+
+def test_a_loss_outside_the_schedule_is_refused():
+    """A family whose loss calls the model (LayerStack.apply) instead of
+    jaxmp.scheduled.stack_loss cannot run 1f1b: under the gradient that would silently be
+    GPipe; it fails with one line naming the fix (evaluation, forward only, still runs)."""
+    from jaxmp.models.decoder import next_token_loss
+
+    cfg = GPTConfig(num_layers=4, d_model=32, num_heads=4, seq_len=16, vocab_size=128)
+    loss = lambda model, b: next_token_loss(model(b["tokens"][:, :-1]), b["tokens"][:, 1:])
+    tr = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0),
+                             pipeline=PipelineSpec(4, 4, schedule="1f1b")),
+                 loss, make_mesh("data:2,pipe:4"))
+    batch = {"tokens": jax.ShapeDtypeStruct((8, 17), "int32")}
+    with pytest.raises(PipelineError, match="jaxmp.scheduled.stack_loss") as err:
+        tr.lower(batch)
+    assert "\n" not in str(err.value)
+    tr.compiled_eval(batch).lower(tr.abstract_state().params, batch)  # traces
