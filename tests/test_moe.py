@@ -248,7 +248,7 @@ def run(mesh: str, p: int = 1, m: int = 1, r: int = 1, cfg: MoEConfig = MCFG, **
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh,p,m,r", [
+@pytest.mark.parametrize("mesh,p,m,r,schedule", [
     ("data:2,expert:4", 1, 1, 1, "gpipe"), ("expert:2,tensor:2,pipe:2", 2, 4, 1, "1f1b"),
     ("data:2,expert:2,pipe:2", 2, 2, 2, "gpipe")])
 def test_layout_matches_single_device(mesh, p, m, r, schedule):
