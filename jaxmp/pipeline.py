@@ -247,19 +247,26 @@ def pipeline_apply(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array,
     `spec.fsdp_gather_once` the same is done over `fsdp`: the copy is gathered over `fsdp`
     once, before the first tick, and its gradients reduced once, after the last.
     """
-    mesh = current_mesh()
-    axes = tuple(a for a in ("data",) + (("fsdp",) if spec.fsdp_gather_once else ())
-                 if mesh is not None and mesh.shape[a] > 1 and a not in mapped())
-    d = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    axes, d, lead = replica_axes(spec)
     b = x.shape[0]
     if d == 1 or state is not None or b % d:
         return _pipeline(layer_fn, stacked, x, spec, param_names, x_names, state, state_names)
-    lead = axes if len(axes) > 1 else axes[0]
     reps, xs = per_replica(stacked, param_names, x, x_names, d, lead)
     with mapped_axes(*axes):
         ys = jax.vmap(lambda w, h: _pipeline(layer_fn, w, h, spec, param_names, x_names),
                       spmd_axis_name=lead)(reps, xs)
     return constrain(ys.reshape(b, *x.shape[1:]), x_names)
+
+
+def replica_axes(spec: PipelineSpec) -> tuple[tuple[str, ...], int, Any]:
+    """The mesh axes a pipeline runs one replica per (data, and fsdp with
+    fsdp_gather_once; those of size > 1 not already mapped), their product, and the vmap's
+    spmd_axis_name for them."""
+    mesh = current_mesh()
+    axes = tuple(a for a in ("data",) + (("fsdp",) if spec.fsdp_gather_once else ())
+                 if mesh is not None and mesh.shape[a] > 1 and a not in mapped())
+    d = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    return axes, d, (axes if len(axes) > 1 else axes[0]) if axes else None
 
 
 def _pipeline(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array, spec: PipelineSpec,
@@ -282,9 +289,9 @@ def _pipeline(layer_fn: Callable[..., Any], stacked: Any, x: jax.Array, spec: Pi
     k = L // (p * r)
     b = x.shape[0]
 
-    weights = _to_stages(stacked, param_names, p, r, k, "params")
+    weights = to_stages(stacked, param_names, p, r, k, "params")
     if state is not None:
-        state = _to_stages(state, state_names, p, r, k, "activations")
+        state = to_stages(state, state_names, p, r, k, "activations")
 
     buf, out = _microbatches(x, p, m, x_names)
     stage = jnp.arange(p)
@@ -337,7 +344,7 @@ def _microbatches(x: jax.Array, p: int, m: int, x_names: tuple[str | None, ...]
     return buf, out
 
 
-def _to_stages(tree: Any, names: Any, p: int, r: int, k: int, kind: str) -> Any:
+def to_stages(tree: Any, names: Any, p: int, r: int, k: int, kind: str) -> Any:
     """Stacked (L, ...) arrays -> (p, r, k, ...), the stage axis split over `pipe`."""
     return jax.tree_util.tree_map(
         lambda a, n: constrain(a.reshape(p, r, k, *a.shape[1:]), ("stage", None, None, *n[1:]),

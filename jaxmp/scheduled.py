@@ -39,7 +39,6 @@ gradient accumulation and data-replica vmap work unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmp.pipeline import PipelineError, _to_stages
-from jaxmp.sharding import constrain, current_mesh, logical_axes, mapped, mapped_axes, per_replica
+from jaxmp.pipeline import PipelineError, replica_axes, to_stages
+from jaxmp.sharding import constrain, logical_axes, mapped_axes, per_replica
 from jaxmp.stack import LayerStack, _split, remat
 
 # stem(model, rows) -> h (b, ...); layer(layer module, h) -> h;
@@ -101,6 +100,17 @@ def forward_index(mb: Any, j: Any, p: int, r: int) -> Any:
     return (mb // p) * (r * p) + j * p + mb % p
 
 
+def backward_index(mb: Any, j: Any, p: int, r: int) -> Any:
+    """The backward item index of (micro-batch, round): rounds in reverse."""
+    return forward_index(mb, r - 1 - j, p, r)
+
+
+def _at(k: Any, n: int, of: Callable, p: int, r: int) -> tuple[Any, Any, Any]:
+    """(valid, micro-batch, round) of item index k of n (forward_of / backward_of), the
+    micro-batch and round clamped into range where k is not a real item (bubble)."""
+    return ((k >= 0) & (k < n), *of(jnp.clip(k, 0, n - 1), p, r))
+
+
 def slots(p: int, m: int, r: int) -> int:
     """Stage inputs a stage keeps at once (the ring buffer's size): one more than the
     longest wait between an item's forward and its backward, at most r*m."""
@@ -109,7 +119,7 @@ def slots(p: int, m: int, r: int) -> int:
     for mb in range(m):
         for j in range(r):
             kf = forward_index(mb, j, p, r)
-            kb = (mb // p) * (r * p) + (r - 1 - j) * p + mb % p
+            kb = backward_index(mb, j, p, r)
             span = max(span, max(t0 + kb + (p - 1 - s) - (kf + s) for s in range(p)))
     return min(span + 1, r * m)
 
@@ -207,14 +217,10 @@ class _Executor:
     def replicated(self, outer: Any, stacked: Any, batch: dict) -> tuple:
         """`run` per data replica (each with its own copy of the weights, gradients summed
         once after the last tick, as `pipeline_apply` does), or once."""
-        mesh, spec = current_mesh(), self.spec
-        axes = tuple(a for a in ("data",) + (("fsdp",) if spec.fsdp_gather_once else ())
-                     if mesh is not None and mesh.shape[a] > 1 and a not in mapped())
-        d = math.prod(mesh.shape[a] for a in axes) if axes else 1
+        axes, d, lead = replica_axes(self.spec)
         b = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        if d == 1 or b % (d * spec.microbatches):
+        if d == 1 or b % (d * self.spec.microbatches):
             return self._finish(*self.run(outer, stacked, batch))
-        lead = axes if len(axes) > 1 else axes[0]
         row_names = {k: ("batch",) + (None,) * (np.ndim(v) - 1) for k, v in batch.items()}
         (o, w), rows = per_replica((outer, stacked), (self.outer_names, self.stack_names),
                                    batch, row_names, d, lead)
@@ -231,7 +237,7 @@ class _Executor:
         parameters, gradients of the stack in storage order) for these rows."""
         p, m, r = self.spec.stages, self.spec.microbatches, self.spec.repeats
         k = self.num_layers // (p * r)
-        weights = _to_stages(stacked, self.stack_names, p, r, k, "params")  # (p, r, k, ...)
+        weights = to_stages(stacked, self.stack_names, p, r, k, "params")  # (p, r, k, ...)
         mbs = jax.tree_util.tree_map(
             lambda a: a.reshape(a.shape[0] // m, m, *a.shape[1:]).swapaxes(0, 1), batch)
         first = jax.tree_util.tree_map(lambda a: a[0], mbs)
@@ -272,9 +278,8 @@ class _Executor:
         if do_f:
             # stage s-1's output (stage 0: stage p-1's, the next round's input)
             x_in = constrain(jnp.roll(carry["fwd"], 1, axis=0), names)
-            k0 = forward_item(t, 0)
-            mb0, j0 = forward_of(jnp.clip(k0, 0, n - 1), p, r)
-            fresh = (j0 == 0) & (k0 < n)
+            valid0, mb0, j0 = _at(forward_item(t, 0), n, forward_of, p, r)
+            fresh = valid0 & (j0 == 0)
             stem = _spread(self.stem(outer, _take(mbs, mb0)), p, names)
             x_in = constrain(jnp.where(_on(p, 0, x_in.ndim) & fresh, stem, x_in), names)
             with mapped_axes("pipe"):
@@ -287,9 +292,8 @@ class _Executor:
             # stage s+1's input gradient (stage p-1: stage 0's, the previous round's)
             g_in = constrain(jnp.roll(carry["bwd"], -1, axis=0), names)
             if do_f:  # the loss of the item leaving the last stage, its output's gradient
-                kl = forward_item(t, p - 1)
-                mbl, jl = forward_of(jnp.clip(kl, 0, n - 1), p, r)
-                last = (kl >= 0) & (kl < n) & (jl == r - 1)
+                valid_l, mbl, jl = _at(forward_item(t, p - 1), n, forward_of, p, r)
+                last = valid_l & (jl == r - 1)
                 rows = _take(mbs, mbl)
                 losses, tail_vjp, mets = jax.vjp(lambda o, y: self.tail(o, y, rows), outer,
                                                  _slice(new["fwd"], p - 1), has_aux=True)
@@ -306,9 +310,8 @@ class _Executor:
                     lambda s, w, g, st, gw: self._backward(s, w, g, st, gw, t),
                     spmd_axis_name="pipe")(jnp.arange(p), weights, g_in, new["store"], carry["gw"])
             new["bwd"] = constrain(new["bwd"], names)
-            k0 = backward_item(t, 0, p, r)
-            mb0, j0 = backward_of(jnp.clip(k0, 0, n - 1), p, r)
-            into_stem = (k0 >= 0) & (k0 < n) & (j0 == 0)
+            valid0, mb0, j0 = _at(backward_item(t, 0, p, r), n, backward_of, p, r)
+            into_stem = valid0 & (j0 == 0)
             rows0 = _take(mbs, mb0)
             stem_vjp = jax.vjp(lambda o: self.stem(o, rows0), outer)[1]
             dx = _slice(jnp.where(into_stem, new["bwd"], jnp.zeros_like(new["bwd"])), 0)
@@ -322,11 +325,9 @@ class _Executor:
                  ) -> tuple[jax.Array, jax.Array]:
         """Stage s runs its forward item of tick t on x and keeps x for the backward."""
         p, r, n = self.spec.stages, self.spec.repeats, self.spec.repeats * self.spec.microbatches
-        k = forward_item(t, s)
-        _, j = forward_of(jnp.clip(k, 0, n - 1), p, r)
-        slot = jnp.clip(k, 0, n - 1) % store.shape[0]
+        valid, mb, j = _at(forward_item(t, s), n, forward_of, p, r)
+        slot = forward_index(mb, j, p, r) % store.shape[0]
         old = jax.lax.dynamic_index_in_dim(store, slot, 0, keepdims=False)
-        valid = (k >= 0) & (k < n)
         store = jax.lax.dynamic_update_index_in_dim(store, jnp.where(valid, x, old), slot, 0)
         return store, self._chunk(_take(w, j), x)
 
@@ -335,9 +336,8 @@ class _Executor:
         """Stage s's backward item of tick t: the layers recomputed from the kept input,
         their weight gradients added to gw, the input's gradient returned."""
         p, r, n = self.spec.stages, self.spec.repeats, self.spec.repeats * self.spec.microbatches
-        k = backward_item(t, s, p, r)
-        mb, j = backward_of(jnp.clip(k, 0, n - 1), p, r)
-        g = jnp.where((k >= 0) & (k < n), g, jnp.zeros_like(g))
+        valid, mb, j = _at(backward_item(t, s, p, r), n, backward_of, p, r)
+        g = jnp.where(valid, g, jnp.zeros_like(g))
         kept = jax.lax.dynamic_index_in_dim(store, forward_index(mb, j, p, r) % store.shape[0],
                                             0, keepdims=False)
         dw, dx = jax.vjp(self._chunk, _take(w, j), kept)[1](g)
@@ -349,7 +349,6 @@ class _Executor:
 def _take(tree: Any, i: jax.Array) -> Any:
     return jax.tree_util.tree_map(
         lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
-
 
 
 def _on(p: int, s: int, ndim: int) -> jax.Array:

@@ -98,27 +98,29 @@ LLAMA = LlamaConfig(num_layers=8, d_model=32, num_heads=4, num_kv_heads=2, seq_l
                     vocab_size=256, mlp_dim=64)
 
 
-@pytest.mark.parametrize("mesh,p,m,r,schedule,model", [
-    ("data:2,pipe:2,tensor:2", 2, 4, 2, "interleaved", GPT),  # quick: data x tensor x rounds
+@pytest.mark.parametrize("mesh,p,m,r,schedule,model,remat", [
+    ("data:2,pipe:2,tensor:2", 2, 4, 2, "interleaved", GPT, None),  # quick: data x tensor x rounds
     *(pytest.param(*x, marks=pytest.mark.slow) for x in [
-        ("data:2,pipe:4", 4, 8, 1, "1f1b", GPT),
-        ("fsdp:2,pipe:4", 4, 8, 1, "1f1b", Llama),
+        ("data:2,pipe:4", 4, 8, 1, "1f1b", GPT, "block"),
+        ("fsdp:2,pipe:4", 4, 8, 1, "1f1b", Llama, None),
     ])])
-def test_schedule_trains_like_one_device(mesh, p, m, r, schedule, model):
+def test_schedule_trains_like_one_device(mesh, p, m, r, schedule, model, remat):
     """3 AdamW steps through the entry point's layout path: losses and gradient norms
-    rtol 1e-5, parameters rtol 1e-4 of one device's. A backward that reads another
-    micro-batch's kept input, a weight gradient dropped in warm-up or cool-down, a round's
-    gradient added to the wrong layer group, or a loss counted twice fails here."""
+    rtol 1e-5, parameters rtol 1e-4 of one device's (without remat). A backward that reads
+    another micro-batch's kept input, a weight gradient dropped in warm-up or cool-down, a
+    round's gradient added to the wrong layer group, a loss counted twice, or a remat
+    policy that changes the recomputed stage fails here."""
     kw = {} if model is GPT else {"model": Llama, "cfg": LLAMA}
-    assert_same_run(run(mesh, p, m, r, schedule=schedule, **kw), run("single", **kw))
+    assert_same_run(run(mesh, p, m, r, schedule=schedule, remat=remat, **kw),
+                    run("single", **kw))
 
 
 @pytest.mark.slow
 def test_schedule_gradients_and_eval_with_accumulation():
-    """Gradients of one batch in 2 accumulation parts on pipe:2,tensor:4 with 1f1b equal
-    one device's; the evaluation loss (forward only: the model in eval mode skips the
-    schedule's backward pass) equals the loss."""
-    from tests.helpers import layout_trainer  # noqa: F401  (the entry point's path)
+    """Gradients of one batch in 2 accumulation parts on pipe:2,tensor:4 with 1f1b (built
+    through the entry point's layout path) equal one device's; the evaluation loss
+    (forward only: the model in eval mode skips the schedule's backward pass) equals the
+    loss."""
     assert_same_grads("pipe:2,tensor:4", PipelineSpec(2, 4, 1, schedule="1f1b"), accum=2)
 
 
