@@ -43,13 +43,14 @@ def check(kind: str, p: int, m: int, v: int = 1) -> None:
     if kind == "interleaved":
         if v < 2:
             raise ScheduleError("the interleaved schedule needs pipeline_repeats >= 2 (model "
-                                "chunks per stage); with 1 use 1f1b")
+                                "chunks per stage): set --pipeline_repeats >= 2, or use 1f1b")
         if m % p:
             raise ScheduleError(f"the interleaved schedule runs micro-batches in groups of "
-                                f"pipe={p}; use microbatches divisible by {p} (not {m})")
+                                f"pipe={p}: use --microbatches divisible by {p} (not {m})")
     elif v != 1:
-        raise ScheduleError(f"the {kind} schedule holds one model chunk per stage; "
-                            "pipeline_repeats > 1 needs the interleaved schedule")
+        raise ScheduleError(f"the {kind} schedule holds one model chunk per stage, not "
+                            f"pipeline_repeats={v}; use --pipeline_schedule=interleaved (the "
+                            "interleaved schedule)")
 
 
 def orders(kind: str, p: int, m: int, v: int = 1) -> list[list[Op]]:
