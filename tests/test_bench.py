@@ -334,17 +334,21 @@ def test_structure_quick_run(tmp_path):
         assert r["plain_work_ratio"] > 10 and r["step_ms"] > 0, kind
     assert ctx["ring"]["kv_moved_per_layer"]["count"] == 3 * 7  # k, v, positions x (c-1)
     assert ctx["allgather"]["kv_moved_per_layer"]["count"] <= 3
-    # the schedule rows on data:2,pipe:4, m = 4, 8, 16: 1F1B's temporaries flat in m,
-    # GPipe's growing; both bubbles, fitted from the compiled FLOPs, within 10% of
-    # (p-1)/(m+p-1) on the quick rows' small GPT (4-5% measured; the full rows' target is
-    # 5%: a tick paying for a masked forward and backward would double it); 1F1B's
-    # collective bytes those of GPipe
+    # the schedule rows on data:2,pipe:4, m = 4 and 16, 2 rows per micro-batch (the batch
+    # grows with m): 1F1B's temporaries at m=16 within 1.3x of m=4 while GPipe's at least
+    # double; both bubbles, fitted from the compiled FLOPs, within 10% of (p-1)/(m+p-1) on
+    # the quick rows' small GPT (4-5% measured; the full rows' target is 5%: a tick paying
+    # for a masked forward and backward would double it); 1F1B's collectives the kinds of
+    # GPipe's with bytes within 10%, the stage rings collective-permutes over pipe and no
+    # all-gather over pipe (a stage array gathered every tick)
     sched = {(r["schedule"], r["microbatches"]): r for r in res["structure_schedule"]}
+    assert set(sched) == {(k, m) for k in ("gpipe", "1f1b") for m in (4, 16)}
     assert sched[("1f1b", 16)]["temp_vs_m_eq_p"] <= 1.3
     assert sched[("gpipe", 16)]["temp_vs_m_eq_p"] >= 2
     for (kind, m), r in sched.items():
-        if m > 4:
-            assert r["fitted_bubble"] == pytest.approx(3 / (m + 3), rel=0.1), (kind, m)
+        assert r["fitted_bubble"] == pytest.approx(3 / (m + 3), rel=0.1), (kind, m)
+        assert r["pipe_permutes"] > 0 and r["pipe_all_gather_bytes"] == 0, (kind, m)
+        assert set(r["collective_kinds"]) <= set(sched[("gpipe", m)]["collective_kinds"])
         assert 0.9 <= r["collective_vs_gpipe"] <= 1.1, (kind, m)
 
 

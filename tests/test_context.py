@@ -193,14 +193,16 @@ def _run(family: str, mesh: str, p: int = 1, m: int = 1, kind: str = "ring",
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,mesh,p,m,kind,sp", [
-    ("gpt", "data:2,context:4", 1, 1, "ring", False),
+    # (gpt on data:2,context:4 ring passes too; left out for the suite's time: the ring on
+    # 4 context devices trains below with Llama, data x context serves in the tests below)
     ("gpt", "context:2,tensor:2,pipe:2", 2, 2, "ring", True),
     ("llama", "context:8", 1, 1, "allgather", False),
     ("llama", "fsdp:2,context:4", 1, 1, "ring", True)])
 def test_context_layouts_match_single_device(family, mesh, p, m, kind, sp):
     """3 AdamW steps on a split sequence of 48 tokens (zig-zag, 3 to 12 per chunk) equal
-    one device: losses and gradient norms rtol 1e-5, parameters rtol 1e-4. Each of the
-    four layouts, both families and both kinds appear; the other combinations pass too
+    one device: losses and gradient norms rtol 1e-5, parameters rtol 1e-4. Three of the
+    issue's four layouts, both families and both kinds appear; the other combinations
+    (data:2,context:4 among them; the serving fixture below trains there) pass too
     (BUILD_NOTES) and are left out for the suite's time."""
     assert_same_run(_run(family, mesh, p, m, kind, sp), _run(family, "single"))
 

@@ -1,7 +1,8 @@
 """The structure suite's pipeline-schedule rows: per schedule and m = p, 2p, 4p on
 data:2,pipe:4, the compiled train step's temporaries per device, its FLOPs per device
 against one device's (with the same recomputation), the bubble fitted from those FLOPs
-against the analytic one, its collective bytes, and the CPU step time.
+against the analytic one, its collectives (bytes, kinds, those over pipe), and the CPU
+step time.
 
 The fitted bubble: a lockstep pipeline executes c + u*(r*m) units of stage work per device
 (u per item, c the idle ticks' masked work), so two m give u and c, and c / (c + u r m) is
@@ -58,7 +59,7 @@ class ScheduleStructure:
                 "train step per device (x m=p: against the same schedule's at m = p); x one "
                 "dev: FLOPs per device / (one device's / 8) with the same recomputation "
                 "(1f1b, interleaved: remat=block); bubble fit: the idle share of the executed "
-                "work fitted from two m (module doc); coll: collective bytes per device per "
+                "work fitted from the two largest m (module doc); coll: collective bytes per device per "
                 "step (x gpipe: against GPipe's at the same m).")
         return note + "\n" + table(head, body)
 
@@ -85,14 +86,15 @@ def _trainer(mesh: Any, cfg: GPTConfig, schedule: str, m: int, r: int,
 
 
 def schedule_structure(quick: bool) -> ScheduleStructure:
-    """Every (schedule, m) row; with --quick gpipe and 1f1b on a smaller GPT, untimed."""
+    """Every (schedule, m) row; with --quick gpipe and 1f1b at m = p and 4p on a smaller
+    GPT, untimed."""
     cfg, schedules = (QUICK_CFG, QUICK_SCHEDULES) if quick else (CFG, SCHEDULES)
     mesh = make_mesh(LAYOUT)
     p, shards = mesh.shape["pipe"], mesh.shape["data"] * mesh.shape["fsdp"]
     rows, single = [], {}
     for schedule, r in schedules:
         base = {}
-        for m in (p, 2 * p, 4 * p):
+        for m in (p, 4 * p) if quick else (p, 2 * p, 4 * p):
             batch = tokens_batch(ROWS_PER_MICROBATCH * m * shards, cfg.seq_len, cfg.vocab_size)
             key = (REMAT[schedule], m)
             if key not in single and not quick:  # (--quick: no one-device compile)
@@ -102,6 +104,7 @@ def schedule_structure(quick: bool) -> ScheduleStructure:
             compiled = trainer.lower(batch).compile()
             text = compiled.as_text()
             found = analysis.collectives(text, dict(mesh.shape))
+            over_pipe = analysis.collective_totals(found, axes="pipe")
             flops = analysis.hlo_flops(text).flops
             row = {"schedule": schedule, "repeats": r, "microbatches": m,
                    "temp_bytes": analysis.memory_figures(compiled).temp_bytes,
@@ -110,6 +113,10 @@ def schedule_structure(quick: bool) -> ScheduleStructure:
                    "analytic_bubble": (p - 1) / (r * m + p - 1),
                    "collective_bytes": sum(v["bytes"] for v in
                                            analysis.collective_totals(found).values()),
+                   "pipe_permutes": over_pipe["collective-permute"]["count"],
+                   "pipe_all_gather_bytes": over_pipe["all-gather"]["bytes"],
+                   "collective_kinds": sorted(k for k, v in analysis.collective_totals(
+                       found).items() if v["count"]),
                    "step_ms": None if quick else step_ms(trainer, compiled, batch, 2)}
             base.setdefault("temp", row["temp_bytes"])
             row["temp_vs_m_eq_p"] = row["temp_bytes"] / base["temp"]
@@ -125,25 +132,14 @@ def schedule_structure(quick: bool) -> ScheduleStructure:
 
 
 def _fit_bubbles(rows: list[Json], p: int) -> None:
-    """Per schedule, work per item u and idle work c from its m = 2p and 4p rows (FLOPs =
-    c + u r m); each row's fitted bubble c / (c + u r m) (None for m = p, not in the fit)."""
+    """Per schedule, work per item u and idle work c from its two largest m (FLOPs =
+    c + u r m); each row's fitted bubble c / (c + u r m) (None for the rows not in the fit)."""
     for schedule in {r["schedule"] for r in rows}:
         mine = {r["microbatches"]: r for r in rows if r["schedule"] == schedule}
-        a, b = mine[2 * p], mine[4 * p]
+        lo, hi = sorted(mine)[-2:]
+        a, b = mine[lo], mine[hi]
         rr = a["repeats"]
-        u = (b["flops_per_device"] - a["flops_per_device"]) / (rr * (4 * p - 2 * p))
-        c = a["flops_per_device"] - u * rr * 2 * p
+        u = (b["flops_per_device"] - a["flops_per_device"]) / (rr * (hi - lo))
+        c = a["flops_per_device"] - u * rr * lo
         for m, row in mine.items():
-            row["fitted_bubble"] = None if m == p else c / (c + u * rr * m)
-
-
-if __name__ == "__main__":  # python -m experiments.bench.schedule_structure [--quick]
-    import sys
-
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", 8)
-    result = schedule_structure("--quick" in sys.argv)
-    print(result.table())
-    for t in result.targets():
-        print(t)
+            row["fitted_bubble"] = c / (c + u * rr * m) if m in (lo, hi) else None
