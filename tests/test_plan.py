@@ -115,23 +115,59 @@ def test_plan_from_shallow_compiles_predicts_the_program_that_runs():
 
 @pytest.mark.slow
 def test_search_proposes_only_layouts_that_compile_run_and_fit():
-    """With too little memory for the fastest layouts, every layout --search proposes
-    compiles, trains a step on the simulated mesh and fits the target memory by the
-    program's own figures, fastest first; layouts that do not fit were tried and set
-    aside. Catches: a fit judged on the state alone, proposals from the estimate rather
-    than the compiled program, the shortcut skipping layouts that would fit."""
+    """With too little memory for GPipe's activations (every micro-batch's kept), every
+    layout --search proposes compiles, trains a step on the simulated mesh and fits the
+    target memory by the program's own figures, fastest first; layouts that do not fit
+    were tried and set aside; what fits is 1F1B's (activations bounded by the stages).
+    Catches: a fit judged on the state alone, proposals from the estimate rather than the
+    compiled program, the shortcut skipping layouts that would fit, the search never
+    trying the 1f1b schedule (or its flag lost on the way to the layout)."""
     cfg = RunConfig.flat(num_layers=4, d_model=64, num_heads=4, seq_len=64, batch_size=16)
-    budget = 6.0 * 2**20
+    budget = 3.0 * 2**20
     card = dataclasses.replace(H100, memory_bytes=int(budget))
-    found = search(cfg, card, 8, top=2, max_compiles=4)
+    found = search(cfg, card, 8, top=2, max_compiles=5)
     assert found.found and found.rejected.get("compiled, does not fit", 0) >= 1
     times = [p.step_s for _, p in found.found]
     assert times == sorted(times)
+    assert any(c.schedule == "1f1b" and "--pipeline_schedule=1f1b" in c.flags()
+               for c, _ in found.found), [c.flags() for c, _ in found.found]
     for cand, predicted in found.found[:2]:
         assert predicted.fits and predicted.peak_bytes <= budget
-        compiled, loss = Layout.build(replace_flat(cfg, **cand.settings())).run_step()
+        layout = Layout.build(replace_flat(cfg, **cand.settings()))
+        assert layout.pipe.schedule == cand.schedule
+        compiled, loss = layout.run_step()
         assert memory_figures(compiled).peak_estimate_bytes <= budget
         assert np.isfinite(loss), cand.flags()
+
+
+def test_candidates_try_the_1f1b_schedules():
+    """A pipelined layout is tried with GPipe's schedule and 1F1B's (interleaved where the
+    micro-batches divide into groups of pipe); 1F1B is estimated slower (its recomputed
+    forward) with fewer activations kept (one micro-batch's stage, not every tick's).
+    Catches: 1f1b never proposed, or proposed where it cannot run (repeats > 1, m not a
+    multiple of pipe for interleaved), or ranked as if it cost nothing."""
+    from jaxmp.plan.search import activation_units
+
+    cands = candidates(8, 4, 16, devices_per_host=8)
+    for c in cands:
+        if c.shape["pipe"] == 1:
+            assert c.schedule == "gpipe"
+        elif c.repeats == 1:
+            assert c.schedule in ("gpipe", "1f1b")
+        else:
+            assert c.schedule in ("circular", "interleaved")
+            assert c.schedule == "circular" or c.microbatches % c.shape["pipe"] == 0
+    pick = {(format_mesh(c.shape), c.microbatches, c.repeats, c.schedule): c for c in cands
+            if c.remat == "none" and c.accum == 1 and not c.gather_once}
+    assert ("data:2,pipe:4", 8, 1, "1f1b") in pick
+    assert ("data:4,pipe:2", 4, 2, "interleaved") in pick
+    gpipe, ofob = pick[("data:2,pipe:4", 8, 1, "gpipe")], pick[("data:2,pipe:4", 8, 1, "1f1b")]
+    args = dict(n_params=10**6, model_flops=1e12, num_layers=4, d_model=64, seq_len=64,
+                batch=16, itemsize=4, card=H100, dtype="float32")
+    assert estimate_s(ofob, **args) > estimate_s(gpipe, **args)
+    assert activation_units(ofob, 16, 64, 4) * 4 < activation_units(gpipe, 16, 64, 4)
+    assert "--pipeline_schedule=1f1b" in ofob.flags() and "pipeline_schedule" not in gpipe.flags()
+    assert replace_flat(RunConfig(), **ofob.settings()).layout.pipeline_schedule == "1f1b"
 
 
 @pytest.mark.slow

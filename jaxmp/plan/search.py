@@ -4,8 +4,9 @@ Every layout of the device count is a candidate: data x fsdp x pipe x tensor siz
 within a host; for a mixture of experts also `expert` sizes dividing the experts, the
 batch's share of the devices split between data and expert; for a sequence of
 LONG_SEQUENCE tokens or more also `context` sizes within a host), micro-batches and circular
-repeats of the pipeline, gathering FSDP weights once per step, rematerialization and
-gradient accumulation. A rough analytic estimate
+repeats of the pipeline and its schedule (1f1b / interleaved beside gpipe / circular: the
+bounded activation memory for a recomputed forward), gathering FSDP weights once per step,
+rematerialization and gradient accumulation. A rough analytic estimate
 (FLOPs, bubble, recompute, Megatron / FSDP / data-parallel / pipeline traffic) only orders
 them; each layout proposed has been compiled for the target (jaxmp.plan.planner) and fits
 by its plan's memory. The search stops at the compile budget, or once `top` layouts fit
@@ -31,7 +32,7 @@ from jaxmp.accelerators import Accelerator
 from jaxmp.config import RunConfig, replace_flat
 from jaxmp.mesh import format_mesh
 from jaxmp.models.registry import model_shape
-from jaxmp.pipeline import bubble_factor
+from jaxmp.pipeline import DRIVEN, bubble_factor
 from jaxmp.plan import analysis
 from jaxmp.plan.planner import Layout, PlanResult, compile_program, link_of, link_speed, make_plan, size
 
@@ -48,6 +49,7 @@ class Candidate:
     gather_once: bool
     remat: str
     accum: int
+    schedule: str = "gpipe"
 
     @property
     def shape(self) -> dict[str, int]:
@@ -55,12 +57,18 @@ class Candidate:
 
     @property
     def base(self) -> tuple:
-        return (self.mesh, self.microbatches, self.repeats, self.gather_once)
+        return (self.mesh, self.microbatches, self.repeats, self.gather_once, self.schedule)
+
+    @property
+    def drives_backward(self) -> bool:
+        """1f1b / interleaved: the schedule recomputes each stage's forward in its backward."""
+        return self.schedule in DRIVEN
 
     def settings(self) -> dict[str, Any]:
         return {"mesh": format_mesh(self.shape), "microbatches": self.microbatches,
                 "pipeline_repeats": self.repeats, "pipeline_fsdp_gather_once": self.gather_once,
-                "remat": self.remat, "grad_accum_steps": self.accum}
+                "remat": self.remat, "grad_accum_steps": self.accum,
+                "pipeline_schedule": self.schedule}
 
     def flags(self) -> str:
         s = self.settings()
@@ -69,6 +77,8 @@ class Candidate:
             out += [f"--microbatches={self.microbatches}"]
             out += [f"--pipeline_repeats={self.repeats}"] if self.repeats > 1 else []
             out += ["--pipeline_fsdp_gather_once"] if self.gather_once else []
+            default = "circular" if self.repeats > 1 else "gpipe"
+            out += [f"--pipeline_schedule={self.schedule}"] if self.schedule != default else []
         out += [f"--remat={self.remat}"] if self.remat != "none" else []
         out += [f"--grad_accum_steps={self.accum}"] if self.accum > 1 else []
         return " ".join(out)
@@ -135,13 +145,24 @@ def _settings(mesh: tuple, num_layers: int, batch: int, dp: int,
         (m, r) for m in (p, 2 * p, 4 * p) for r in (1, 2) if num_layers % (p * r) == 0]
     out = []
     for m, r in pipes:
-        for once in ((False, True) if p > 1 and f > 1 else (False,)):
-            for remat in remats:
-                accum = 1
-                while batch % (accum * dp * m) == 0:
-                    out.append(Candidate(mesh, m, r, once, remat, accum))
-                    accum *= 2
+        for schedule in _schedules(p, m, r):
+            for once in ((False, True) if p > 1 and f > 1 else (False,)):
+                for remat in remats:
+                    accum = 1
+                    while batch % (accum * dp * m) == 0:
+                        out.append(Candidate(mesh, m, r, once, remat, accum, schedule))
+                        accum *= 2
     return out
+
+
+def _schedules(p: int, m: int, r: int) -> tuple[str, ...]:
+    """The pipeline schedules a (pipe, micro-batches, repeats) setting can run: GPipe's
+    (gpipe, circular), and 1F1B's (1f1b, interleaved) where their sizes allow."""
+    if p == 1:
+        return ("gpipe",)
+    if r == 1:
+        return ("gpipe", "1f1b")
+    return ("circular", "interleaved") if m % p == 0 else ("circular",)
 
 
 def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
@@ -153,7 +174,7 @@ def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
     p, t, f, e = s["pipe"], s["tensor"], s["fsdp"], s.get("expert", 1)
     d = s["data"] * e  # outside the experts `expert` splits the batch like data
     bubble = bubble_factor(p, c.microbatches, c.repeats)
-    compute = (model_flops / n * REMAT_COST[c.remat] * bubble
+    compute = (model_flops / n * remat_cost(c) * bubble
                / (card.peak(dtype) * card.efficiency_for(True)))
 
     def bw(axis: str) -> float:
@@ -230,6 +251,12 @@ def why(p: PlanResult) -> str:
     return ", ".join(parts)
 
 
+def remat_cost(c: Candidate) -> float:
+    """FLOPs over the model's: remat's recompute, plus 1F1B's recomputed stage forward (its
+    backward runs jax.vjp of the stage from the kept input: one more forward)."""
+    return REMAT_COST[c.remat] + (1 / 3 if c.drives_backward else 0.0)
+
+
 def activation_units(c: Candidate, batch: int, seq_len: int, num_layers: int) -> float:
     """Tokens x layers whose activations one device keeps at once (the pipeline keeps every
     tick's), over the tensor size: what activation memory scales with, roughly."""
@@ -237,6 +264,8 @@ def activation_units(c: Candidate, batch: int, seq_len: int, num_layers: int) ->
     p, t = s["pipe"], s["tensor"]
     tokens = (batch / (s["data"] * s["fsdp"] * s.get("expert", 1) * c.accum) * max(1, seq_len)
               / s.get("context", 1))
+    if p > 1 and c.drives_backward:  # one micro-batch's stage at a time (plus kept inputs)
+        return tokens / c.microbatches * num_layers / (p * c.repeats) / t
     if p > 1:
         ticks = c.repeats * c.microbatches + p - 1
         return tokens / c.microbatches * ticks * num_layers / (p * c.repeats) / t
@@ -252,8 +281,8 @@ class _MeshInfo:
 @dataclasses.dataclass
 class _Progress:
     """What the search has learnt so far: layouts that fit or not per shape, each mesh's
-    fixed bytes, the least activation bytes per unit per remat, why candidates were set
-    aside."""
+    fixed bytes, the least activation bytes per unit per remat and kind of schedule, why
+    candidates were set aside."""
     fits: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     misses: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     meshes: dict = dataclasses.field(default_factory=dict)
@@ -278,14 +307,16 @@ class _Progress:
             return f"invalid ({info.error})"
         if info.fixed_bytes > memory:
             return "parameters, optimizer state and gradients alone do not fit"
-        if c.remat in self.per_unit and info.fixed_bytes + self.per_unit[c.remat] * units > memory:
+        key = (c.remat, c.drives_backward)
+        if key in self.per_unit and info.fixed_bytes + self.per_unit[key] * units > memory:
             return "activations (scaled from the compiled layouts) do not fit"
         return None
 
     def record(self, c: Candidate, result: PlanResult, info: _MeshInfo, units: float) -> None:
         self.compiled += 1
         rest = max(0, result.peak_bytes - info.fixed_bytes) / max(units, 1.0)
-        self.per_unit[c.remat] = min(self.per_unit.get(c.remat, rest), rest)
+        key = (c.remat, c.drives_backward)
+        self.per_unit[key] = min(self.per_unit.get(key, rest), rest)
         if result.fits:
             self.found.append((c, result))
             self.fits[c.base].append(c)
