@@ -537,6 +537,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("sched_tail_every_tick", "1F1B: the loss counted for items not leaving the last "
              "round", "jaxmp/scheduled.py", "last = valid_l & (jl == r - 1)", "last = valid_l",
              ("tests/test_scheduled.py", "-m", "not slow")),
+    Mutation("compare_ratio_inverted", "side-by-side bench: the train-step ratio the wrong "
+             "way up (time over time)", "experiments/bench/compare.py",
+             'out = {"train step": self.step_s("torch") / self.step_s("jaxmp")}',
+             'out = {"train step": self.step_s("jaxmp") / self.step_s("torch")}',
+             ("tests/test_compare.py",)),
+    Mutation("search_no_1f1b", "the planner's search never tries the 1f1b schedule",
+             "jaxmp/plan/search.py", 'return ("gpipe", "1f1b")', 'return ("gpipe",)',
+             ("tests/test_plan.py", "-k", "1f1b")),
 )
 
 

@@ -1,6 +1,8 @@
 """The speed suite: jaxmp's one-device train step against a plain JAX + optax GPT
 (experiments/bench/reference.py), alternating, on the same weights and batch; then
-KV-cache greedy decoding tokens/s."""
+KV-cache greedy decoding tokens/s; then, where torch and transformers are installed (the
+`compare` extra), GPT-2 small side by side with transformers + torch
+(experiments/bench/compare.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 import jax
 
+from experiments.bench import compare as bench_compare
 from experiments.bench import reference as ref
 from experiments.bench.harness import generation_speed, gpt_trainer, log, single_mesh, timed, tokens_batch
 from experiments.bench.results import Json, Target, table
@@ -52,6 +55,7 @@ class SpeedResult:
     first_step_loss: dict[str, float]     # {"jaxmp", "reference"}: same weights, same batch
     tokens_per_step: int
     generate: Json                        # KV-cache decoding (bench_harness.kv_generation)
+    compare: bench_compare.CompareResult | None = None  # against transformers + torch
 
     def step_s(self, name: str) -> float:
         """Median train step time of `name` ('jaxmp' or 'reference')."""
@@ -74,6 +78,7 @@ class SpeedResult:
             "tokens_per_s": {n: self.tokens_per_step / self.step_s(n) for n in NAMES},
             "generate_tokens_per_s": self.generate["tokens_per_s"],
             "generate": self.generate,
+            "compare": self.compare.to_json()["compare"] if self.compare else None,
         }}
 
     def table(self) -> str:
@@ -81,13 +86,16 @@ class SpeedResult:
                 for n in NAMES]
         gen = ", ".join(f"batch {b}: {v:,.1f}" for b, v in self.generate["tokens_per_s"].items())
         diff = abs(self.first_step_loss["jaxmp"] - self.first_step_loss["reference"])
-        return (table(["train step", "ms (median)", "tokens/s"], rows)
-                + f"\nratio jaxmp/reference: {self.ratio:.3f}; first-step loss difference "
-                  f"{diff:.2e}\nKV-cache generation tokens/s: {gen}")
+        out = (table(["train step", "ms (median)", "tokens/s"], rows)
+               + f"\nratio jaxmp/reference: {self.ratio:.3f}; first-step loss difference "
+                 f"{diff:.2e}\nKV-cache generation tokens/s: {gen}")
+        if self.compare:
+            out += "\nside by side with transformers + torch (GPT-2 small):\n" + self.compare.table()
+        return out
 
     def targets(self) -> list[Target]:
         return [Target("jaxmp / reference step time <= 1.05", "one device", self.ratio, 1.05,
-                       self.ratio <= 1.05)]
+                       self.ratio <= 1.05)] + (self.compare.targets() if self.compare else [])
 
 
 def to_reference_params(params: Any, cfg: GPTConfig) -> ref.Params:
@@ -126,11 +134,13 @@ def speed_suite(quick: bool) -> SpeedResult:
     log(f"  speed: jaxmp {statistics.median(times['jaxmp']) * 1e3:.1f} ms/step, reference "
         f"{statistics.median(times['reference']) * 1e3:.1f} ms/step")
     gen = generation_speed(cfg, holder["state"], trainer, s.prompt, s.new_tokens, s.gen_batches)
+    del holder, steps
     return SpeedResult(
         model={**cfg.to_json(), "batch": s.batch, "params": num_params(cfg)},
         device=str(jax.devices()[0].device_kind), repeats=s.repeats, step_times_s=times,
         first_call_s=first_call, first_step_loss={n: float(losses[n][0]) for n in NAMES},
-        tokens_per_step=s.batch * cfg.seq_len, generate=gen)
+        tokens_per_step=s.batch * cfg.seq_len, generate=gen,
+        compare=bench_compare.compare_suite(quick))
 
 
 def _paired_steps(cfg: GPTConfig, opt: OptConfig, trainer: Trainer, host: dict[str, Any],
