@@ -38,7 +38,7 @@ class CompareSizes:
     prompt: int = 32
     new_tokens: int = 128
     gen_batches: tuple[int, ...] = (1, 8)
-    rounds: int = 3        # turns of each side
+    rounds: int = 4        # turns of each side
     steps: int = 2         # train steps per turn (after one warm-up per turn)
 
     def gpt(self) -> GPTConfig:

@@ -90,7 +90,9 @@ class SpeedResult:
                + f"\nratio jaxmp/reference: {self.ratio:.3f}; first-step loss difference "
                  f"{diff:.2e}\nKV-cache generation tokens/s: {gen}")
         if self.compare:
-            out += "\nside by side with transformers + torch (GPT-2 small):\n" + self.compare.table()
+            m = self.compare.model
+            out += (f"\nside by side with transformers + torch (GPT-2, {m['num_layers']} layers, "
+                    f"d={m['d_model']}):\n" + self.compare.table())
         return out
 
     def targets(self) -> list[Target]:
