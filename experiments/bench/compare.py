@@ -137,7 +137,7 @@ def compare_suite(quick: bool) -> CompareResult | None:
             decode[n][str(b)] = []
         for _ in range(s.rounds):
             for n in SIDES:
-                t = _timed(lambda n=n: sides[n]["generate"](prompts, s.new_tokens))
+                t = _timed(lambda n=n, p=prompts: sides[n]["generate"](p, s.new_tokens))
                 decode[n][str(b)].append(b * s.new_tokens / t)
         log(f"  compare: decode batch {b}: jaxmp {statistics.median(decode['jaxmp'][str(b)]):.1f}"
             f" tokens/s, torch {statistics.median(decode['torch'][str(b)]):.1f}")
