@@ -135,6 +135,8 @@ def test_search_proposes_only_layouts_that_compile_run_and_fit():
         assert predicted.fits and predicted.peak_bytes <= budget
         layout = Layout.build(replace_flat(cfg, **cand.settings()))
         assert layout.pipe.schedule == cand.schedule
+        if cand.schedule == "1f1b":  # the plan explains 1F1B's memory with its kept items
+            assert f"(x {predicted.ticks} live" in predicted.format() and predicted.ticks <= 2 * 4
         compiled, loss = layout.run_step()
         assert memory_figures(compiled).peak_estimate_bytes <= budget
         assert np.isfinite(loss), cand.flags()
@@ -168,6 +170,22 @@ def test_candidates_try_the_1f1b_schedules():
     assert activation_units(ofob, 16, 64, 4) * 4 < activation_units(gpipe, 16, 64, 4)
     assert "--pipeline_schedule=1f1b" in ofob.flags() and "pipeline_schedule" not in gpipe.flags()
     assert replace_flat(RunConfig(), **ofob.settings()).layout.pipeline_schedule == "1f1b"
+
+
+def test_plan_counts_the_items_each_schedule_keeps():
+    """The plan's "activations per micro-batch tick (x N live)" line: GPipe keeps every
+    tick's (r m + p - 1), 1F1B the stage inputs it keeps plus the one it recomputes
+    (2p - 1 + 1 at m >= 2p - 1, whatever m), no pipeline one. Catches: 1F1B's plan
+    explained with GPipe's m + p - 1 live micro-batches."""
+    from jaxmp.pipeline import PipelineSpec
+    from jaxmp.plan.planner import live_items
+
+    assert live_items(PipelineSpec()) == 1
+    assert live_items(PipelineSpec(4, 8)) == 11
+    assert live_items(PipelineSpec(4, 8, 2)) == 19
+    assert live_items(PipelineSpec(4, 8, schedule="1f1b")) == 8
+    assert live_items(PipelineSpec(4, 32, schedule="1f1b")) == 8
+    assert live_items(PipelineSpec(4, 2, schedule="1f1b")) == 3  # at most m kept
 
 
 @pytest.mark.slow

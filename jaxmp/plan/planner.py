@@ -40,6 +40,7 @@ from jaxmp.pipeline import bubble_factor
 from jaxmp.plan import analysis
 from jaxmp.plan.analysis import CollectiveKey, MemoryFigures
 from jaxmp.plan.targets import cpu_accelerator, target  # noqa: F401  (re-exported)
+from jaxmp.scheduled import slots
 from jaxmp.train import Trainer
 
 DEPTHS = ("auto", "full", "reduced")
@@ -196,7 +197,7 @@ class PlanResult:
     compute_param_bytes: int        # the compute layout's copy (= gradients' size)
     gathered: bool                  # whether the compute copy is gathered from the state
     batch_bytes: int
-    ticks: int                      # micro-batch ticks whose activations a stage keeps
+    ticks: int                      # micro-batch items whose activations a stage keeps
     remat: str
     flops: float
     compute_s: float
@@ -385,11 +386,23 @@ def make_plan(layout: Layout, program: Program, card: Accelerator, how: str) -> 
         target=card, mesh=dict(layout.mesh.shape), how=how, memory=program.memory,
         params_bytes=params_b, opt_bytes=opt_b, compute_param_bytes=compute_b,
         gathered=compute_b > params_b, batch_bytes=batch_b,
-        ticks=(r * m + p - 1) if pipe.enabled else 1,
+        ticks=live_items(pipe),
         remat=shape.remat or "none", flops=program.flops, compute_s=compute_s,
         bubble_s=bubble_s, collectives=collective_times(program, layout.mesh.shape, card),
         model_flops=fpt(model_cfg) * layout.tokens_per_step if fpt else None, dtype=dtype,
         efficiency=efficiency, activation_scale=scale)
+
+
+def live_items(pipe: Any) -> int:
+    """Micro-batch items whose activations a device keeps at once: every tick's in GPipe's
+    loop (r m + p - 1), the kept stage inputs plus the one recomputed in 1F1B's (whose
+    backward recomputes each stage), one without a pipeline."""
+    if not pipe.enabled:
+        return 1
+    p, m, r = pipe.stages, pipe.microbatches, pipe.repeats
+    if pipe.drives_backward:
+        return slots(p, m, r) + 1
+    return r * m + p - 1
 
 
 def plan(cfg: RunConfig, card: Accelerator, depth: str = "auto") -> PlanResult:
