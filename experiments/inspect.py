@@ -129,12 +129,13 @@ def target_of(tree: InspectConfig):
 def search(tree: InspectConfig, card) -> None:
     import jax
 
+    from jaxmp.plan.planner import size
     from jaxmp.plan.search import search as run_search
 
     n = len(jax.devices())
     cfg = tree.run_config()
     print(f"searching layouts of {n} x {card.name} for batch {cfg.data.batch_size} "
-          f"(model {cfg.model.family} {cfg.model.preset}; {card.memory_bytes / 2**30:.1f} GiB "
+          f"(model {cfg.model.family} {cfg.model.preset}; {size(card.memory_bytes)} "
           f"per device)", flush=True)
     found = run_search(cfg, card, n, top=tree.plan.search_top,
                        max_compiles=tree.plan.search_compiles, depth=tree.plan.plan_depth)

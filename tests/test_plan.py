@@ -172,6 +172,17 @@ def test_candidates_try_the_1f1b_schedules():
     assert replace_flat(RunConfig(), **ofob.settings()).layout.pipeline_schedule == "1f1b"
 
 
+def test_candidates_for_a_batch_no_power_of_two_micro_batches_divide():
+    """A batch of 7 on pipe:4 runs with 7 micro-batches: the search tries it (p, 2p, 4p
+    do not divide 7); with a batch they divide it keeps to p, 2p, 4p. Catches: "no layout
+    fits" for a batch a pipeline runs fine."""
+    odd = {(format_mesh(c.shape), c.microbatches) for c in candidates(8, 4, 7, 8)
+           if c.shape["pipe"] > 1}
+    assert odd == {("pipe:4,tensor:2", 7), ("pipe:2,tensor:4", 7)}
+    even = {c.microbatches for c in candidates(8, 4, 16, 8) if c.shape["pipe"] == 4}
+    assert even == {4, 8, 16}
+
+
 def test_plan_counts_the_items_each_schedule_keeps():
     """The plan's "activations per micro-batch tick (x N live)" line: GPipe keeps every
     tick's (r m + p - 1), 1F1B the stage inputs it keeps plus the one it recomputes

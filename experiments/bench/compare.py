@@ -83,7 +83,7 @@ class CompareResult:
             "train_step_times_s": self.train_step_s,
             "decode_tokens_per_s": {s: {b: self.tokens_per_s(s, b)
                                         for b in self.decode_tokens_per_s[s]} for s in SIDES},
-            "decode_times": self.decode_tokens_per_s, "ratios": self.ratios()}}
+            "decode_tokens_per_s_per_turn": self.decode_tokens_per_s, "ratios": self.ratios()}}
 
     def table(self) -> str:
         r = self.ratios()
@@ -116,6 +116,7 @@ def compare_suite(quick: bool) -> CompareResult | None:
     import torch
     import transformers
 
+    transformers.logging.set_verbosity_error()  # (its notes on the config are not ours)
     s = COMPARE_QUICK if quick else COMPARE_FULL
     cfg = s.gpt()
     host = tokens_batch(s.batch, s.seq_len, cfg.vocab_size, seed=1)

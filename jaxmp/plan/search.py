@@ -142,7 +142,7 @@ def _settings(mesh: tuple, num_layers: int, batch: int, dp: int,
     s = dict(mesh)
     p, f = s["pipe"], s["fsdp"]
     pipes = [(1, 1)] if p == 1 else [
-        (m, r) for m in (p, 2 * p, 4 * p) for r in (1, 2) if num_layers % (p * r) == 0]
+        (m, r) for m in _microbatches(p, batch, dp) for r in (1, 2) if num_layers % (p * r) == 0]
     out = []
     for m, r in pipes:
         for schedule in _schedules(p, m, r):
@@ -153,6 +153,16 @@ def _settings(mesh: tuple, num_layers: int, batch: int, dp: int,
                         out.append(Candidate(mesh, m, r, once, remat, accum, schedule))
                         accum *= 2
     return out
+
+
+def _microbatches(p: int, batch: int, dp: int) -> list[int]:
+    """Micro-batch counts to try on a pipe of p: p, 2p, 4p, or where none divides a batch
+    shard's rows, those rows' divisors from p to 4p (a batch of 7 on pipe:4 runs m=7)."""
+    if batch % dp:
+        return [p]  # (no accumulation setting divides it either: no candidate)
+    rows = batch // dp
+    usual = [m for m in (p, 2 * p, 4 * p) if rows % m == 0]
+    return usual or [m for m in divisors(rows) if p <= m <= 4 * p]
 
 
 def _schedules(p: int, m: int, r: int) -> tuple[str, ...]:
@@ -383,9 +393,9 @@ def search(cfg: RunConfig, card: Accelerator, num_devices: int, *, top: int = 5,
 def _mesh_info(cfg: RunConfig, c: Candidate) -> _MeshInfo:
     """The exact bytes of state and gradients on `c`'s mesh (no compile), or why the model
     cannot be laid out on it."""
-    p = c.shape["pipe"]
+    m = c.microbatches if c.shape["pipe"] > 1 else 1  # (the state does not depend on m)
     try:
-        layout = Layout.build(replace_flat(cfg, mesh=format_mesh(c.shape), microbatches=p,
+        layout = Layout.build(replace_flat(cfg, mesh=format_mesh(c.shape), microbatches=m,
                                            pipeline_repeats=1, grad_accum_steps=1,
                                            pipeline_fsdp_gather_once=False, remat="none"))
     except ValueError as e:  # (ShardingError, PipelineError, MeshError are ValueErrors)
