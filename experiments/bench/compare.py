@@ -14,14 +14,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import statistics
-import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import numpy as np
 
-from experiments.bench.harness import gpt_trainer, log, saved_checkpoint, single_mesh, tokens_batch
+from experiments.bench.harness import gpt_trainer, log, saved_checkpoint, single_mesh, timed, tokens_batch
 from experiments.bench.results import Json, Target, table
 from jaxmp.models.gpt import GPTConfig, preset
 from jaxmp.serve import Server
@@ -126,7 +124,7 @@ def compare_suite(quick: bool) -> CompareResult | None:
         for n in SIDES:
             sides[n]["step"]()  # the turn's warm-up (the first compiles / allocates)
             for _ in range(s.steps):
-                times[n].append(_timed(sides[n]["step"]))
+                times[n].append(timed(sides[n]["step"]))
     log(f"  compare: train step jaxmp {statistics.median(times['jaxmp']):.3f} s, torch "
         f"{statistics.median(times['torch']):.3f} s")
     rng = np.random.default_rng(0)
@@ -138,7 +136,7 @@ def compare_suite(quick: bool) -> CompareResult | None:
             decode[n][str(b)] = []
         for _ in range(s.rounds):
             for n in SIDES:
-                t = _timed(lambda n=n, p=prompts: sides[n]["generate"](p, s.new_tokens))
+                t = timed(lambda n=n, p=prompts: sides[n]["generate"](p, s.new_tokens))
                 decode[n][str(b)].append(b * s.new_tokens / t)
         log(f"  compare: decode batch {b}: jaxmp {statistics.median(decode['jaxmp'][str(b)]):.1f}"
             f" tokens/s, torch {statistics.median(decode['torch'][str(b)]):.1f}")
@@ -149,12 +147,6 @@ def compare_suite(quick: bool) -> CompareResult | None:
         versions={"jax": jax.__version__, "torch": torch.__version__,
                   "transformers": transformers.__version__,
                   "torch_threads": str(torch.get_num_threads())})
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _jaxmp_side(cfg: GPTConfig, host: dict, s: CompareSizes) -> dict[str, Callable]:
