@@ -21,7 +21,7 @@ flags.adopt_module_key_flags(flagtree)
 flags.DEFINE_string("plot", None, "Also draw the schedule grid into this PNG (needs matplotlib).")
 
 
-def plot(path: str, p: int, m: int, r: int, driven: bool = False) -> None:
+def plot(path: str, p: int, m: int, r: int, driven: bool = False, schedule: str = "") -> None:
     try:
         import matplotlib
 
@@ -33,7 +33,11 @@ def plot(path: str, p: int, m: int, r: int, driven: bool = False) -> None:
     from jaxmp.pipeline import bubble_fraction, timeline
     from jaxmp.scheduled import grid_cells
 
-    grid = grid_cells(p, m, r) if driven else timeline(p, m, r)
+    from jaxmp import schedules, zerobubble
+
+    zb = schedule == "zb"
+    grid = (zerobubble.grid_cells(p, m) if zb else grid_cells(p, m, r) if driven
+            else timeline(p, m, r))
     ticks = len(grid[0])
     fig, ax = plt.subplots(figsize=(max(6, ticks * 0.5), 0.6 * p + 1.2))
     cmap = plt.get_cmap("tab10")
@@ -51,8 +55,10 @@ def plot(path: str, p: int, m: int, r: int, driven: bool = False) -> None:
     ax.set_xlim(0, ticks)
     ax.set_ylim(0, p)
     ax.set_yticks([p - 0.5 - s for s in range(p)], [f"stage {s}" for s in range(p)])
-    ax.set_xlabel("tick (F = forward, B = backward, blank = bubble)")
-    ax.set_title(f"p={p} m={m} r={r}: bubble fraction {bubble_fraction(p, m, r):.3f}")
+    ax.set_xlabel("slot (F = forward, B = input gradient, W = weight gradient, blank = bubble)"
+                  if zb else "tick (F = forward, B = backward, blank = bubble)")
+    bubble = schedules.simulate("zb", p, m).bubble() if zb else bubble_fraction(p, m, r)
+    ax.set_title(f"p={p} m={m} r={r} {schedule}: bubble fraction {bubble:.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -69,6 +75,7 @@ def inspect() -> None:
     from jaxmp.pipeline import format_timeline, stage_layers
     from jaxmp.run import layout, make_trainer, model_config
     from jaxmp.run.console import check_writable
+    from jaxmp import zerobubble
     from jaxmp.scheduled import format_grid
 
     if F.plot:
@@ -92,14 +99,17 @@ def inspect() -> None:
               f"r={pipe.repeats} repeat(s), schedule {pipe.schedule}")
         for s, layers in enumerate(stage_layers(model_cfg.num_layers, pipe)):
             print(f"  stage {s}: layers {layers}")
-        if pipe.drives_backward:
+        if pipe.schedule == "zb":
+            print(zerobubble.format_grid(pipe.stages, pipe.microbatches))
+        elif pipe.drives_backward:
             print(format_grid(pipe.stages, pipe.microbatches, pipe.repeats))
         else:
             print(format_timeline(pipe.stages, pipe.microbatches, pipe.repeats))
     else:
         print("\nno pipe axis: every layer runs on every device (no pipeline schedule)")
     if F.plot:
-        plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats, pipe.drives_backward)
+        plot(F.plot, pipe.stages, pipe.microbatches, pipe.repeats, pipe.drives_backward,
+             pipe.schedule)
     if card is not None:
         from jaxmp.plan.planner import plan
 

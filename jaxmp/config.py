@@ -121,7 +121,9 @@ class LayoutConfig:
         "(each micro-batch's backward as soon as its forward ends: activations kept for at "
         "most 2*pipe-1 micro-batches, layers recomputed in the backward pass), interleaved "
         "(1f1b over --pipeline_repeats layer groups per stage; microbatches divisible by "
-        "pipe).", choices=("gpipe", "circular", "1f1b", "interleaved"))
+        "pipe), zb (zero-bubble ZB-H1: each stage runs its own forward, input-gradient or "
+        "deferred weight-gradient pass per slot; activations as 1f1b's, no recomputation "
+        "beyond --remat).", choices=("gpipe", "circular", "1f1b", "interleaved", "zb"))
     rules: str = opt("", "Parameter rule overrides, e.g. 'embed=;mlp=tensor'.")
     activation_rules: str = opt("", "Activation rule overrides, e.g. 'batch=data'.")
     shard_state: bool = opt(True, "Keep parameters and optimizer state split over data, "

@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxmp.layers import CHUNK, causal_attention
-from jaxmp.sharding import CONTEXT_ATTENTION, current_mesh, current_rules, current_spec
+from jaxmp.sharding import CONTEXT_ATTENTION, current_mesh, current_rules, current_spec, shard_map
 
 KINDS = CONTEXT_ATTENTION  # ring | allgather
 NEG = -1e30  # the masked score (finite: a block with no visible key must not give NaN)
@@ -374,9 +374,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     kv_spec = current_spec(KV_NAMES, k.shape)
     k, v, kv_spec = _matching_kv(q, k, v, q_spec, kv_spec)
     pos_spec = PartitionSpec(q_spec[1])
-    return jax.shard_map(_local_attention(kind, axes, c), mesh=mesh,
-                         in_specs=(q_spec, kv_spec, kv_spec, pos_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, positions)
+    return shard_map(_local_attention(kind, axes, c), mesh, (q_spec, kv_spec, kv_spec, pos_spec),
+                     q_spec)(q, k, v, positions)
 
 
 def _cached_block(q: jax.Array, k: jax.Array, v: jax.Array, qpos: jax.Array,
@@ -443,6 +442,5 @@ def cached_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array,
         y = acc / jnp.moveaxis(den, -1, 1)[..., None]
         return y.reshape(b, t, n, h).astype(q.dtype)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, pos_spec),
-                         out_specs=q_spec, check_vma=False)(q, k_all, v_all,
-                                                            q_pos.astype(jnp.int32))
+    return shard_map(body, mesh, (q_spec, kv_spec, kv_spec, pos_spec), q_spec)(
+        q, k_all, v_all, q_pos.astype(jnp.int32))

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxmp.sharding import current_mesh, current_spec
+from jaxmp.sharding import current_mesh, current_spec, shard_map
 
 STATS = ("aux_loss", "router_z_loss", "dropped_fraction")  # per sequence, in this order
 
@@ -251,7 +251,5 @@ def moe_mlp(x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array,
     row_spec = PartitionSpec(*x_spec[:1])
     body = functools.partial(run, expert_axes=expert_axes, tensor_axes=tensor_axes,
                              num_shards=shards)
-    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, PartitionSpec(), w_spec, w_spec,
-                                                    d_spec),
-                         out_specs=(x_spec, row_spec), check_vma=False)(x, router, gate, up,
-                                                                         down)
+    return shard_map(body, mesh, (x_spec, PartitionSpec(), w_spec, w_spec, d_spec),
+                     (x_spec, row_spec))(x, router, gate, up, down)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmp import wgrad
 from jaxmp.sharding import constrain
 
 Names = tuple[str | None, ...]
@@ -57,9 +58,8 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.kernel[...].astype(self.dtype)
         axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), w, (axes, ((), ())))
+        y = wgrad.dot(x, self.kernel[...], (axes, ((), ())), self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -108,8 +108,8 @@ def check_driven(spec: PipelineSpec) -> None:
             "jaxmp.scheduled.stack_loss (stem, layer, tail), or use --pipeline_schedule=gpipe")
 
 
-SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved")
-DRIVEN = ("1f1b", "interleaved")
+SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved", "zb")
+DRIVEN = ("1f1b", "interleaved", "zb")
 
 
 def _check_schedule(kind: str, p: int, m: int, r: int) -> None:

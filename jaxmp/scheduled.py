@@ -50,6 +50,7 @@ from flax import nnx
 from jaxmp.pipeline import PipelineError, replica_axes, to_stages
 from jaxmp.sharding import constrain, logical_axes, mapped_axes, per_replica
 from jaxmp.stack import LayerStack, _split, remat
+from jaxmp.zerobubble import ZeroBubble
 
 # stem(model, rows) -> h (b, ...); layer(layer module, h) -> h;
 # tail(model, h, rows) -> (per-row losses (b,), {metric: per-row values (b,)})
@@ -190,10 +191,10 @@ def stack_loss(model: nnx.Module, key: str, stem: Stem, layer: Layer, tail: Tail
     def merged(o: Any) -> nnx.Module:
         return nnx.merge(graphdef, {**o, key: fixed[key]}, rest)
 
-    run = _Executor(
+    run = (ZeroBubble if stack.pipeline.schedule == "zb" else _Executor)(
         stack, x_names, names[key], outer_names,
         stem=lambda o, rows: stem(merged(o), rows),
-        layer=remat(lambda w, h: layer(nnx.merge(layer_def, w), h), stack.remat),
+        layer=lambda w, h: layer(nnx.merge(layer_def, w), h),
         tail=lambda o, h, rows: tail(merged(o), h, rows),
         total=jax.tree_util.tree_leaves(batch)[0].shape[0])
     loss, metrics, d_outer, d_stack = run.replicated(outer, fixed[key], dict(batch))
@@ -212,7 +213,8 @@ class _Executor:
                  total: int):
         self.spec, self.num_layers = stack.pipeline, stack.num_layers
         self.x_names, self.stack_names, self.outer_names = x_names, stack_names, outer_names
-        self.stem, self.layer, self.tail, self.total = stem, layer, tail, total
+        self.stem, self.tail, self.total = stem, tail, total
+        self.layer = remat(layer, stack.remat)
 
     def replicated(self, outer: Any, stacked: Any, batch: dict) -> tuple:
         """`run` per data replica (each with its own copy of the weights, gradients summed

@@ -217,7 +217,26 @@ def constrain(x: jax.Array, names: Sequence[str | None], kind: str = "activation
     spec = current_spec(names, x.shape[1:] if lead_axis else x.shape, kind, exclude=lead)
     if lead_axis:
         spec = PartitionSpec(lead_axis, *spec)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx[0], spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(_traced_mesh(ctx[0]), spec))
+
+
+def shard_map(body: Any, mesh: Mesh, in_specs: Any, out_specs: Any) -> Any:
+    """jax.shard_map manual over every mesh axis (check_vma off); inside the zero-bubble
+    pipeline's shard_map (manual over pipe) over the other axes, on its abstract mesh."""
+    inner = jax.sharding.get_abstract_mesh()
+    if inner.empty or not inner.manual_axes:
+        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+    return jax.shard_map(body, mesh=inner, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=set(inner.axis_names) - set(inner.manual_axes),
+                         check_vma=False)
+
+
+def _traced_mesh(mesh: Mesh) -> Any:
+    """Inside a shard_map manual over some axes (the zero-bubble pipeline's, over pipe),
+    the abstract mesh that says so (a constraint on the concrete mesh is refused there)."""
+    inner = jax.sharding.get_abstract_mesh()
+    return inner if not inner.empty and inner.manual_axes else mesh
 
 
 def per_replica(params: Any, param_names: Any, rows: Any, row_names: Any, d: int,

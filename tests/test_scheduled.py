@@ -153,7 +153,7 @@ def test_schedule_flag_reaches_the_pipeline_and_bad_combinations_fail():
             layout(**kw)
         assert "\n" not in str(err.value)
     with pytest.raises(PipelineError, match="choose one of"):
-        PipelineSpec(2, 2, 1, schedule="zb").validate(8)
+        PipelineSpec(2, 2, 1, schedule="zbv").validate(8)
     choices = RunConfig.__dataclass_fields__["layout"].default_factory.__dataclass_fields__
     assert tuple(choices["pipeline_schedule"].metadata["choices"]) == SCHEDULES
 

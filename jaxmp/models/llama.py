@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp import context, data
+from jaxmp import context, data, wgrad
 from jaxmp.layers import RESIDUAL, Embed, KVCache, gather_sequence, gathered, param, write_cache
 from jaxmp.models.decoder import (
     DecoderShape,
@@ -145,7 +145,7 @@ def _project(x: jax.Array, w: jax.Array, dtype: Any, n_in: int = 1) -> jax.Array
     """x (..., in...) against w stored (out..., in...) with n_in input dimensions:
     (..., out...), in `dtype`."""
     axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(w.ndim - n_in, w.ndim)))
-    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (axes, ((), ())))
+    return wgrad.dot(x, w, (axes, ((), ())), dtype)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -202,7 +202,10 @@ class Attention(nnx.Module):
         n, h, d = self.q.kernel.shape
         kv = self.k.kernel.shape[0]
         heads = current_spec(("heads",), (n,), "params")
-        if heads is not None and heads != current_spec(("kv_heads",), (kv,), "params"):
+        if wgrad.tapped() or (heads is not None
+                              and heads != current_spec(("kv_heads",), (kv,), "params")):
+            # (each GEMM its own weight where the backward pass is split at them: a fused
+            # weight would be a new array the split keeps per micro-batch)
             return gathered(self.q, x), gathered(self.k, x), gathered(self.v, x)
         g = n // kv
         w = jnp.concatenate([self.q.kernel[...].reshape(kv, g, h, d),
@@ -245,6 +248,10 @@ class MLP(nnx.Module):
         self.down = Linear((m,), (d,), ("mlp",), ("embed",), rngs=rngs, std=out_std, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if wgrad.tapped():  # (as in Attention._qkv)
+            gate, up = (constrain(gathered(f, x), ("batch", "length", "mlp"))
+                        for f in (self.gate, self.up))
+            return self.down(jax.nn.silu(gate) * up)
         # gate and up as one projection (m, 2, d), split like each of them: one matmul, and
         # in the backward pass one all-reduce of the input gradient instead of two
         w = jnp.stack([self.gate.kernel[...], self.up.kernel[...]], axis=1)

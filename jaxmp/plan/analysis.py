@@ -42,6 +42,7 @@ from jaxmp.plan.hlo import (
     Site,
     _balanced,
     accumulate,
+    branch_names,
     collective_bytes,
     collective_kind,
     parse_hlo,
@@ -281,6 +282,23 @@ def hlo_flops(module: HloModule | str) -> FlopCount:
     stats, unknown = accumulate(module, leaf)
     total = stats.get("flops", np.zeros(2))
     return FlopCount(float(total[0]), float(total[1]), unknown)
+
+
+def branch_flops(module: HloModule | str) -> list[float]:
+    """FLOPs of one run of each branch of the program's conditional with the most branches
+    (the zero-bubble pipeline's per-device switch), in branch-index order."""
+    module = parse_hlo(module) if isinstance(module, str) else module
+    conds = [ins for comp in module.computations.values() for ins in comp.instructions
+             if ins.opcode == "conditional"]
+    if not conds:
+        return []
+    names = branch_names(max(conds, key=lambda ins: len(branch_names(ins))))
+
+    def leaf(site: Site) -> dict[Hashable, tuple[float]]:
+        f = instruction_flops(site)
+        return {"flops": (f,)} if f else {}
+    return [float(accumulate(module, leaf, root=n)[0].get("flops", np.zeros(1))[0])
+            for n in names]
 
 
 def has_custom_call(text: str, target_fragment: str) -> bool:

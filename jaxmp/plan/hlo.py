@@ -193,12 +193,13 @@ Stats = dict[Hashable, np.ndarray]
 
 
 def accumulate(module: HloModule, leaf: Callable[[Site], Mapping[Hashable, Sequence[float]]],
-               ) -> tuple[Stats, int]:
+               root: str | None = None) -> tuple[Stats, int]:
     """Sum leaf(site) over every instruction reachable from ENTRY, each weighted by how
     often it runs: while bodies x trip count (nested loops multiply), fusions, calls,
     async computations x 1, every conditional branch x 1 (an upper bound). Scalar
     lambdas (to_apply of reduce, all-reduce, sort, ...) are not entered.
 
+    From the computation `root` instead of ENTRY if given (one conditional branch, say).
     Returns (stats, loops whose trip count could not be read, counted once)."""
     memo: dict[tuple[str, bool], Stats] = {}
     unknown = [0]
@@ -232,7 +233,13 @@ def accumulate(module: HloModule, leaf: Callable[[Site], Mapping[Hashable, Seque
         memo[key] = out
         return out
 
-    return visit(module.entry, False), unknown[0]
+    return visit(root or module.entry, False), unknown[0]
+
+
+def branch_names(ins: HloInstruction) -> list[str]:
+    """A conditional's branch computations, in branch-index order."""
+    found = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+    return re.findall(r"%([\w.\-]+)", found.group(1)) if found else []
 
 
 def _callees(ins: HloInstruction) -> list[tuple[str, str]]:
@@ -242,9 +249,7 @@ def _callees(ins: HloInstruction) -> list[tuple[str, str]]:
     found = [(k, c) for k, c in found if k != "to_apply" or ins.opcode == "call"]
     if ins.opcode == "while":
         found = [(k, c) for k, c in found if k == "body"]
-    branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-    if branches:
-        found += [("branch", c) for c in re.findall(r"%([\w.\-]+)", branches.group(1))]
+    found += [("branch", c) for c in branch_names(ins)]
     calls = re.search(r"\bcalls=\{([^}]*)\}", ins.attrs)
     if calls:
         found += [("calls", c) for c in re.findall(r"%([\w.\-]+)", calls.group(1))]
