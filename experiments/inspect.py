@@ -30,10 +30,9 @@ def plot(path: str, p: int, m: int, r: int, driven: bool = False, schedule: str 
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install -e '.[plot]' "
                          "(or pip install matplotlib)") from None
+    from jaxmp import schedules, zerobubble
     from jaxmp.pipeline import bubble_fraction, timeline
     from jaxmp.scheduled import grid_cells
-
-    from jaxmp import schedules, zerobubble
 
     zb = schedule == "zb"
     grid = (zerobubble.grid_cells(p, m) if zb else grid_cells(p, m, r) if driven
@@ -71,11 +70,11 @@ def main(argv: list[str]) -> int:
 def inspect() -> None:
     """Print the plan and, with a pipe axis, the schedule grid; with --target, memory and
     step time on that accelerator; with --search, the layouts that fit, fastest first."""
+    from jaxmp import zerobubble
     from jaxmp.mesh import format_mesh
     from jaxmp.pipeline import format_timeline, stage_layers
     from jaxmp.run import layout, make_trainer, model_config
     from jaxmp.run.console import check_writable
-    from jaxmp import zerobubble
     from jaxmp.scheduled import format_grid
 
     if F.plot:

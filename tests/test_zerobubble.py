@@ -67,7 +67,7 @@ def test_tables_run_each_operation_once_after_what_it_needs(p, m):
         def write(k, i, s=s, rings=rings):
             rings[k][i % tab[k]] = i
 
-        def read(k, i, t, rings=rings):
+        def read(k, i, t, s=s, rings=rings):
             assert rings[k].get(i % tab[k]) == i, (p, m, s, t, k, i)
 
         for t in range(op.shape[0]):
