@@ -136,8 +136,11 @@ def bubble_fraction(p: int, m: int, r: int = 1) -> float:
     return (p - 1) / num_ticks(p, m, r)
 
 
-def bubble_factor(p: int, m: int, r: int = 1) -> float:
-    """Work per device relative to a bubble-free pipeline: (r*m + p - 1) / (r*m)."""
+def bubble_factor(p: int, m: int, r: int = 1, schedule: str = "gpipe") -> float:
+    """Time per device relative to a bubble-free pipeline: (r*m + p - 1) / (r*m); for the
+    zero-bubble schedule ZB-H1, (3m + p - 1) / (3m) (F = B = W, jaxmp.schedules)."""
+    if schedule == "zb":
+        return (3 * m + p - 1) / (3 * m)
     return num_ticks(p, m, r) / (r * m)
 
 

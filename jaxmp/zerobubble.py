@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxmp import schedules, wgrad
-from jaxmp.pipeline import PipelineError, to_stages
+from jaxmp.pipeline import PipelineError, replica_axes, to_stages
 from jaxmp.sharding import current_mesh, mapped_axes
 from jaxmp.stack import remat
 
@@ -144,7 +144,7 @@ class ZeroBubble:
         self.split_layer = remat(_split_layer(layer), stack.remat)
 
     def replicated(self, outer: Any, stacked: Any, batch: dict) -> tuple:
-        """The whole batch at once: data-parallel axes stay automatic inside the slots."""
+        """The whole batch at once (the data replicas run inside `run`'s shard_map)."""
         loss, metrics, d_outer, d_stack = self.run(outer, stacked, batch)
         return (loss / self.total, {k: v / self.total for k, v in metrics.items()},
                 d_outer, d_stack)
@@ -160,16 +160,26 @@ class ZeroBubble:
         mbs = jax.tree_util.tree_map(
             lambda a: a.reshape(a.shape[0] // m, m, *a.shape[1:]).swapaxes(0, 1), batch)
         tab = tables(p, m)
+        # data replicas (data, and fsdp with gather-once) are manual too where the rows
+        # split evenly: each runs the slots on its own rows and its weight gradients are
+        # summed once at the end, not in every slot's B and W
+        axes, d, _ = replica_axes(self.spec)
+        rows_total = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        axes = axes if d > 1 and rows_total % (d * m) == 0 else ()
+        manual = ("pipe", *axes)
 
         def body(w: Any, o: Any, rows: Any) -> tuple:
-            with mapped_axes("pipe"):
-                return self._device(tab, jax.tree_util.tree_map(lambda a: a[0], w), o, rows)
+            with mapped_axes(*manual):
+                return self._device(tab, jax.tree_util.tree_map(lambda a: a[0], w), o, rows,
+                                    axes)
 
         w_spec = jax.tree_util.tree_map(lambda _: P("pipe"), weights)
         rep = lambda tree: jax.tree_util.tree_map(lambda _: P(), tree)
+        split = P(None, axes) if axes else P()
         loss, metrics, d_outer, d_stack = jax.shard_map(
-            body, mesh=mesh, in_specs=(w_spec, rep(outer), rep(mbs)),
-            out_specs=(P(), P(), rep(outer), w_spec), axis_names={"pipe"},
+            body, mesh=mesh, in_specs=(w_spec, rep(outer), jax.tree_util.tree_map(
+                lambda _: split, mbs)),
+            out_specs=(P(), P(), rep(outer), w_spec), axis_names=set(manual),
             check_vma=False)(weights, outer, mbs)
         d_stack = jax.tree_util.tree_map(lambda g: g.reshape(self.num_layers, *g.shape[2:]),
                                          d_stack)
@@ -198,7 +208,7 @@ class ZeroBubble:
         return [g for g, _ in out], [i for _, i in out]
 
     # ------------------------------------------------------------ one device's program
-    def _device(self, tab: dict, w: Any, outer: Any, mbs: Any) -> tuple:
+    def _device(self, tab: dict, w: Any, outer: Any, mbs: Any, replicas: tuple) -> tuple:
         p = self.spec.stages
         s = jax.lax.axis_index("pipe")
         first = jax.tree_util.tree_map(lambda a: a[0], mbs)
@@ -330,10 +340,12 @@ class ZeroBubble:
             return st, None
 
         state, _ = jax.lax.scan(slot, state, jnp.arange(tab["op"].shape[0]))
-        loss = jax.lax.psum(state["loss"], "pipe")
-        metrics = {n: jax.lax.psum(v, "pipe") for n, v in state["metrics"].items()}
-        go = jax.lax.psum(state["go"], "pipe")
-        gw = jax.tree_util.tree_map(lambda a: a[None], state["gw"])
+        every = ("pipe", *replicas)
+        loss = jax.lax.psum(state["loss"], every)
+        metrics = {n: jax.lax.psum(v, every) for n, v in state["metrics"].items()}
+        go = jax.lax.psum(state["go"], every)
+        gw = state["gw"] if not replicas else jax.lax.psum(state["gw"], replicas)
+        gw = jax.tree_util.tree_map(lambda a: a[None], gw)
         return loss, metrics, go, gw
 
 

@@ -543,8 +543,27 @@ MUTATIONS: tuple[Mutation, ...] = (
              'out = {"train step": self.step_s("jaxmp") / self.step_s("torch")}',
              ("tests/test_compare.py",)),
     Mutation("search_no_1f1b", "the planner's search never tries the 1f1b schedule",
-             "jaxmp/plan/search.py", 'return ("gpipe", "1f1b")', 'return ("gpipe",)',
+             "jaxmp/plan/search.py", 'return ("gpipe", "1f1b", "zb")', 'return ("gpipe", "zb")',
              ("tests/test_plan.py", "-k", "1f1b")),
+    Mutation("search_no_zb", "the planner's search never tries the zb schedule",
+             "jaxmp/plan/search.py", 'return ("gpipe", "1f1b", "zb")', 'return ("gpipe", "1f1b")',
+             ("tests/test_plan.py", "-k", "candidates")),
+    Mutation("zb_residual_slot", "zb: B reads the next micro-batch's residuals",
+             "jaxmp/zerobubble.py", "get(next(kept), i)", "get(next(kept), i + 1)",
+             ("tests/test_zerobubble.py", "-m", "not slow")),
+    Mutation("zb_w_dropped", "zb: the deferred weight gradients are computed, never added",
+             "jaxmp/zerobubble.py", 'return dict(st, gw=add(st["gw"], dw)), zero_h, zero_h',
+             "return st, zero_h, zero_h", ("tests/test_zerobubble.py", "-m", "not slow")),
+    Mutation("zb_b_has_dw", "the split backward also gives the GEMM weights their gradient "
+             "(W then adds it again)", "jaxmp/wgrad.py", "return dx, None, x, g",
+             "return dx, jax.linear_transpose(lambda a: jax.lax.dot_general(x, a.astype(dtype), "
+             "dims), w)(g)[0], x, g", ("tests/test_zerobubble.py", "-m", "not slow")),
+    Mutation("zb_arrival_same_stage", "zb: a forward output filed on the sending stage",
+             "jaxmp/zerobubble.py", "from_prev[t, s + 1] = i", "from_prev[t, s] = i",
+             ("tests/test_zerobubble.py", "-m", "not slow")),
+    Mutation("zb_loss_unscaled", "zb: the tail's output gradient not divided by the rows",
+             "jaxmp/zerobubble.py", "jnp.full_like(losses, 1.0 / self.total)",
+             "jnp.full_like(losses, 1.0)", ("tests/test_zerobubble.py", "-k", "quick")),
 )
 
 

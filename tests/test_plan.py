@@ -143,11 +143,13 @@ def test_search_proposes_only_layouts_that_compile_run_and_fit():
 
 
 def test_candidates_try_the_1f1b_schedules():
-    """A pipelined layout is tried with GPipe's schedule and 1F1B's (interleaved where the
-    micro-batches divide into groups of pipe); 1F1B is estimated slower (its recomputed
-    forward) with fewer activations kept (one micro-batch's stage, not every tick's).
-    Catches: 1f1b never proposed, or proposed where it cannot run (repeats > 1, m not a
-    multiple of pipe for interleaved), or ranked as if it cost nothing."""
+    """A pipelined layout is tried with GPipe's schedule, 1F1B's (interleaved where the
+    micro-batches divide into groups of pipe) and the zero-bubble zb; 1F1B is estimated
+    slower (its recomputed forward) with fewer activations kept (one micro-batch's stage,
+    not every tick's); zb faster than GPipe (a third of its bubble, nothing recomputed),
+    keeping a whole stage's activations of at most p micro-batches. Catches: 1f1b or zb
+    never proposed, or proposed where they cannot run (repeats > 1, m not a multiple of
+    pipe for interleaved), or ranked as if 1F1B's recompute cost nothing."""
     from jaxmp.plan.search import activation_units
 
     cands = candidates(8, 4, 16, devices_per_host=8)
@@ -155,7 +157,7 @@ def test_candidates_try_the_1f1b_schedules():
         if c.shape["pipe"] == 1:
             assert c.schedule == "gpipe"
         elif c.repeats == 1:
-            assert c.schedule in ("gpipe", "1f1b")
+            assert c.schedule in ("gpipe", "1f1b", "zb")
         else:
             assert c.schedule in ("circular", "interleaved")
             assert c.schedule == "circular" or c.microbatches % c.shape["pipe"] == 0
@@ -168,6 +170,11 @@ def test_candidates_try_the_1f1b_schedules():
                 batch=16, itemsize=4, card=H100, dtype="float32")
     assert estimate_s(ofob, **args) > estimate_s(gpipe, **args)
     assert activation_units(ofob, 16, 64, 4) * 4 < activation_units(gpipe, 16, 64, 4)
+    zb = pick[("data:2,pipe:4", 8, 1, "zb")]
+    assert estimate_s(zb, **args) < estimate_s(gpipe, **args)
+    assert (activation_units(ofob, 16, 64, 4) < activation_units(zb, 16, 64, 4)
+            < activation_units(gpipe, 16, 64, 4))
+    assert "--pipeline_schedule=zb" in zb.flags()
     assert "--pipeline_schedule=1f1b" in ofob.flags() and "pipeline_schedule" not in gpipe.flags()
     assert replace_flat(RunConfig(), **ofob.settings()).layout.pipeline_schedule == "1f1b"
 
@@ -186,7 +193,8 @@ def test_candidates_for_a_batch_no_power_of_two_micro_batches_divide():
 def test_plan_counts_the_items_each_schedule_keeps():
     """The plan's "activations per micro-batch tick (x N live)" line: GPipe keeps every
     tick's (r m + p - 1), 1F1B the stage inputs it keeps plus the one it recomputes
-    (2p - 1 + 1 at m >= 2p - 1, whatever m), no pipeline one. Catches: 1F1B's plan
+    (2p - 1 + 1 at m >= 2p - 1, whatever m), zb the micro-batches whose residuals it keeps
+    from F to B (p, whatever m), no pipeline one. Catches: 1F1B's plan
     explained with GPipe's m + p - 1 live micro-batches."""
     from jaxmp.pipeline import PipelineSpec
     from jaxmp.plan.planner import live_items
@@ -197,6 +205,8 @@ def test_plan_counts_the_items_each_schedule_keeps():
     assert live_items(PipelineSpec(4, 8, schedule="1f1b")) == 8
     assert live_items(PipelineSpec(4, 32, schedule="1f1b")) == 8
     assert live_items(PipelineSpec(4, 2, schedule="1f1b")) == 3  # at most m kept
+    assert live_items(PipelineSpec(4, 8, schedule="zb")) == 4  # residuals F to B: <= p
+    assert live_items(PipelineSpec(4, 32, schedule="zb")) == 4
 
 
 @pytest.mark.slow

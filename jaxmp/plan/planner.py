@@ -380,7 +380,8 @@ def make_plan(layout: Layout, program: Program, card: Accelerator, how: str) -> 
     scale = (card.bf16_activation_scale if dtype == "bfloat16" and jax.default_backend() == "cpu"
              else 1.0)
     p, m, r = pipe.stages, pipe.microbatches, pipe.repeats
-    bubble_s = compute_s * (1 - 1 / bubble_factor(p, m, r)) if pipe.enabled else 0.0
+    bubble_s = (compute_s * (1 - 1 / bubble_factor(p, m, r, pipe.schedule)) if pipe.enabled
+                else 0.0)
     fpt = layout.family.flops_per_token
     return PlanResult(
         target=card, mesh=dict(layout.mesh.shape), how=how, memory=program.memory,
@@ -396,10 +397,14 @@ def make_plan(layout: Layout, program: Program, card: Accelerator, how: str) -> 
 def live_items(pipe: Any) -> int:
     """Micro-batch items whose activations a device keeps at once: every tick's in GPipe's
     loop (r m + p - 1), the kept stage inputs plus the one recomputed in 1F1B's (whose
-    backward recomputes each stage), one without a pipeline."""
+    backward recomputes each stage), the items whose residuals ZB-H1 keeps from F to B (at
+    most p), one without a pipeline."""
     if not pipe.enabled:
         return 1
     p, m, r = pipe.stages, pipe.microbatches, pipe.repeats
+    if pipe.schedule == "zb":
+        from jaxmp.zerobubble import tables
+        return tables(p, m)["res"]
     if pipe.drives_backward:
         return slots(p, m, r) + 1
     return r * m + p - 1

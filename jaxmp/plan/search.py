@@ -61,8 +61,15 @@ class Candidate:
 
     @property
     def drives_backward(self) -> bool:
-        """1f1b / interleaved: the schedule recomputes each stage's forward in its backward."""
-        return self.schedule in DRIVEN
+        """1f1b / interleaved: the schedule recomputes each stage's forward in its backward
+        (zb keeps the forward's residuals instead)."""
+        return self.schedule in DRIVEN and self.schedule != "zb"
+
+    @property
+    def kind(self) -> str:
+        """What activation memory scales with: gpipe's ticks, 1f1b's stage inputs, zb's
+        residuals of at most p micro-batches."""
+        return "zb" if self.schedule == "zb" else "driven" if self.drives_backward else "gpipe"
 
     def settings(self) -> dict[str, Any]:
         return {"mesh": format_mesh(self.shape), "microbatches": self.microbatches,
@@ -167,11 +174,12 @@ def _microbatches(p: int, batch: int, dp: int) -> list[int]:
 
 def _schedules(p: int, m: int, r: int) -> tuple[str, ...]:
     """The pipeline schedules a (pipe, micro-batches, repeats) setting can run: GPipe's
-    (gpipe, circular), and 1F1B's (1f1b, interleaved) where their sizes allow."""
+    (gpipe, circular), 1F1B's (1f1b, interleaved) where their sizes allow, and the
+    zero-bubble zb with one layer group per stage."""
     if p == 1:
         return ("gpipe",)
     if r == 1:
-        return ("gpipe", "1f1b")
+        return ("gpipe", "1f1b", "zb")
     return ("circular", "interleaved") if m % p == 0 else ("circular",)
 
 
@@ -183,7 +191,7 @@ def estimate_s(c: Candidate, n_params: int, model_flops: float, num_layers: int,
     n = math.prod(s.values())
     p, t, f, e = s["pipe"], s["tensor"], s["fsdp"], s.get("expert", 1)
     d = s["data"] * e  # outside the experts `expert` splits the batch like data
-    bubble = bubble_factor(p, c.microbatches, c.repeats)
+    bubble = bubble_factor(p, c.microbatches, c.repeats, c.schedule)
     compute = (model_flops / n * remat_cost(c) * bubble
                / (card.peak(dtype) * card.efficiency_for(True)))
 
@@ -276,6 +284,8 @@ def activation_units(c: Candidate, batch: int, seq_len: int, num_layers: int) ->
               / s.get("context", 1))
     if p > 1 and c.drives_backward:  # one micro-batch's stage at a time (plus kept inputs)
         return tokens / c.microbatches * num_layers / (p * c.repeats) / t
+    if p > 1 and c.schedule == "zb":  # a whole stage's residuals of up to p micro-batches
+        return tokens / c.microbatches * min(p, c.microbatches) * num_layers / p / t
     if p > 1:
         ticks = c.repeats * c.microbatches + p - 1
         return tokens / c.microbatches * ticks * num_layers / (p * c.repeats) / t
@@ -317,7 +327,7 @@ class _Progress:
             return f"invalid ({info.error})"
         if info.fixed_bytes > memory:
             return "parameters, optimizer state and gradients alone do not fit"
-        key = (c.remat, c.drives_backward)
+        key = (c.remat, c.kind)
         if key in self.per_unit and info.fixed_bytes + self.per_unit[key] * units > memory:
             return "activations (scaled from the compiled layouts) do not fit"
         return None
@@ -325,7 +335,7 @@ class _Progress:
     def record(self, c: Candidate, result: PlanResult, info: _MeshInfo, units: float) -> None:
         self.compiled += 1
         rest = max(0, result.peak_bytes - info.fixed_bytes) / max(units, 1.0)
-        key = (c.remat, c.drives_backward)
+        key = (c.remat, c.kind)
         self.per_unit[key] = min(self.per_unit.get(key, rest), rest)
         if result.fits:
             self.found.append((c, result))
