@@ -38,6 +38,20 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """Kill what a test started through helpers.launched and left running (it failed
+    before its process ended)."""
+    import helpers
+
+    yield
+    while helpers.LAUNCHED:
+        proc = helpers.LAUNCHED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def one():
     """The HTTP server the quick serving tests share (one warm-up for all of them): the

@@ -23,6 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what the entry points the tests start get as XLA_FLAGS (their --simulate_devices adds the
 # device count): LLVM at -O0, as in this process (conftest)
 CHILD_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# processes a test starts (`launched`): conftest kills those still running after the test,
+# so a failed assertion never leaves a 100000-step run behind to slow the rest
+LAUNCHED: list[subprocess.Popen] = []
+
+
+def launched(proc: subprocess.Popen) -> subprocess.Popen:
+    LAUNCHED.append(proc)
+    return proc
 CFG = GPTConfig(num_layers=8, d_model=32, num_heads=8, seq_len=16)
 # Adam's eps is raised from 1e-8 for the comparisons: with eps=1e-8 an element whose
 # gradient is ~1e-9 moves by ~lr/10, so the last-bit differences that any change of

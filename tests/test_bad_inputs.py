@@ -465,12 +465,12 @@ def test_quiet_by_default(tmp_path):
 def _launch(tmp_path, steps=100000):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
-    return subprocess.Popen(
+    return helpers.launched(subprocess.Popen(
         [sys.executable, "-m", "experiments.launch", "--num_processes=2", "--devices_per_process=4",
          "--", "--num_layers=2", "--d_model=32", "--seq_len=32", "--batch_size=8",
          "--microbatches=2", "--serve_mesh=", "--log_every=1", f"--steps={steps}",
          "--ckpt_every=1000", f"--ckpt_dir={tmp_path}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
 def _pids_after_step(proc, step=2, timeout=300):

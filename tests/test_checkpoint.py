@@ -273,10 +273,10 @@ def test_ctrl_c_while_compiling_exits_130_with_one_line(tmp_path):
 def _launch(args, tmp):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["XLA_FLAGS"] = helpers.CHILD_XLA_FLAGS
-    return subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
-                             f"--ckpt_dir={tmp}", "--serve_mesh=", "--log_every=1"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return helpers.launched(subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *args, f"--ckpt_dir={tmp}", "--serve_mesh=",
+         "--log_every=1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
 
 
 def _wait_for(proc, pattern, timeout=300):
