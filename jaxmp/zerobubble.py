@@ -73,6 +73,26 @@ def tables(p: int, m: int) -> dict[str, np.ndarray]:
                 **_ring_sizes(op, mb, from_prev, from_next))
 
 
+def step_flops(text: str, total: float, p: int, m: int) -> dict[str, Any]:
+    """The compiled zb step's FLOPs per device on its critical path, from its HLO `text`
+    and `total` (analysis.hlo_flops, which counts every branch in every slot): the work
+    outside the slot loop plus each slot's slowest branch in the table. Also the bubble
+    (idle share of the slots' time: 1 - work / (p x the slots' summed maxima)), the
+    paper's (p-1)(F+B-W) / (m(F+B+W) + (p-1)(F+B-W)) with the measured F, B, W, and each
+    branch's FLOPs."""
+    from jaxmp.plan import analysis
+
+    cost = np.array(analysis.branch_flops(text))
+    op = tables(p, m)["op"]
+    work = cost[op]  # (slots, p)
+    slots = work.max(axis=1).sum()
+    f, b, w = cost[F], cost[B], cost[W]
+    return {"flops": float(total - op.shape[0] * cost.sum() + slots),
+            "bubble": float(1 - work.sum() / (p * slots)),
+            "paper_bubble": float((p - 1) * (f + b - w) / (m * (f + b + w) + (p - 1) * (f + b - w))),
+            "branch_flops": cost.tolist()}
+
+
 def grid_cells(p: int, m: int) -> list[list[str]]:
     """cells[s][t]: 'F3' / 'B3' / 'W3' (forward, input gradient, weight gradient of
     micro-batch 3) or '.' (idle) in slot t on stage s."""

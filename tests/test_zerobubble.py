@@ -223,6 +223,13 @@ def test_the_step_switches_per_device_and_moves_activations_only_over_pipe():
     assert len(flops) == 7
     assert flops[Z.IDLE] == 0
     assert 0 < flops[Z.W] < flops[Z.B] and flops[Z.F] < flops[Z.F_LAST]
+    # the critical path (each slot's slowest branch) is what the planner and bench count:
+    # less than the analysis's every-branch-every-slot upper bound, its bubble between the
+    # analytic (F = B = W) one and 1F1B's
+    total = analysis.hlo_flops(text).flops
+    step = Z.step_flops(text, total, 2, 4)
+    assert step["flops"] < total / 2
+    assert (2 - 1) / (3 * 4 + 2 - 1) < step["bubble"] < (2 - 1) / (4 + 2 - 1)
     mesh = tr.mesh
     permutes = [key for key in analysis.collectives(text, dict(mesh.shape))
                 if key.op == "collective-permute" and key.in_loop]

@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from experiments.bench.harness import log, single_mesh, step_ms, tokens_batch
 from experiments.bench.results import Json, Target, mib, table
+from jaxmp import zerobubble
 from jaxmp.mesh import format_mesh, make_mesh
 from jaxmp.models.gpt import GPT, GPTConfig, lm_loss
 from jaxmp.pipeline import PipelineSpec
@@ -135,8 +135,10 @@ def schedule_structure(quick: bool) -> ScheduleStructure:
             found = analysis.collectives(text, dict(mesh.shape))
             over_pipe = analysis.collective_totals(found, axes="pipe")
             flops = analysis.hlo_flops(text).flops
-            zb = _zero_bubble(text, flops, p, m) if schedule == "zb" else {}
+            zb = zerobubble.step_flops(text, flops, p, m) if schedule == "zb" else {}
             flops = zb.pop("flops", flops)
+            if zb:
+                zb["fitted_bubble"] = zb.pop("bubble")
             row = {"schedule": schedule, "repeats": r, "microbatches": m,
                    "temp_bytes": analysis.memory_figures(compiled).temp_bytes,
                    "flops_per_device": flops,
@@ -174,18 +176,3 @@ def _fit_bubbles(rows: list[Json], p: int) -> None:
         c = a["flops_per_device"] - u * rr * lo
         for m, row in mine.items():
             row["fitted_bubble"] = c / (c + u * rr * m) if m in (lo, hi) else None
-
-
-def _zero_bubble(text: str, total: float, p: int, m: int) -> Json:
-    """zb's FLOPs per device on its critical path and its bubble, from the compiled
-    branches' FLOPs placed in its table (module doc)."""
-    from jaxmp import zerobubble as z
-    cost = np.array(analysis.branch_flops(text))
-    op = z.tables(p, m)["op"]
-    work = cost[op]  # (slots, p)
-    slots = work.max(axis=1).sum()
-    outside = total - op.shape[0] * cost.sum()  # (the analysis counts each branch per slot)
-    f, b, w = cost[z.F], cost[z.B], cost[z.W]
-    return {"flops": outside + slots, "fitted_bubble": 1 - work.sum() / (p * slots),
-            "paper_bubble": (p - 1) * (f + b - w) / (m * (f + b + w) + (p - 1) * (f + b - w)),
-            "branch_flops": cost.tolist()}

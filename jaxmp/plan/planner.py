@@ -116,8 +116,11 @@ class Layout:
         compiled = compiled or self.trainer.lower(self.batch).compile()
         text = compiled.as_text()
         coll = analysis.collectives(text, dict(self.mesh.shape))
-        return Program(self.model_cfg.num_layers, analysis.memory_figures(compiled),
-                       analysis.hlo_flops(text).flops,
+        flops = analysis.hlo_flops(text).flops
+        if self.pipe.enabled and self.pipe.schedule == "zb":  # (each slot's slowest branch)
+            from jaxmp.zerobubble import step_flops
+            flops = step_flops(text, flops, self.pipe.stages, self.pipe.microbatches)["flops"]
+        return Program(self.model_cfg.num_layers, analysis.memory_figures(compiled), flops,
                        {k: (float(c), float(b)) for k, (c, b) in coll.items()})
 
 
