@@ -1,5 +1,6 @@
 """Pipeline schedules that run their own backward pass inside one jit: 1F1B and
-interleaved 1F1B (`--pipeline_schedule=1f1b|interleaved`).
+interleaved 1F1B (`--pipeline_schedule=1f1b|interleaved`); `stack_loss` also hands zb to
+jaxmp.zerobubble.
 
 GPipe (jaxmp.pipeline) is a forward tick loop that JAX differentiates: every micro-batch's
 activations stay alive until the backward pass begins, so memory grows with m. Here the
@@ -28,8 +29,8 @@ last forward only backwards, so the step costs (F + B) (r m + p - 1) per stage w
 includes the recomputed forward: the time of GPipe with --remat=block, with activation
 memory bounded by the stages instead of the micro-batches. In lockstep a tick cannot run
 a forward on one stage and only a backward on another, which is also why the zero-bubble
-schedules (a weight-gradient pass moved into another stage's idle slot) cannot shorten
-this step; jaxmp.schedules has their tables.
+schedule (a weight-gradient pass moved into another stage's idle slot) has its own,
+per-device executor (jaxmp.zerobubble).
 
 The executor computes the loss and every gradient in the forward pass; the loss it returns
 is `stop_gradient(loss) + <params, stop_gradient(grads)> - stop_gradient(<...>)`, whose
