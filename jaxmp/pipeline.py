@@ -69,11 +69,11 @@ class PipelineSpec:
         p, m, r = self.stages, self.microbatches, self.repeats
         if p < 1 or m < 1 or r < 1:
             raise PipelineError(f"pipe={p}, microbatches={m}, pipeline_repeats={r}: all must be >= 1")
+        _check_schedule(self.schedule, p, m, r)  # (first: a schedule that cannot use r says so)
         if num_layers % (p * r):
             raise PipelineError(
                 f"{num_layers} {what} cannot be split into pipe({p}) x pipeline_repeats({r}) = "
                 f"{p * r} equal groups; use a layer count divisible by {p * r}")
-        _check_schedule(self.schedule, p, m, r)
         if r > 1 and m < p:
             raise PipelineError(
                 f"the circular schedule (pipeline_repeats={r}) needs microbatches >= pipe size "

@@ -138,6 +138,12 @@ class Trainer:
         self.replicated = replicated
         self._has_random_streams = any(isinstance(v, nnx.RngStream)
                                        for _, v in nnx.iter_graph(abstract))
+        # the zero-bubble schedule runs the data replicas inside its own shard_map
+        # (jaxmp.zerobubble), so accumulation does not vmap over them around it
+        from jaxmp.stack import LayerStack
+        self._zero_bubble = any(isinstance(v, LayerStack) and v.pipeline.enabled
+                                and v.pipeline.schedule == "zb"
+                                for _, v in nnx.iter_graph(abstract))
 
     # ------------------------------------------------------------ state
     def plan(self) -> Plan:
@@ -239,7 +245,7 @@ class Trainer:
 
         d = self.mesh.shape["data"]
         b = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        if d == 1 or self._has_random_streams or b % (d * accum):
+        if d == 1 or self._has_random_streams or self._zero_bubble or b % (d * accum):
             return accumulate(params, batch)
         # Each data replica accumulates its own rows' gradients (a leading replica axis split
         # over `data`) and the replicas are summed once, after the last part: one gradient

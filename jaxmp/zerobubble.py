@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmp import schedules, wgrad
 from jaxmp.pipeline import PipelineError, replica_axes, to_stages
-from jaxmp.sharding import current_mesh, mapped_axes
+from jaxmp.sharding import current_mesh, current_rules, mapped_axes
 from jaxmp.stack import remat
 
 # the branch a device runs in a slot
@@ -175,6 +175,11 @@ class ZeroBubble:
         mesh = current_mesh()
         if mesh is None or "pipe" not in mesh.axis_names:
             raise PipelineError("pipeline_schedule=zb runs on a mesh with a pipe axis")
+        rules = current_rules()
+        if mesh.shape.get("context", 1) > 1 and rules and rules.context_attention == "ring":
+            raise PipelineError("pipeline_schedule=zb with a context axis needs "
+                                "context_attention=allgather (ring attention's permutes cannot "
+                                "run inside its per-stage switch); or use 1f1b")
         weights = jax.tree_util.tree_map(lambda a: a[:, 0],
                                          to_stages(stacked, self.stack_names, p, 1, k, "params"))
         mbs = jax.tree_util.tree_map(

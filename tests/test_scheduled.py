@@ -147,7 +147,11 @@ def test_schedule_flag_reaches_the_pipeline_and_bad_combinations_fail():
             "use --pipeline_schedule=interleaved"),
            (dict(mesh="data:2,pipe:4", microbatches=2, pipeline_repeats=2,
                  pipeline_schedule="interleaved"), "divisible by 4"),
-           (dict(mesh="data:2,pipe:4", pipeline_schedule="circular"), "--pipeline_repeats >= 2")]
+           (dict(mesh="data:2,pipe:4", pipeline_schedule="circular"), "--pipeline_repeats >= 2"),
+           (dict(mesh="data:2,pipe:4", pipeline_repeats=2, pipeline_schedule="zb"),
+            "use --pipeline_schedule=interleaved"),
+           (dict(mesh="context:2,pipe:2,data:2", pipeline_schedule="zb"),
+            "--context_attention=allgather")]
     for kw, words in bad:
         with pytest.raises((PipelineError, ValueError), match=re.escape(words)) as err:
             layout(**kw)

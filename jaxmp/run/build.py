@@ -25,7 +25,7 @@ from jaxmp.data import is_byte_source, validation_source
 from jaxmp.mesh import batch_shards, format_mesh, make_mesh
 from jaxmp.models import registry
 from jaxmp.models.registry import Batches, Family
-from jaxmp.pipeline import PipelineSpec, bubble_fraction, stage_layers
+from jaxmp.pipeline import PipelineSpec, bubble_factor, stage_layers
 from jaxmp.pretrained import Source, open_source
 from jaxmp.run import checks
 from jaxmp.run.console import log
@@ -119,6 +119,7 @@ def layout(cfg: RunConfig, family: Family, model_cfg: Any, devices: Any = None,
         per_shard = cfg.data.batch_size // max(1, cfg.optimizer.grad_accum_steps) // shards
         pipe.validate(model_cfg.num_layers, per_shard, family.layers_name)
     checks.context(mesh, model_cfg, family.name)
+    checks.zero_bubble_context(pipe, mesh, cfg.layout.context_attention)
     return mesh, pipe, build_rules(cfg.layout)
 
 
@@ -251,8 +252,9 @@ def describe(run: Run) -> None:
         "device(s)")
     p = run.pipeline
     if p.enabled:
+        bubble = 1 - 1 / bubble_factor(p.stages, p.microbatches, p.repeats, p.schedule)
         log(f"pipeline: {p.stages} stages, {p.microbatches} micro-batches, {p.repeats} "
-            f"repeat(s); bubble fraction {bubble_fraction(p.stages, p.microbatches, p.repeats):.3f}")
+            f"repeat(s), schedule {p.schedule}; bubble fraction {bubble:.3f}")
         for s, layers in enumerate(stage_layers(run.model_cfg.num_layers, p)):
             log(f"  stage {s} (pipe index {s}): layers {layers}")
     log(run.trainer.plan().format())

@@ -119,3 +119,14 @@ def schedule(pipe: Any, mesh: str) -> None:
         raise ValueError(f"--pipeline_schedule={pipe.schedule} schedules pipeline stages, and "
                          f"--mesh={mesh or '(none)'} has no pipe axis; add pipe:N to --mesh or "
                          "drop the flag")
+
+
+def zero_bubble_context(pipe: Any, mesh: Any, context_attention: str) -> None:
+    """zb with ring attention over a context axis is refused: the ring's collective-permutes
+    would run inside the per-device switch, where stages take different branches (measured
+    wrong on XLA's CPU backend; all-gathers and all-reduces there are fine)."""
+    if pipe.enabled and pipe.schedule == "zb" and mesh.shape.get("context", 1) > 1 \
+            and context_attention == "ring":
+        raise ValueError("--pipeline_schedule=zb with a context axis needs "
+                         "--context_attention=allgather (ring attention's permutes cannot run "
+                         "inside its per-stage switch); or use --pipeline_schedule=1f1b")
