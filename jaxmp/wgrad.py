@@ -3,7 +3,7 @@ B (the input gradient, on the critical path) and W (the weight gradients, deferr
 
 Every weight GEMM of the layers (`jaxmp.layers.Dense`, Llama's `Linear`) goes through
 `dot`. Outside the contexts below it is `lax.dot_general`. Inside them, a stage's layers
-run in one of three modes, in the same call order:
+run in one of two modes, in the same call order; `weight_grad` is W:
 
 - `record()`: the GEMMs (shapes, dimension numbers, weights), to size the taps.
 - `split(taps)`: each GEMM gets a pair of zero "taps" (input-shaped, output-shaped) and a
