@@ -69,6 +69,13 @@ class ModelSpec:
     scan_layers: bool | None = opt(None, "Apply the layers with a scan (default; compile time "
                                    "independent of depth); --noscan_layers unrolls them (faster "
                                    "steps on GPUs).")
+    fused_loss: bool | None = opt(None, "Compute the LM head and its cross-entropy a chunk of "
+                                  "tokens at a time, gradients in the same pass, never storing "
+                                  "the (batch, length, vocab) logits (default); --nofused_loss "
+                                  "materialises them.")
+    loss_chunk: int | None = opt(None, "Tokens per device per chunk of the fused head and loss "
+                                 "(default 0: as many as 32 MiB of float32 logits hold on CPUs, "
+                                 "256 MiB on accelerators).")
     family_module: list[str] = opt([], "Python module(s) to import first: they may register "
                                    "model families (repeatable).")
 
@@ -105,8 +112,8 @@ class ModelSpec:
 # The model-shape and compute flags a family may take (ModelSpec fields; each family's
 # config dataclass says which it has).
 MODEL_FLAGS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "seq_len", "vocab_size",
-               "dtype", "remat", "attention", "scan_layers", "mlp_dim", "num_experts",
-               "experts_per_token", "router_aux_loss_coef", "router_z_loss_coef",
+               "dtype", "remat", "attention", "scan_layers", "fused_loss", "loss_chunk", "mlp_dim",
+               "num_experts", "experts_per_token", "router_aux_loss_coef", "router_z_loss_coef",
                "expert_capacity_factor")
 
 

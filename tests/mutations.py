@@ -564,6 +564,30 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("zb_loss_unscaled", "zb: the tail's output gradient not divided by the rows",
              "jaxmp/zerobubble.py", "jnp.full_like(losses, 1.0 / self.total)",
              "jnp.full_like(losses, 1.0)", ("tests/test_zerobubble.py", "-k", "quick")),
+    Mutation("fused_lse_local", "fused loss: the log-sum-exp's sum not reduced over the "
+             "vocabulary's axes", "jaxmp/fused_loss.py",
+             "jnp.log(_psum(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1), va))",
+             "jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))",
+             ("tests/test_fused_loss.py",)),
+    Mutation("fused_dw_unreduced", "fused loss: the weight gradient not summed over the batch "
+             "and length axes", "jaxmp/fused_loss.py", "return total, rows, dx, _psum(dw, ba + la)",
+             "return total, rows, dx, dw", ("tests/test_fused_loss.py",)),
+    Mutation("fused_padding_unmasked", "fused loss: the padded vocabulary entries left in the "
+             "softmax", "jaxmp/fused_loss.py",
+             "logits = jnp.where(ids < vocab_size, logits, NEG_INF)", "logits = logits",
+             ("tests/test_fused_loss.py",)),
+    Mutation("fused_no_row_mean", "fused loss: the gradient misses the row mean's 1/T",
+             "jaxmp/fused_loss.py", "- hit) / length).astype(dtype)", "- hit)).astype(dtype)",
+             ("tests/test_fused_loss.py",)),
+    Mutation("fused_bwd_ignores_g", "fused loss: the backward pass ignores the loss's scale",
+             "jaxmp/fused_loss.py", "return (dx * g.astype(dx.dtype), dw * g, None)",
+             "return (dx, dw, None)", ("tests/test_fused_loss.py",)),
+    Mutation("fused_vocab_offset", "fused loss: every vocabulary slice thinks it starts at 0",
+             "jaxmp/fused_loss.py", "offset = jax.lax.axis_index(va) * v if va else 0",
+             "offset = 0", ("tests/test_fused_loss.py",)),
+    Mutation("fused_flag_ignored", "--fused_loss never reaches the model (always unfused)",
+             "jaxmp/models/decoder.py", "    if not cfg.fused_loss:", "    if True:",
+             ("tests/test_fused_loss.py",)),
 )
 
 

@@ -55,6 +55,8 @@ NOT_IN_HF = {
     "remat": "a training memory setting (rematerialization), not part of the model",
     "attention": "the training attention kernel, not part of the model",
     "scan_layers": "how the stacked layers are applied (scan or loop), not part of the model",
+    "fused_loss": "how the training loss is computed (fused head or full logits)",
+    "loss_chunk": "the fused training loss's chunk size, not part of the model",
     "router_z_loss_coef": "a training loss weight transformers' MoE configs have no key for",
     "expert_capacity_factor": "jaxmp's training-time routing choice (transformers routes "
                               "dropless)",
@@ -101,7 +103,7 @@ IMPLIED_KEYS = {
 HF_CASES = {
     "gpt": ("gpt", GPTConfig(num_layers=3, d_model=48, num_heads=6, seq_len=72, vocab_size=300,
                              mlp_ratio=3, dtype="bfloat16", remat="dots", attention="xla",
-                             scan_layers=False),
+                             scan_layers=False, fused_loss=False, loss_chunk=64),
             json.loads(str(GOLDEN["config_gpt2"]))),
     "llama_untied_scaled": (
         "llama", LlamaConfig(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=45,
@@ -115,7 +117,8 @@ HF_CASES = {
                              seq_len=200, vocab_size=300, rope_theta=12345.0,
                              rope_scaling=(4.0, 2.0, 8.0, 64), rms_eps=3e-3,
                              tie_embeddings=True, dtype="bfloat16", remat="dots",
-                             attention="xla", scan_layers=False),
+                             attention="xla", scan_layers=False, fused_loss=False,
+                             loss_chunk=100),
         json.loads(str(GOLDEN["config_llama_tied"]))),
     "llama_default_rope": (
         "llama", LlamaConfig(num_layers=3, d_model=48, num_heads=6, num_kv_heads=3, mlp_dim=77,
@@ -128,7 +131,8 @@ HF_CASES.update({
         vocab_size=300, rope_theta=12345.0, rope_scaling=(4.0, 2.0, 8.0, 64), rms_eps=3e-3,
         tie_embeddings=True, num_experts=6, experts_per_token=3, router_aux_loss_coef=0.02,
         dtype="bfloat16", remat="dots", attention="xla", scan_layers=False,
-        router_z_loss_coef=0.001, expert_capacity_factor=1.25),
+        router_z_loss_coef=0.001, expert_capacity_factor=1.25, fused_loss=False,
+        loss_chunk=7),
         MOE_CONFIGS["mixtral"]),
     "qwen3_moe": ("moe", MoEConfig(
         num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_size=24, qk_norm=True,
@@ -148,7 +152,8 @@ RECORD_CASES = {
                      dtype="bfloat16", remat="dots", attention="xla", scan_layers=False,
                      num_experts=6, experts_per_token=3, shared_mlp_dim=24,
                      norm_topk_prob=False, router_aux_loss_coef=0.02, router_z_loss_coef=0.001,
-                     expert_capacity_factor=1.25, head_size=16, qk_norm=True),
+                     expert_capacity_factor=1.25, head_size=16, qk_norm=True,
+                     fused_loss=False, loss_chunk=3),
 }
 
 

@@ -2,7 +2,8 @@
 (experiments/bench/reference.py), alternating, on the same weights and batch; then
 KV-cache greedy decoding tokens/s; then, where torch and transformers are installed (the
 `compare` extra), GPT-2 small side by side with transformers + torch
-(experiments/bench/compare.py)."""
+(experiments/bench/compare.py); and GPT-2 small's LM head + loss fused against plain
+(experiments/bench/loss_head.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import jax
 
 from experiments.bench import compare as bench_compare
+from experiments.bench import loss_head
 from experiments.bench import reference as ref
 from experiments.bench.harness import generation_speed, gpt_trainer, log, single_mesh, timed, tokens_batch
 from experiments.bench.results import Json, Target, table
@@ -56,6 +58,7 @@ class SpeedResult:
     tokens_per_step: int
     generate: Json                        # KV-cache decoding (bench_harness.kv_generation)
     compare: bench_compare.CompareResult | None = None  # against transformers + torch
+    loss_head: loss_head.HeadResult | None = None         # fused vs plain LM head + loss
 
     def step_s(self, name: str) -> float:
         """Median train step time of `name` ('jaxmp' or 'reference')."""
@@ -79,6 +82,7 @@ class SpeedResult:
             "generate_tokens_per_s": self.generate["tokens_per_s"],
             "generate": self.generate,
             "compare": self.compare.to_json()["compare"] if self.compare else None,
+            "loss_head": self.loss_head.to_json() if self.loss_head else None,
         }}
 
     def table(self) -> str:
@@ -93,6 +97,8 @@ class SpeedResult:
             m = self.compare.model
             out += (f"\nside by side with transformers + torch (GPT-2, {m['num_layers']} layers, "
                     f"d={m['d_model']}):\n" + self.compare.table())
+        if self.loss_head:
+            out += "\n" + self.loss_head.table()
         return out
 
     def targets(self) -> list[Target]:
@@ -142,7 +148,8 @@ def speed_suite(quick: bool) -> SpeedResult:
         device=str(jax.devices()[0].device_kind), repeats=s.repeats, step_times_s=times,
         first_call_s=first_call, first_step_loss={n: float(losses[n][0]) for n in NAMES},
         tokens_per_step=s.batch * cfg.seq_len, generate=gen,
-        compare=bench_compare.compare_suite(quick))
+        compare=bench_compare.compare_suite(quick),
+        loss_head=loss_head.head_bench(loss_head.HEAD_QUICK if quick else loss_head.HeadSizes()))
 
 
 def _paired_steps(cfg: GPTConfig, opt: OptConfig, trainer: Trainer, host: dict[str, Any],

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp import data
+from jaxmp import data, fused_loss
 from jaxmp.context import sequence_order
 from jaxmp.layers import RESIDUAL
 from jaxmp.scheduled import stack_loss
@@ -29,6 +29,8 @@ class DecoderShape:
     num_heads: int
     dtype: str
     attention: str
+    fused_loss: bool
+    loss_chunk: int
 
     @property
     def padded_vocab(self) -> int:
@@ -54,6 +56,10 @@ class DecoderShape:
                 raise ValueError(f"--{name}={value} must be >= 1")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
+        chunk = self.loss_chunk
+        if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 0:
+            raise ValueError(f"--loss_chunk={chunk!r} must be an integer >= 0 (tokens per "
+                             "chunk of the fused head and loss; 0: chosen from the vocabulary)")
         if self.attention not in ("auto", "xla", "cudnn", "chunked"):
             raise ValueError(f"attention={self.attention!r}: choose auto, xla, cudnn or chunked")
 
@@ -90,7 +96,7 @@ def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     inside the schedule, micro-batch by micro-batch (jaxmp.scheduled)."""
     inputs, targets, positions = context_batch(batch["tokens"])
     stem, layer = model.trunk(inputs.shape[1], positions)
-    tail = lambda m, h, rows: (row_losses(m.head(h), rows["targets"]), {})
+    tail = lambda m, h, rows: (head_losses(m, h, rows["targets"]), {})
     loss, _ = stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer,
                          tail, {"inputs": inputs, "targets": targets}, RESIDUAL)
     return loss
@@ -112,6 +118,18 @@ def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean cross-entropy of logits (B, T, V) (float32, vocab-sharded) against targets
     (B, T)."""
     return jnp.mean(row_losses(logits, targets))
+
+
+def head_losses(model: Any, x: jax.Array, targets: jax.Array) -> jax.Array:
+    """Each row's mean next-token cross-entropy (B,) of a decoder's final hidden states
+    x (B, T, d): the head and the loss fused and chunked (jaxmp.fused_loss, no (B, T, V)
+    logits stored), or, with fused_loss off, `model.head`'s logits then the loss."""
+    cfg = model.cfg
+    if not cfg.fused_loss:
+        return row_losses(model.head(x), targets)
+    h, table = model.head_input(x)
+    return fused_loss.row_losses(h, table.embedding[...], targets, cfg.vocab_size, table.dtype,
+                                 cfg.loss_chunk)
 
 
 def row_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -141,6 +141,10 @@ class GPTConfig(DecoderShape):
     # unrolled loop (no per-layer loop overhead, no stacked activations for the backward
     # pass: faster on GPUs, see BUILD_NOTES). The pipeline always scans.
     scan_layers: bool = True
+    # The head and the loss fused and chunked (jaxmp.fused_loss: no (B, T, V) logits
+    # stored); loss_chunk: tokens per device per chunk (0: about 32 MiB of logits each)
+    fused_loss: bool = True
+    loss_chunk: int = 0
 
     def validate(self) -> None:
         self.check(("num_layers", "d_model", "num_heads", "seq_len", "vocab_size"))
@@ -207,9 +211,14 @@ class GPT(nnx.Module):
         # along it with sequence parallelism; else the tables themselves would be gathered
         return constrain(gather_sequence(x), X_NAMES)
 
+    def head_input(self, x: jax.Array) -> tuple[jax.Array, Embed]:
+        """The head's input (final norm, whole sequence) and its (tied) output embedding."""
+        return gather_sequence(self.ln_f(x)), self.wte
+
     def head(self, x: jax.Array) -> jax.Array:
         """Final norm and tied LM head; padded vocabulary entries get -inf-like logits."""
-        logits = self.wte.attend(gather_sequence(self.ln_f(x))).astype(jnp.float32)
+        h, table = self.head_input(x)
+        logits = table.attend(h).astype(jnp.float32)
         return mask_padding(constrain(logits, ("batch", "length", "vocab")), self.cfg.vocab_size)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:

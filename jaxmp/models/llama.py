@@ -62,6 +62,10 @@ class LlamaConfig(DecoderShape):
     remat: str = "none"
     attention: str = "auto"
     scan_layers: bool = True
+    # The head and the loss fused and chunked (jaxmp.fused_loss: no (B, T, V) logits
+    # stored); loss_chunk: tokens per device per chunk (0: about 32 MiB of logits each)
+    fused_loss: bool = True
+    loss_chunk: int = 0
 
     def validate(self) -> None:
         self.check(("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "seq_len",
@@ -309,9 +313,13 @@ class Llama(nnx.Module):
     def _embed(self, tokens: jax.Array) -> jax.Array:
         return constrain(gather_sequence(self.embed(tokens)), X_NAMES)
 
+    def head_input(self, x: jax.Array) -> tuple[jax.Array, Embed]:
+        """The head's input (final norm, whole sequence) and its output embedding."""
+        return gather_sequence(self.norm(x)), self.embed if self.lm_head is None else self.lm_head
+
     def head(self, x: jax.Array) -> jax.Array:
-        table = self.embed if self.lm_head is None else self.lm_head
-        logits = table.attend(gather_sequence(self.norm(x))).astype(jnp.float32)
+        h, table = self.head_input(x)
+        logits = table.attend(h).astype(jnp.float32)
         return mask_padding(constrain(logits, ("batch", "length", "vocab")), self.cfg.vocab_size)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxmp.experts import STATS, moe_mlp, route
 from jaxmp.layers import RESIDUAL, KVCache, param
-from jaxmp.models.decoder import context_batch, from_preset, row_losses, token_batches
+from jaxmp.models.decoder import context_batch, from_preset, head_losses, token_batches
 from jaxmp.models.llama import (
     MLP,
     Block,
@@ -223,7 +223,7 @@ def moe_loss(model: MoE, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
 
     def tail(m: MoE, h: jax.Array, rows: dict) -> tuple[jax.Array, dict]:
         x, stats = m.split(h)
-        lm = row_losses(m.head(x), rows["targets"])
+        lm = head_losses(m, x, rows["targets"])
         metrics = {"lm_loss": lm, "aux_loss": stats[:, 0], "router_z_loss": stats[:, 1]}
         if cfg.expert_capacity_factor > 0:
             metrics["dropped_fraction"] = stats[:, 2]

@@ -78,7 +78,7 @@ def _check_resumable(run: Run, steps: list[int], step: int) -> None:
 
 
 # Model settings that change neither the parameters nor the arithmetic: free on resume.
-FREE_MODEL = ("remat", "attention", "scan_layers")
+FREE_MODEL = ("remat", "attention", "scan_layers", "fused_loss", "loss_chunk")
 
 
 def _model_changes(saved: CheckpointRecord, now: CheckpointRecord,
