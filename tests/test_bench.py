@@ -398,7 +398,12 @@ def test_gpu_suite_code_path_on_cpu(tmp_path):
         overrides=(("num_layers", 2), ("d_model", 64), ("num_heads", 4), ("seq_len", 32)))
     result = bench_gpu.gpu_suite(False, "xla", sizes, cpu_ok=True)
     res = result.to_json()["gpu"]
-    assert set(res["models"]) == {"small", "small unrolled"}
+    assert set(res["models"]) == {"small", "small unrolled", "small unfused loss"}
+    fused, unfused = res["models"]["small"], res["models"]["small unfused loss"]
+    assert fused["loss"] == pytest.approx(unfused["loss"], rel=1e-3)  # bf16
+    head = res["loss_head"]
+    assert head["loss"]["fused"] == pytest.approx(head["loss"]["plain"], rel=1e-3)
+    assert head["sizes"]["dtype"] == "bfloat16" and head["sizes"]["seq_len"] == 32
     scanned, unrolled = res["models"]["small"], res["models"]["small unrolled"]
     assert scanned["loss"] == pytest.approx(unrolled["loss"], rel=1e-4)  # same model, bf16
     assert "generate_tokens_per_s" in scanned and "generate_tokens_per_s" not in unrolled
@@ -408,10 +413,12 @@ def test_gpu_suite_code_path_on_cpu(tmp_path):
     assert roof["kv_bytes"] == 2 * 2 * (8 + 8 / 2) * 64 * 2
     assert roof["server_param_bytes"] < 0.6 * 4 * weights / 2  # held in bf16, not float32
     assert "profile" in scanned and scanned["profile"]["top"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hlo_train_small.txt.gz",
-                                                          "hlo_train_small_unrolled.txt.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hlo_train_small.txt.gz", "hlo_train_small_unfused_loss.txt.gz",
+        "hlo_train_small_unrolled.txt.gz"]
     text = result.table()
     assert "small unrolled" in text and "decode tokens/s batch 1" in text
+    assert "small unfused loss" in text and "LM head + loss" in text
 
 
 # An all-reduce over 4 devices whose only use is its own quarter (a dynamic-slice fused

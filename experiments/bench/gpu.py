@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench import loss_head
 from experiments.bench.harness import gpt_trainer, kv_generation, log, saved_checkpoint, timed, tokens_batch
 from experiments.bench.results import Json, Target, mib, table
 from jaxmp import throughput
@@ -41,6 +42,10 @@ class GpuSizes:
     scan_layers: tuple[bool, ...] = (True, False)  # each model with scanned / unrolled layers
     hlo_dir: str = ""      # write each model's optimized train-step HLO here (gzip)
     overrides: tuple[tuple[str, int], ...] = ()  # model shape overrides (CPU dry runs)
+    # models also measured with --nofused_loss (the (B, T, V) logits stored): the fused
+    # loss's before / after; and the head + loss alone, fused and plain, at this batch
+    unfused_models: tuple[str, ...] = ("small",)
+    head_batch: int = 8
 
     def gpt(self, name: str, attention: str, scan: bool = True) -> GPTConfig:
         return preset(name, vocab_size=50257, dtype="bfloat16", attention=attention,
@@ -48,7 +53,7 @@ class GpuSizes:
 
 
 GPU_QUICK = GpuSizes(models=("small",), batches=(("small", 8),), steps=3,
-                     generate_batches=(1,), new_tokens=32, scan_layers=(True,))
+                     generate_batches=(1,), new_tokens=32, scan_layers=(True,), unfused_models=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class GpuResult:
     calibration: Json                         # the measured ceilings (calibrate)
     sizes: Json                               # the GpuSizes run
     models: dict[str, Json]                   # {'small', 'small unrolled', ...: figures}
+    loss_head: Json | None = None             # fused vs plain head + loss (loss_head.py)
 
     def to_json(self) -> Json:
         return {"gpu": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
@@ -87,6 +93,9 @@ class GpuResult:
                          f"{roof['tokens_per_s_measured_copy']:,.0f} (measured copy) -> "
                          f"{pct(roof.get('fraction_datasheet'))} / "
                          f"{pct(roof.get('fraction_measured_copy'))}")
+        if self.loss_head:
+            lines.append(loss_head.HeadResult(**{k: self.loss_head[k] for k in (
+                "sizes", "times_s", "temp_bytes", "loss")}).table())
         return "\n".join(lines)
 
     def targets(self) -> list[Target]:
@@ -126,7 +135,16 @@ def gpu_suite(quick: bool, attention: str = "cudnn", sizes: GpuSizes | None = No
                 out.models[key] = _gpu_model(s.gpt(name, impl, scan), key, device, s, out, gen)
             out.models[key]["attention"] = impl
             out.models[key]["scan_layers"] = scan
-    return out
+    for name in s.unfused_models:
+        cfg = dataclasses.replace(s.gpt(name, out.models[name]["attention"]), fused_loss=False)
+        out.models[f"{name} unfused loss"] = _gpu_model(cfg, f"{name} unfused loss", device, s,
+                                                        out, False)
+        out.models[f"{name} unfused loss"].update(attention=cfg.attention, scan_layers=True)
+    shape = dict(s.overrides)
+    head = loss_head.head_bench(loss_head.HeadSizes(
+        batch=s.head_batch, seq_len=shape.get("seq_len", 1024),
+        d_model=shape.get("d_model", 768), dtype="bfloat16", repeats=s.steps))
+    return dataclasses.replace(out, loss_head=head.to_json())
 
 
 def calibrate(device: jax.Device, small: bool = False) -> Json:
