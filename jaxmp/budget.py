@@ -71,13 +71,20 @@ def check_run_fits(trainer: Any, model_cfg: Any, batch_size: int, accum: int) ->
     vocab = shape.vocab
     tensor = mesh.shape["tensor"] * (mesh.shape["pipe"] if vocab else 1)
     logits = rows * seq * vocab * 4 // max(1, tensor)
+    if getattr(model_cfg, "fused_loss", False):  # one chunk's logits at a time
+        from jaxmp import fused_loss
+
+        chunk = getattr(model_cfg, "loss_chunk", 0)
+        logits = min(logits, chunk * vocab * 4 // max(1, tensor) if chunk
+                     else fused_loss.chunk_budget())
     need = state + logits
     have = available_bytes_per_device()
     if have is None or need <= have:
         return
     raise BudgetError(
         f"this run needs at least {_gib(need)} per device (train state {_gib(state)}: "
-        f"parameters and Adam's moments; logits of one accumulation part {_gib(logits)}) but "
+        f"parameters and Adam's moments; logits of one accumulation part, or of one chunk "
+        f"of the fused loss, {_gib(logits)}) but "
         f"{_gib(have)} is available per device on {jax.local_devices()[0].platform}; use a "
         "smaller model or --vocab_size, a smaller --batch_size or more --grad_accum_steps, or "
         "a mesh that splits the state over more devices (fsdp, tensor, pipe)")

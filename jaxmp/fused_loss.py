@@ -47,12 +47,16 @@ def chunk_count(rows: int, length: int, vocab: int, chunk_tokens: int = 0,
     """How many chunks a device's (rows, length) tokens go through the head in: the fewest
     that divide `length` and hold at most `chunk_tokens` tokens each (0: as many tokens
     as the backend's CHUNK_BYTES of float32 logits over `vocab` entries hold)."""
-    budget = CHUNK_BYTES.get(backend or jax.default_backend(), CHUNK_BYTES_DEFAULT)
-    limit = chunk_tokens or max(1, budget // (4 * vocab))
+    limit = chunk_tokens or max(1, chunk_budget(backend) // (4 * vocab))
     for n in range(1, length + 1):
         if length % n == 0 and rows * (length // n) <= limit:
             return n
     return length
+
+
+def chunk_budget(backend: str | None = None) -> int:
+    """Bytes of float32 logits per device per chunk when the chunk size is automatic."""
+    return CHUNK_BYTES.get(backend or jax.default_backend(), CHUNK_BYTES_DEFAULT)
 
 
 def row_losses(x: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: int,
