@@ -76,6 +76,11 @@ class ModelSpec:
     loss_chunk: int | None = opt(None, "Tokens per device per chunk of the fused head and loss "
                                  "(default 0: as many as 32 MiB of float32 logits hold on CPUs, "
                                  "256 MiB on accelerators).")
+    matmul_precision: str | None = opt(
+        None, "The layers' weight GEMMs (default: the compute dtype); fp8: E4M3 inputs and "
+        "weights, E5M2 gradients, per-tensor current scaling (master weights and optimizer "
+        "state unchanged; on a GPU the compiled step must hold FP8 GEMMs or the run stops).",
+        choices=("default", "fp8"))
     family_module: list[str] = opt([], "Python module(s) to import first: they may register "
                                    "model families (repeatable).")
 
@@ -112,7 +117,8 @@ class ModelSpec:
 # The model-shape and compute flags a family may take (ModelSpec fields; each family's
 # config dataclass says which it has).
 MODEL_FLAGS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "seq_len", "vocab_size",
-               "dtype", "remat", "attention", "scan_layers", "fused_loss", "loss_chunk", "mlp_dim",
+               "dtype", "remat", "attention", "scan_layers", "fused_loss", "loss_chunk", "matmul_precision",
+               "mlp_dim",
                "num_experts", "experts_per_token", "router_aux_loss_coef", "router_z_loss_coef",
                "expert_capacity_factor")
 

@@ -21,7 +21,8 @@ from jaxmp.models import registry
 from jaxmp.models.registry import Family
 
 # Settings a fine-tuning run may change; every other model setting comes from the source.
-FREE = ("dtype", "remat", "attention", "scan_layers", "fused_loss", "loss_chunk")
+FREE = ("dtype", "remat", "attention", "scan_layers", "fused_loss", "loss_chunk",
+        "matmul_precision")
 SHAPE = ("num_layers", "d_model", "num_heads", "vocab_size")
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import jax
 
+from jaxmp import fp8
+
 Dims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[()], tuple[()]]]
 
 
@@ -81,6 +83,8 @@ def tapped() -> bool:
 
 
 def _plain(x: jax.Array, w: jax.Array, dims: Dims, dtype: Any) -> jax.Array:
+    if fp8.active():  # --matmul_precision=fp8 (jaxmp.fp8)
+        return fp8.dot(x, w, dims, dtype)
     return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dims)
 
 

@@ -588,6 +588,22 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("fused_flag_ignored", "--fused_loss never reaches the model (always unfused)",
              "jaxmp/models/decoder.py", "    if not cfg.fused_loss:", "    if True:",
              ("tests/test_fused_loss.py",)),
+    Mutation("fp8_grad_e4m3", "FP8: the output gradient quantised to E4M3, not E5M2",
+             "jaxmp/fp8.py", "qg, sg = quantize(g, E5M2)", "qg, sg = quantize(g, E4M3)",
+             ("tests/test_fp8.py",)),
+    Mutation("fp8_scale_inverted", "FP8: the scale is max(format) / amax", "jaxmp/fp8.py",
+             "return jnp.where(amax > 0, amax / jnp.finfo(fmt).max.astype(jnp.float32), 1.0)",
+             "return jnp.where(amax > 0, jnp.finfo(fmt).max.astype(jnp.float32) / amax, 1.0)",
+             ("tests/test_fp8.py",)),
+    Mutation("fp8_never_on", "FP8: the weight GEMMs never take the FP8 path", "jaxmp/wgrad.py",
+             "    if fp8.active():", "    if False:", ("tests/test_fp8.py",)),
+    Mutation("fp8_loss_default", "--matmul_precision never reaches the loss's trace",
+             "jaxmp/models/decoder.py", "with fp8.matmuls(model.cfg.matmul_precision):",
+             'with fp8.matmuls("default"):', ("tests/test_fp8.py",)),
+    Mutation("fp8_bwd_weight_unquantised", "FP8: the backward pass uses the weight's codes "
+             "without their scale", "jaxmp/fp8.py",
+             "xd, wd = dequantize(qx, sx, dtype), dequantize(qw, sw, dtype)",
+             "xd, wd = dequantize(qx, sx, dtype), qw.astype(dtype)", ("tests/test_fp8.py",)),
 )
 
 

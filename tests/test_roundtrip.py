@@ -57,6 +57,7 @@ NOT_IN_HF = {
     "scan_layers": "how the stacked layers are applied (scan or loop), not part of the model",
     "fused_loss": "how the training loss is computed (fused head or full logits)",
     "loss_chunk": "the fused training loss's chunk size, not part of the model",
+    "matmul_precision": "the training GEMMs' precision (FP8 or not), not part of the model",
     "router_z_loss_coef": "a training loss weight transformers' MoE configs have no key for",
     "expert_capacity_factor": "jaxmp's training-time routing choice (transformers routes "
                               "dropless)",
@@ -103,7 +104,8 @@ IMPLIED_KEYS = {
 HF_CASES = {
     "gpt": ("gpt", GPTConfig(num_layers=3, d_model=48, num_heads=6, seq_len=72, vocab_size=300,
                              mlp_ratio=3, dtype="bfloat16", remat="dots", attention="xla",
-                             scan_layers=False, fused_loss=False, loss_chunk=64),
+                             scan_layers=False, fused_loss=False, loss_chunk=64,
+                             matmul_precision="fp8"),
             json.loads(str(GOLDEN["config_gpt2"]))),
     "llama_untied_scaled": (
         "llama", LlamaConfig(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, mlp_dim=45,
@@ -118,7 +120,7 @@ HF_CASES = {
                              rope_scaling=(4.0, 2.0, 8.0, 64), rms_eps=3e-3,
                              tie_embeddings=True, dtype="bfloat16", remat="dots",
                              attention="xla", scan_layers=False, fused_loss=False,
-                             loss_chunk=100),
+                             loss_chunk=100, matmul_precision="fp8"),
         json.loads(str(GOLDEN["config_llama_tied"]))),
     "llama_default_rope": (
         "llama", LlamaConfig(num_layers=3, d_model=48, num_heads=6, num_kv_heads=3, mlp_dim=77,
@@ -132,7 +134,7 @@ HF_CASES.update({
         tie_embeddings=True, num_experts=6, experts_per_token=3, router_aux_loss_coef=0.02,
         dtype="bfloat16", remat="dots", attention="xla", scan_layers=False,
         router_z_loss_coef=0.001, expert_capacity_factor=1.25, fused_loss=False,
-        loss_chunk=7),
+        loss_chunk=7, matmul_precision="fp8"),
         MOE_CONFIGS["mixtral"]),
     "qwen3_moe": ("moe", MoEConfig(
         num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_size=24, qk_norm=True,
@@ -153,7 +155,7 @@ RECORD_CASES = {
                      num_experts=6, experts_per_token=3, shared_mlp_dim=24,
                      norm_topk_prob=False, router_aux_loss_coef=0.02, router_z_loss_coef=0.001,
                      expert_capacity_factor=1.25, head_size=16, qk_norm=True,
-                     fused_loss=False, loss_chunk=3),
+                     fused_loss=False, loss_chunk=3, matmul_precision="fp8"),
 }
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp import data, fused_loss
+from jaxmp import data, fp8, fused_loss
 from jaxmp.context import sequence_order
 from jaxmp.layers import RESIDUAL
 from jaxmp.scheduled import stack_loss
@@ -31,6 +31,7 @@ class DecoderShape:
     attention: str
     fused_loss: bool
     loss_chunk: int
+    matmul_precision: str
 
     @property
     def padded_vocab(self) -> int:
@@ -60,6 +61,9 @@ class DecoderShape:
         if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 0:
             raise ValueError(f"--loss_chunk={chunk!r} must be an integer >= 0 (tokens per "
                              "chunk of the fused head and loss; 0: chosen from the vocabulary)")
+        if self.matmul_precision not in fp8.PRECISIONS:
+            raise ValueError(f"--matmul_precision={self.matmul_precision!r}: choose default "
+                             "or fp8")
         if self.attention not in ("auto", "xla", "cudnn", "chunked"):
             raise ValueError(f"attention={self.attention!r}: choose auto, xla, cudnn or chunked")
 
@@ -97,8 +101,9 @@ def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     inputs, targets, positions = context_batch(batch["tokens"])
     stem, layer = model.trunk(inputs.shape[1], positions)
     tail = lambda m, h, rows: (head_losses(m, h, rows["targets"]), {})
-    loss, _ = stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer,
-                         tail, {"inputs": inputs, "targets": targets}, RESIDUAL)
+    with fp8.matmuls(model.cfg.matmul_precision):
+        loss, _ = stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer,
+                             tail, {"inputs": inputs, "targets": targets}, RESIDUAL)
     return loss
 
 

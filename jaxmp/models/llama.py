@@ -66,6 +66,7 @@ class LlamaConfig(DecoderShape):
     # stored); loss_chunk: tokens per device per chunk (0: about 32 MiB of logits each)
     fused_loss: bool = True
     loss_chunk: int = 0
+    matmul_precision: str = "default"  # the weight GEMMs: default | fp8 (jaxmp.fp8)
 
     def validate(self) -> None:
         self.check(("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "seq_len",

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmp import fp8
 from jaxmp.experts import STATS, moe_mlp, route
 from jaxmp.layers import RESIDUAL, KVCache, param
 from jaxmp.models.decoder import context_batch, from_preset, head_losses, token_batches
@@ -229,8 +230,9 @@ def moe_loss(model: MoE, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
             metrics["dropped_fraction"] = stats[:, 2]
         return (lm + cfg.router_aux_loss_coef * stats[:, 0]
                 + cfg.router_z_loss_coef * stats[:, 1]), metrics
-    return stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer, tail,
-                      {"inputs": inputs, "targets": targets}, RESIDUAL)
+    with fp8.matmuls(cfg.matmul_precision):
+        return stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer, tail,
+                          {"inputs": inputs, "targets": targets}, RESIDUAL)
 
 
 def flops_per_token(cfg: MoEConfig) -> float:

@@ -120,6 +120,7 @@ def layout(cfg: RunConfig, family: Family, model_cfg: Any, devices: Any = None,
         pipe.validate(model_cfg.num_layers, per_shard, family.layers_name)
     checks.context(mesh, model_cfg, family.name)
     checks.zero_bubble_context(pipe, mesh, cfg.layout.context_attention)
+    checks.zero_bubble_fp8(pipe, model_cfg)
     return mesh, pipe, build_rules(cfg.layout)
 
 

@@ -121,6 +121,16 @@ def schedule(pipe: Any, mesh: str) -> None:
                          "drop the flag")
 
 
+def zero_bubble_fp8(pipe: Any, model_cfg: Any) -> None:
+    """zb's split backward runs the weight GEMMs through its own taps, not FP8's: refused
+    rather than silently run in higher precision."""
+    if pipe.enabled and pipe.schedule == "zb" \
+            and getattr(model_cfg, "matmul_precision", "default") == "fp8":
+        raise ValueError("--matmul_precision=fp8 does not run with --pipeline_schedule=zb (its "
+                         "split backward pass would compute the GEMMs at full precision); use "
+                         "--pipeline_schedule=1f1b or gpipe, or --matmul_precision=default")
+
+
 def zero_bubble_context(pipe: Any, mesh: Any, context_attention: str) -> None:
     """zb with ring attention over a context axis is refused: the ring's collective-permutes
     would run inside the per-device switch, where stages take different branches (measured

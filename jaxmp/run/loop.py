@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmp import rundir
+from jaxmp import fp8, rundir
 from jaxmp.config import RunConfig
 from jaxmp.distributed import DistributedError, PeerWatch
 from jaxmp.run import checks
@@ -213,6 +213,8 @@ def _loop(run: Run, state: TrainState, start: int, end: int, pending: Pending,
     and why the run stopped early (None: it reached its end)."""
     example = run.batches.example()
     shardings, step_fn = run.trainer.batch_sharding(example), run.trainer.compiled_step(example)
+    if getattr(run.model_cfg, "matmul_precision", "default") == "fp8":
+        log(fp8.check_step(run.trainer, example))
     info = StepInfo(run, start, end, state, pending)
     for h in hooks:
         h.on_start(info)

@@ -94,7 +94,9 @@ def _model_changes(saved: CheckpointRecord, now: CheckpointRecord,
         was, new = saved.config.get(key), now.config.get(key)
         if was == new or key in FREE_MODEL:
             continue
-        if key == "dtype" and "dtype" in allowed:
+        if key == "matmul_precision":  # the parameters are the same: allowed, said
+            notes.append(f"matmul_precision {was!r} -> {new!r}")
+        elif key == "dtype" and "dtype" in allowed:
             notes.append(f"dtype {was!r} -> {new!r} (allowed by --allow_config_change)")
         elif key == "dtype":
             dtype.append(f"dtype: {was!r} in the checkpoint, {new!r} now")
