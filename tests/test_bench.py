@@ -395,10 +395,14 @@ def test_gpu_suite_code_path_on_cpu(tmp_path):
     sizes = bench_gpu.GpuSizes(
         models=("small",), batches=(("small", 2),), steps=1, generate_batches=(1,), prompt=8,
         new_tokens=8, profile=True, scan_layers=(True, False), hlo_dir=str(tmp_path),
+        fp8_models=("small",),
         overrides=(("num_layers", 2), ("d_model", 64), ("num_heads", 4), ("seq_len", 32)))
     result = bench_gpu.gpu_suite(False, "xla", sizes, cpu_ok=True)
     res = result.to_json()["gpu"]
-    assert set(res["models"]) == {"small", "small unrolled", "small unfused loss"}
+    assert set(res["models"]) == {"small", "small unrolled", "small unfused loss", "small fp8"}
+    assert res["models"]["small fp8"]["fp8_gemms"] == 0  # emulated on the CPU
+    assert res["models"]["small fp8"]["loss"] == pytest.approx(res["models"]["small"]["loss"],
+                                                               rel=2e-2)
     fused, unfused = res["models"]["small"], res["models"]["small unfused loss"]
     assert fused["loss"] == pytest.approx(unfused["loss"], rel=1e-3)  # bf16
     head = res["loss_head"]
@@ -414,7 +418,8 @@ def test_gpu_suite_code_path_on_cpu(tmp_path):
     assert roof["server_param_bytes"] < 0.6 * 4 * weights / 2  # held in bf16, not float32
     assert "profile" in scanned and scanned["profile"]["top"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "hlo_train_small.txt.gz", "hlo_train_small_unfused_loss.txt.gz",
+        "hlo_train_small.txt.gz", "hlo_train_small_fp8.txt.gz",
+        "hlo_train_small_unfused_loss.txt.gz",
         "hlo_train_small_unrolled.txt.gz"]
     text = result.table()
     assert "small unrolled" in text and "decode tokens/s batch 1" in text

@@ -18,7 +18,7 @@ import numpy as np
 from experiments.bench import loss_head
 from experiments.bench.harness import gpt_trainer, kv_generation, log, saved_checkpoint, timed, tokens_batch
 from experiments.bench.results import Json, Target, mib, table
-from jaxmp import throughput
+from jaxmp import fp8, throughput
 from jaxmp.mesh import make_mesh
 from jaxmp.models.gpt import GPTConfig, flops_per_token, num_params, preset
 from jaxmp.plan import analysis
@@ -45,6 +45,8 @@ class GpuSizes:
     # models also measured with --nofused_loss (the (B, T, V) logits stored): the fused
     # loss's before / after; and the head + loss alone, fused and plain, at this batch
     unfused_models: tuple[str, ...] = ("small",)
+    # models also measured with --matmul_precision=fp8 (their FP8 GEMMs counted)
+    fp8_models: tuple[str, ...] = ("small", "medium")
     head_batch: int = 8
 
     def gpt(self, name: str, attention: str, scan: bool = True) -> GPTConfig:
@@ -53,7 +55,8 @@ class GpuSizes:
 
 
 GPU_QUICK = GpuSizes(models=("small",), batches=(("small", 8),), steps=3,
-                     generate_batches=(1,), new_tokens=32, scan_layers=(True,), unfused_models=())
+                     generate_batches=(1,), new_tokens=32, scan_layers=(True,), unfused_models=(),
+                     fp8_models=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +138,13 @@ def gpu_suite(quick: bool, attention: str = "cudnn", sizes: GpuSizes | None = No
                 out.models[key] = _gpu_model(s.gpt(name, impl, scan), key, device, s, out, gen)
             out.models[key]["attention"] = impl
             out.models[key]["scan_layers"] = scan
-    for name in s.unfused_models:
-        cfg = dataclasses.replace(s.gpt(name, out.models[name]["attention"]), fused_loss=False)
-        out.models[f"{name} unfused loss"] = _gpu_model(cfg, f"{name} unfused loss", device, s,
-                                                        out, False)
-        out.models[f"{name} unfused loss"].update(attention=cfg.attention, scan_layers=True)
+    variants = [(n, "unfused loss", {"fused_loss": False}) for n in s.unfused_models]
+    variants += [(n, "fp8", {"matmul_precision": "fp8"}) for n in s.fp8_models]
+    for name, label, change in variants:
+        cfg = dataclasses.replace(s.gpt(name, out.models[name]["attention"]), **change)
+        key = f"{name} {label}"
+        out.models[key] = _gpu_model(cfg, key, device, s, out, False)
+        out.models[key].update(attention=cfg.attention, scan_layers=True)
     shape = dict(s.overrides)
     head = loss_head.head_bench(loss_head.HeadSizes(
         batch=s.head_batch, seq_len=shape.get("seq_len", 1024),
@@ -230,6 +235,7 @@ def _gpu_time(cfg: GPTConfig, name: str, trainer: Trainer, compiled: Any, b: int
         "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
         "device_memory_limit_bytes": stats.get("bytes_limit"),
         "cudnn_attention_in_hlo": analysis.has_custom_call(hlo, "cudnn$fmha"),
+        "fp8_gemms": fp8.fp8_gemms(hlo),
         "loss": float(metrics["loss"]),
     }
     log(f"  gpu {name} batch {b}: {step_s * 1e3:.1f} ms/step, {tps:,.0f} tokens/s, MFU "
