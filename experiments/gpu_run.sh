@@ -30,12 +30,15 @@ run() {  # run NAME SECONDS EXTRA-XLA-FLAGS BENCH-FLAGS...
   echo "$name: exit $? after $((SECONDS - t0)) s" >> "$OUT/env.txt"
 }
 H="--gpu_hlo_dir=$OUT/hlo"
-run small "${SMALL_LIMIT:-240}" "" --gpu_models=small --gpu_profile $H
-run medium "${MEDIUM_LIMIT:-180}" "" --gpu_models=medium --gpu_generate= --gpu_profile $H
-run small_b64 120 "" --gpu_models=small --gpu_batches=small:64 --gpu_scan_layers=false \
-  --gpu_generate=
-run small_cublaslt 120 "--xla_gpu_enable_cublaslt=true" --gpu_models=small \
-  --gpu_scan_layers=false --gpu_generate= --gpu_profile
+# small: scanned + unrolled, with the fused loss (default) and --nofused_loss, bf16 and
+# fp8, decoding, the head + loss rows; medium: bf16 and fp8
+run small "${SMALL_LIMIT:-330}" "" --gpu_models=small --gpu_profile $H \
+  --gpu_fp8_models=small --gpu_unfused_models=small
+run medium "${MEDIUM_LIMIT:-240}" "" --gpu_models=medium --gpu_generate= --gpu_profile $H \
+  --gpu_fp8_models=medium --gpu_unfused_models= --gpu_head_batch=0
+run small_b64 "${B64_LIMIT:-120}" "" --gpu_models=small --gpu_batches=small:64 \
+  --gpu_scan_layers=false --gpu_generate= --gpu_fp8_models= --gpu_unfused_models= \
+  --gpu_head_batch=0
 tar czf "$OUT/hlo.tgz" -C "$OUT" hlo && rm -r "$OUT/hlo"
 cat "$OUT/env.txt"
 grep -v "^WARNING\|^I0000\|^W0000\|^ \{5\}" "$OUT/runs.log" | grep -v "^\s*[0-9.]* ms .*x[0-9]" | tail -n 60

@@ -47,6 +47,12 @@ flags.DEFINE_list("gpu_scan_layers", ["true", "false"], "gpu: train each preset 
 flags.DEFINE_string("serve_from", None, "serve: generate with the model of this Hugging Face "
                     "directory or jaxmp checkpoint instead of a fresh GPT-2 small.")
 flags.DEFINE_string("gpu_hlo_dir", "", "gpu: write each train step's optimized HLO here.")
+flags.DEFINE_list("gpu_fp8_models", ["small", "medium"], "gpu: presets (of --gpu_models) also "
+                  "trained with --matmul_precision=fp8.")
+flags.DEFINE_list("gpu_unfused_models", ["small"], "gpu: presets (of --gpu_models) also "
+                  "trained with --nofused_loss.")
+flags.DEFINE_integer("gpu_head_batch", 8, "gpu: sequences of the fused vs plain LM head + "
+                     "loss rows (0: none).", lower_bound=0)
 
 # Set (before JAX starts) only where a CUDA plugin is installed: a CPU-only jaxlib rejects them.
 GPU_XLA_FLAGS: tuple[str, ...] = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
@@ -95,7 +101,10 @@ def gpu_sizes() -> Any:
     return GpuSizes(models=tuple(F.gpu_models), batches=tuple(batches),
                     scan_layers=tuple(scans),
                     generate_models=tuple(F.gpu_models[:1]), generate_batches=gen,
-                    profile=F.gpu_profile, hlo_dir=F.gpu_hlo_dir)
+                    profile=F.gpu_profile, hlo_dir=F.gpu_hlo_dir,
+                    fp8_models=tuple(m for m in F.gpu_fp8_models if m),
+                    unfused_models=tuple(m for m in F.gpu_unfused_models if m),
+                    head_batch=F.gpu_head_batch)
 
 
 def suite_runners(quick: bool, layouts: list[str], attention: str,

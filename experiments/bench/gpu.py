@@ -44,6 +44,7 @@ class GpuSizes:
     overrides: tuple[tuple[str, int], ...] = ()  # model shape overrides (CPU dry runs)
     # models also measured with --nofused_loss (the (B, T, V) logits stored): the fused
     # loss's before / after; and the head + loss alone, fused and plain, at this batch
+    # (0: not measured)
     unfused_models: tuple[str, ...] = ("small",)
     # models also measured with --matmul_precision=fp8 (their FP8 GEMMs counted)
     fp8_models: tuple[str, ...] = ("small", "medium")
@@ -141,10 +142,15 @@ def gpu_suite(quick: bool, attention: str = "cudnn", sizes: GpuSizes | None = No
     variants = [(n, "unfused loss", {"fused_loss": False}) for n in s.unfused_models]
     variants += [(n, "fp8", {"matmul_precision": "fp8"}) for n in s.fp8_models]
     for name, label, change in variants:
-        cfg = dataclasses.replace(s.gpt(name, out.models[name]["attention"]), **change)
+        if name not in s.models:
+            continue
+        ran = out.models.get(name) or out.models[f"{name} unrolled"]  # (its attention)
+        cfg = dataclasses.replace(s.gpt(name, ran["attention"]), **change)
         key = f"{name} {label}"
         out.models[key] = _gpu_model(cfg, key, device, s, out, False)
         out.models[key].update(attention=cfg.attention, scan_layers=True)
+    if not s.head_batch:
+        return out
     shape = dict(s.overrides)
     head = loss_head.head_bench(loss_head.HeadSizes(
         batch=s.head_batch, seq_len=shape.get("seq_len", 1024),
