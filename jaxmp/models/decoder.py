@@ -101,7 +101,7 @@ def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     inputs, targets, positions = context_batch(batch["tokens"])
     stem, layer = model.trunk(inputs.shape[1], positions)
     tail = lambda m, h, rows: (head_losses(m, h, rows["targets"]), {})
-    with fp8.matmuls(model.cfg.matmul_precision):
+    with fp8.matmuls(getattr(model.cfg, "matmul_precision", "default")):
         loss, _ = stack_loss(model, "blocks", lambda m, rows: stem(m, rows["inputs"]), layer,
                              tail, {"inputs": inputs, "targets": targets}, RESIDUAL)
     return loss
@@ -130,8 +130,8 @@ def head_losses(model: Any, x: jax.Array, targets: jax.Array) -> jax.Array:
     x (B, T, d): the head and the loss fused and chunked (jaxmp.fused_loss, no (B, T, V)
     logits stored), or, with fused_loss off, `model.head`'s logits then the loss."""
     cfg = model.cfg
-    if not cfg.fused_loss:
-        return row_losses(model.head(x), targets)
+    if not getattr(cfg, "fused_loss", False) or not hasattr(model, "head_input"):
+        return row_losses(model.head(x), targets)  # (also a family without the fused path)
     h, table = model.head_input(x)
     return fused_loss.row_losses(h, table.embedding[...], targets, cfg.vocab_size, table.dtype,
                                  cfg.loss_chunk)
