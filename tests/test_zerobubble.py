@@ -248,7 +248,13 @@ def test_zb_trains_like_one_device(mesh, p, m, model, remat):
     recomputes the rest)."""
     from tests.test_scheduled import LLAMA
     kw = {} if model == "gpt" else {"model": Llama, "cfg": LLAMA}
-    assert_same_run(run(mesh, p, m, schedule="zb", remat=remat, **kw), run("single", **kw))
+    # Llama on fsdp:2,pipe:4 sums the head's weight gradient over 16 one-row micro-batches
+    # where one device sums it over all 16 rows at once; Adam (eps 1e-6) turns that order
+    # into parameter differences up to 1.08x the default 1e-6 bound on one element of
+    # 8192 after 3 steps (0.70x with --nofused_loss; losses equal, grad norms within 1e-5)
+    atol = 2e-6 if mesh == "fsdp:2,pipe:4" else 1e-6
+    assert_same_run(run(mesh, p, m, schedule="zb", remat=remat, **kw), run("single", **kw),
+                    param_atol=atol)
 
 
 @pytest.mark.slow
