@@ -259,6 +259,9 @@ class RunConfig:
         for name, value, low in at_least:
             if value < low:
                 raise ValueError(f"{name}={value} must be >= {low}")
+        if self.model.fused_loss is False and self.model.loss_chunk:
+            raise ValueError(f"--loss_chunk={self.model.loss_chunk} sizes the fused loss's "
+                             "chunks, and --nofused_loss turns it off; drop one of the two")
         self.optimizer_config().validate()
         accum = self.optimizer.grad_accum_steps
         if self.data.batch_size % accum:

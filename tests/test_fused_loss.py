@@ -272,3 +272,14 @@ def test_bench_loss_head_rows():
     assert all(len(v) == loss_head.HEAD_QUICK.repeats for v in res.times_s.values())
     assert all(v > 0 for v in res.temp_bytes.values())
     assert "LM head + loss" in res.table()
+
+
+def test_loss_chunk_without_the_fused_loss_refused():
+    """--loss_chunk with --nofused_loss would be silently ignored: refused in one line."""
+    from jaxmp.config import RunConfig
+
+    with pytest.raises(ValueError, match="--loss_chunk=64 sizes the fused loss's chunks, and "
+                                         "--nofused_loss turns it off"):
+        RunConfig.flat(fused_loss=False, loss_chunk=64).validate()
+    RunConfig.flat(fused_loss=False, loss_chunk=0).validate()
+    RunConfig.flat(loss_chunk=64).validate()
