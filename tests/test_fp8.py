@@ -148,3 +148,21 @@ def test_zero_bubble_with_fp8_refused():
                                          "--pipeline_schedule=zb"):
         helpers.layout_trainer("data:2,pipe:2,tensor:2", p=2, m=2, cfg=cfg,
                                pipeline_schedule="zb")
+
+
+def test_resume_notes_a_precision_change_and_not_an_old_record():
+    """Resuming with another --matmul_precision is allowed and said; a record written
+    before the setting existed (no key) counts as the default, so resuming it in the
+    default precision says nothing."""
+    from types import SimpleNamespace
+
+    from jaxmp.config import RunConfig
+    from jaxmp.run.resume import _model_changes
+
+    cfg = RunConfig.flat()
+    rec = lambda **c: SimpleNamespace(family="gpt", config={"d_model": 8, **c})
+    assert _model_changes(rec(matmul_precision="default"), rec(matmul_precision="fp8"),
+                          cfg) == ([], [], ["matmul_precision 'default' -> 'fp8'"])
+    assert _model_changes(rec(), rec(matmul_precision="default"), cfg) == ([], [], [])
+    assert _model_changes(rec(), rec(matmul_precision="fp8"), cfg)[2] == [
+        "matmul_precision 'default' -> 'fp8'"]

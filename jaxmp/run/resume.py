@@ -95,7 +95,8 @@ def _model_changes(saved: CheckpointRecord, now: CheckpointRecord,
         if was == new or key in FREE_MODEL:
             continue
         if key == "matmul_precision":  # the parameters are the same: allowed, said
-            notes.append(f"matmul_precision {was!r} -> {new!r}")
+            if (was or "default") != (new or "default"):  # (older records lack the key)
+                notes.append(f"matmul_precision {was or 'default'!r} -> {new or 'default'!r}")
         elif key == "dtype" and "dtype" in allowed:
             notes.append(f"dtype {was!r} -> {new!r} (allowed by --allow_config_change)")
         elif key == "dtype":
