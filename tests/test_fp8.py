@@ -132,6 +132,7 @@ def test_gpt_trains_in_fp8_close_to_full_precision():
     assert "f8E4M3FN" not in tr_ref.lower(batch).as_text()
 
 
+@pytest.mark.slow
 def test_fp8_on_a_mesh_equals_fp8_on_one_device():
     """Per-tensor scales are global (the amax reduced over the mesh): data:2,tensor:2,pipe:2
     with 1f1b gives one device's FP8 losses."""

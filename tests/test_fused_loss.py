@@ -208,11 +208,14 @@ def _train(mesh, cfg, model=None, steps=2, **layout):
     return helpers.train(tr, data)
 
 
+SLOW = pytest.mark.slow  # (the quick subset keeps the fsdp layout)
+
+
 @pytest.mark.parametrize("mesh,layout", [
-    ("data:2,tensor:2,pipe:2", dict(p=2, m=2)),
+    pytest.param("data:2,tensor:2,pipe:2", dict(p=2, m=2), marks=SLOW),
     ("fsdp:2,tensor:2,data:2", {}),
-    ("data:2,pipe:2,tensor:2", dict(p=2, m=2, pipeline_schedule="zb")),
-    ("data:2,context:2,tensor:2", dict(accum=2)),
+    pytest.param("data:2,pipe:2,tensor:2", dict(p=2, m=2, pipeline_schedule="zb"), marks=SLOW),
+    pytest.param("data:2,context:2,tensor:2", dict(accum=2), marks=SLOW),
 ])
 def test_gpt_fused_equals_unfused(mesh, layout):
     """The Trainer as the entry point builds it, GPT with the fused loss (default) and with
@@ -225,6 +228,7 @@ def test_gpt_fused_equals_unfused(mesh, layout):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_llama_untied_head_fused_equals_unfused_and_one_device():
     """Llama's untied lm_head through the fused loss, on tensor + data with the 1f1b
     schedule (the tail inside the executor), against --nofused_loss on one device."""
