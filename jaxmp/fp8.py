@@ -118,11 +118,15 @@ def fp8_gemms(hlo_text: str) -> int:
     return hlo_text.count(f'custom_call_target="{GPU_FP8_GEMM}"')
 
 
+def _gpu(platform: str) -> bool:
+    return platform in ("gpu", "cuda")
+
+
 def check_compiled(hlo_text: str, platform: str, expected: int = 1) -> None:
     """On a GPU: refuse a compiled step with fewer than `expected` FP8 GEMMs (the silent
     fallback to bf16 GEMMs). Elsewhere the FP8 arithmetic is emulated (its values, not
     its speed): nothing to check."""
-    if platform not in ("gpu", "cuda"):
+    if not _gpu(platform):
         return
     n = fp8_gemms(hlo_text)
     if n < expected:
@@ -137,7 +141,7 @@ def check_step(trainer: Any, batch: Any) -> str:
     """Before a training run's first step: on a GPU, compile the step and refuse it without
     FP8 GEMMs (`check_compiled`); the line to log either way."""
     platform = jax.devices()[0].platform
-    if platform not in ("gpu", "cuda"):
+    if not _gpu(platform):
         return (f"matmul_precision=fp8 on {platform}: FP8 values (E4M3 / E5M2, current "
                 "scaling), emulated in higher precision; FP8 speed needs a GPU")
     text = trainer.lower(batch).compile().as_text()
